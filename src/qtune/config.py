@@ -211,7 +211,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         QtuneError: unreadable file, YAML syntax error, unknown key or invalid value (all problems listed).
     """
     data: dict = {}
-    source = "defaults"
+    source = "config"
     if path is not None:
         source = str(path)
         try:

@@ -90,8 +90,13 @@ def training_arguments(cfg: RunConfig, rd: RunDir) -> TrainingArguments:
     )
 
 
-def train(cfg: RunConfig, overwrite: bool = False) -> dict:
+def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = ()) -> dict:
     """Run one fine-tuning job and return its summary (also written to ``train_summary.json``).
+
+    Args:
+        cfg: the validated run config.
+        overwrite: replace an existing, non-empty run directory.
+        callbacks: extra ``transformers.TrainerCallback`` objects (probes in tests, custom logging).
 
     Raises:
         QtuneError: existing run directory without ``overwrite``, unreadable data, no usable rows, a model that
@@ -120,7 +125,7 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict:
         train_dataset=splits["train"],
         eval_dataset=splits.get("val"),
         data_collator=padding_collator(tokenizer),
-        callbacks=[recorder, ProgressBar(recorder)],
+        callbacks=[recorder, ProgressBar(recorder), *callbacks],
     )
     trainer.remove_callback(PrinterCallback)  # ProgressBar shows the figures; metrics.jsonl keeps them
     start = time.perf_counter()

@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from qtune.config import RunConfig, load_config
+from qtune.errors import QtuneError
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
+
+
+def test_defaults_are_the_main_job():
+    cfg = load_config()
+    assert (cfg.model.name, cfg.quant.quant, cfg.quant.double_quant, cfg.lora.r) == ("smollm2-135m-instruct", "nf4", True, 16)
+    assert cfg.lora.target_modules == "all-linear"
+    assert Path(cfg.data.path).is_file()
+    assert cfg.data.split == (0.90, 0.05, 0.05)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    assert isinstance(load_config(path), RunConfig)
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(None, ["lora.r=4", "train.learning_rate=1e-3", "lora.target_modules=[q_proj, v_proj]",
+                             "quant.double_quant=false"])
+    assert cfg.lora.r == 4 and cfg.train.learning_rate == 1e-3
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.quant.double_quant is False
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("lora.r=0", "lora.r: Input should be greater than 0"),
+        ("quant.quant=int3", "quant.quant: Input should be 'none', 'fp16', 'bf16', 'int8', 'nf4' or 'fp4'"),
+        ("data.path=/nonexistent/rows.json", "data.path: data file not found: /nonexistent/rows.json"),
+        ("train.max_stepz=3", "train.max_stepz: unknown key"),
+        ("data.split=[0.5, 0.2, 0.2]", "data.split: expected three non-negative fractions summing to 1"),
+        ("train.warmup_steps=100", "warmup_steps (100) must be below max_steps (60)"),
+    ],
+)
+def test_invalid_values_fail_with_one_line_naming_the_field(override, expected):
+    with pytest.raises(QtuneError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert expected in message
+    assert len(message.splitlines()) == 1
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(QtuneError) as err:
+        load_config(None, ["lora.r=-1", "train.batch_size=0"])
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and "lora.r" in lines[0] and "train.batch_size" in lines[1]
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora:\n  r: 8\n  lora_alpha: [16\n")
+    with pytest.raises(QtuneError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(bad)
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(QtuneError, match="expected key=value"):
+        load_config(None, ["lora.r"])
