@@ -71,6 +71,15 @@ def use_liger(cfg: RunConfig) -> bool:
     return cfg.train.liger == "on" or (cfg.train.liger == "auto" and have and cuda)
 
 
+def check_device_switches(cfg: RunConfig) -> None:
+    """Raises QtuneError for switches that need CUDA when none is visible (they would do nothing on CPU)."""
+    if device() != "cuda":
+        if cfg.train.offload_activations:
+            raise QtuneError("train.offload_activations: needs a CUDA GPU (it moves saved activations to CPU memory)")
+        if cfg.train.optim in ("adamw_8bit", "paged_adamw_8bit"):
+            raise QtuneError(f"train.optim: {cfg.train.optim} needs a CUDA GPU; use adamw_torch on CPU")
+
+
 def training_arguments(cfg: RunConfig, output_dir: Path) -> TrainingArguments:
     """TrainingArguments for the run: CPU or CUDA, mixed precision matching the compute dtype on CUDA."""
     t = cfg.train
@@ -115,6 +124,7 @@ def build_trainer(cfg: RunConfig, model_path: str, tokenizer, train_dataset, eva
         train_dataset, eval_dataset: sequences of dicts with input_ids, attention_mask, labels (lists of int).
         output_dir: where the Trainer may write checkpoints.
     """
+    check_device_switches(cfg)
     set_seed(cfg.train.seed)
     model = load_model(model_path, cfg.model, cfg.quant)
     model = attach_lora(model, cfg.lora, is_quantized(cfg.quant), cfg.train.gradient_checkpointing,
@@ -143,6 +153,8 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = ()) -> dic
         QtuneError: existing run directory without ``overwrite``, unreadable data, no usable rows, a model that
         cannot be resolved, or ``data.max_length`` beyond the model's context. All before the weights load.
     """
+    check_device_switches(cfg)
+    use_liger(cfg)
     model_path = resolve_model(cfg.model)
     check_max_length(model_path, cfg.model, cfg.data.max_length)
     rd = make_run_dir(cfg.train.output_dir, overwrite)
