@@ -43,21 +43,29 @@ class Row:
     real_data: bool = False
     warmup: int = 2
     steps: int = 4
-    qtune: dict = field(default_factory=dict)  # train.* overrides for qtune's path
-    variants: dict = field(default_factory=dict)  # label -> train.* overrides: one switch at a time, run last
+    lr_warmup: int = 1  # warmup steps of the cosine schedule
+    qtune: dict = field(default_factory=dict)  # qtune config overrides, by section: {"train": {...}, "lora": {...}}
+    variants: dict = field(default_factory=dict)  # label -> overrides like ``qtune``: one switch each, run last
 
 
-GPU_FAST = {"liger": "on", "optim": "paged_adamw_8bit"}
+GPU_FAST = {"train": {"liger": "on", "optim": "paged_adamw_8bit"}}
+
+
+def with_train(base: dict, **train) -> dict:
+    """``base`` with more train.* overrides."""
+    return {**base, "train": {**base.get("train", {}), **train}}
+
+
 ROWS = {
     "gpu": [
         Row("nf4-r16-512x1", "nf4", 16, 512, 1, qtune=GPU_FAST,
-            variants={"no-liger": {**GPU_FAST, "liger": "off"}, "adamw-torch": {**GPU_FAST, "optim": "adamw_torch"},
-                      "upcast": {**GPU_FAST, "upcast_frozen": True}}),
+            variants={"no-liger": with_train(GPU_FAST, liger="off"), "adamw-torch": with_train(GPU_FAST, optim="adamw_torch"),
+                      "upcast": with_train(GPU_FAST, upcast_frozen=True), "dropout-0.05": {**GPU_FAST, "lora": {"lora_dropout": 0.05}}}),
         Row("nf4-r8-1024x4", "nf4", 8, 1024, 4, qtune=GPU_FAST,
-            variants={"no-checkpointing": {**GPU_FAST, "gradient_checkpointing": False}}),
+            variants={"no-checkpointing": with_train(GPU_FAST, gradient_checkpointing=False)}),
         Row("bf16-r16-512x1", "bf16", 16, 512, 1, qtune=GPU_FAST),
         Row("int8-r16-512x1", "int8", 16, 512, 1, qtune=GPU_FAST),
-        Row("nf4-r8-16384x1", "nf4", 8, 16384, 1, warmup=1, steps=2, qtune={**GPU_FAST, "offload_activations": True}),
+        Row("nf4-r8-16384x1", "nf4", 8, 16384, 1, warmup=1, steps=2, qtune=with_train(GPU_FAST, offload_activations=True)),
         Row("nf4-r16-codealpaca-b8", "nf4", 16, 512, 8, real_data=True, qtune=GPU_FAST),
     ],
     "tiny": [
@@ -66,7 +74,9 @@ ROWS = {
         Row("nf4-r16-codealpaca-b4", "nf4", 16, 128, 4, real_data=True, warmup=1, steps=2),
     ],
     "cpu-real": [
-        Row("nf4-r16-codealpaca-b4", "nf4", 16, 512, 4, real_data=True, warmup=2, steps=20),
+        Row("nf4-r16-codealpaca-b4", "nf4", 16, 512, 4, real_data=True, warmup=2, steps=58, lr_warmup=6,
+            variants={"no-checkpointing": with_train({}, gradient_checkpointing=False),
+                      "dropout-0.05": {"lora": {"lora_dropout": 0.05}}}),
     ],
 }
 
@@ -234,7 +244,7 @@ def stock_trainer(row: Row, model_dir: str, tokenizer, samples, args):
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     collate = CountingCollator(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding="longest"))
     targs = TrainingArguments(output_dir=args.tmp, max_steps=row.warmup + row.steps, per_device_train_batch_size=row.batch,
-                              learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=1, optim="adamw_torch",
+                              learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=row.lr_warmup, optim="adamw_torch",
                               bf16=cuda, use_cpu=not cuda, logging_steps=1, save_strategy="no", report_to=[],
                               remove_unused_columns=False, disable_tqdm=True, seed=0, data_seed=0)
     return Trainer(model=model, args=targs, train_dataset=samples, data_collator=collate), collate
@@ -248,10 +258,10 @@ def qtune_trainer(row: Row, model_dir: str, tokenizer, samples, args):
     cfg = RunConfig.model_validate({
         "model": {"name": model_dir},
         "quant": {"quant": row.quant},
-        "lora": {"r": row.r, "lora_alpha": 2 * row.r, "lora_dropout": 0.05},
+        "lora": {"r": row.r, "lora_alpha": 2 * row.r, **overrides.get("lora", {})},  # qtune's default dropout
         "data": {"max_length": row.seq},
         "train": {"max_steps": row.warmup + row.steps, "batch_size": row.batch, "learning_rate": 2e-4,
-                  "warmup_steps": 1, "seed": 0, **overrides},
+                  "warmup_steps": row.lr_warmup, "seed": 0, **overrides.get("train", {})},
     })
     trainer = build_trainer(cfg, model_dir, tokenizer, samples, None, Path(args.tmp))
     trainer.data_collator = collate = CountingCollator(trainer.data_collator)
@@ -289,6 +299,12 @@ def worker(args) -> dict:
         "padding_pct": round(100 * (1 - real / positions), 1) if positions else 0.0,
         "losses": timer.losses, "peak_rss_gib": round(peak_rss_gib(), 3),
     }
+    if args.mode == "cpu-real":
+        from qtune.data.tokenize import padding_collator
+        from qtune.evaluate.perplexity import split_loss
+
+        val = json.loads(Path(args.samples.replace(".json", "_val.json")).read_text())
+        out["val_loss"] = round(split_loss(trainer.model, val, padding_collator(tokenizer), 8)["loss"], 4)
     if torch.cuda.is_available():
         out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
         out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3)
@@ -312,19 +328,20 @@ def versions() -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| row | recipe | peak alloc / reserved GiB | peak RSS GiB | step s | tokens/s | real tokens/s | padding % | ratio (real tok/s) | first loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | recipe | peak alloc / reserved GiB | peak RSS GiB | step s | tokens/s | real tokens/s | padding % | ratio (real tok/s) | first loss | val loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     stock = {r["row"]: r for r in results if r.get("recipe") == "stock" and "error" not in r}
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['recipe']} | error: {r['error'][:120]} | | | | | | | |")
+            lines.append(f"| {r['row']} | {r['recipe']} | error: {r['error'][:120]} | | | | | | | | |")
             continue
         mem = f"{r['peak_allocated_gib']:.2f} / {r['peak_reserved_gib']:.2f}" if "peak_allocated_gib" in r else "-"
         base = stock.get(r["row"])
         ratio = f"{r['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}x" if base else "-"
         first = f"{r['losses'][0]:.4f}" if r["losses"] else "-"
         lines.append(f"| {r['row']} | {r['recipe']} | {mem} | {r['peak_rss_gib']:.2f} | {r['step_s']:.3f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['real_tokens_per_s']:.0f} | {r['padding_pct']} | {ratio} | {first} |")
+                     f"{r['tokens_per_s']:.0f} | {r['real_tokens_per_s']:.0f} | {r['padding_pct']} | {ratio} | {first} | "
+                     f"{r.get('val_loss', '-')} |")
     return "\n".join(lines)
 
 
@@ -357,9 +374,10 @@ def driver(args) -> None:
     if mode == "cpu-real":
         from datasets import load_from_disk
 
-        train = load_from_disk(str(cache / "codealpaca" / "splits"))["train"].shuffle(seed=0)
+        splits = load_from_disk(str(cache / "codealpaca" / "splits"))
         keep = ("input_ids", "attention_mask", "labels")
-        samples_path.write_text(json.dumps([{k: s[k] for k in keep} for s in train]))
+        samples_path.write_text(json.dumps([{k: s[k] for k in keep} for s in splits["train"].shuffle(seed=0)]))
+        Path(str(samples_path).replace(".json", "_val.json")).write_text(json.dumps([{k: s[k] for k in keep} for s in splits["val"]]))
     print(f"model ready in {time.perf_counter() - t0:.0f} s: {model_dir}", flush=True)
 
     results = []
