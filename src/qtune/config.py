@@ -63,6 +63,11 @@ class QuantConfig(_Strict):
     double_quant: bool = Field(
         True, description="4-bit only: quantize the quantization constants too (QLoRA's double quantization)."
     )
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8",
+        description="4-bit only: dtype of the tensors that hold the packed 4-bit weights. FSDP needs it equal to "
+        "the dtype of the other parameters (bfloat16) to shard them; uint8 otherwise.",
+    )
     compute_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto",
         description="dtype of the matmuls against dequantized 4-bit weights. auto: bfloat16 on a GPU that "

@@ -18,7 +18,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from qtune.config import RunConfig, save_config
-from qtune.data.prepare import prepare_dataset
+from qtune.data.prepare import load_splits, prepare_dataset
 from qtune.data.tokenize import training_collator
 from qtune.errors import QtuneError
 from qtune.model.adapters import attach_lora
@@ -65,7 +65,7 @@ def use_liger(cfg: RunConfig) -> bool:
     import importlib.util
 
     have = importlib.util.find_spec("liger_kernel") is not None
-    cuda = device() == "cuda"
+    cuda = device().startswith("cuda")
     if cfg.train.liger == "on" and not (have and cuda):
         raise QtuneError("train.liger: on needs a CUDA GPU and the liger-kernel package (pip install liger-kernel)")
     return cfg.train.liger == "on" or (cfg.train.liger == "auto" and have and cuda)
@@ -73,7 +73,7 @@ def use_liger(cfg: RunConfig) -> bool:
 
 def check_device_switches(cfg: RunConfig) -> None:
     """Raises QtuneError for switches that need CUDA when none is visible (they would do nothing on CPU)."""
-    if device() != "cuda":
+    if not device().startswith("cuda"):
         if cfg.train.offload_activations:
             raise QtuneError("train.offload_activations: needs a CUDA GPU (it moves saved activations to CPU memory)")
         if cfg.train.optim in ("adamw_8bit", "paged_adamw_8bit"):
@@ -83,7 +83,7 @@ def check_device_switches(cfg: RunConfig) -> None:
 def training_arguments(cfg: RunConfig, output_dir: Path) -> TrainingArguments:
     """TrainingArguments for the run: CPU or CUDA, mixed precision matching the compute dtype on CUDA."""
     t = cfg.train
-    cuda = device() == "cuda"
+    cuda = device().startswith("cuda")
     dtype = compute_dtype(cfg.quant)
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -116,13 +116,14 @@ def training_arguments(cfg: RunConfig, output_dir: Path) -> TrainingArguments:
 
 
 def build_trainer(cfg: RunConfig, model_path: str, tokenizer, train_dataset, eval_dataset, output_dir: Path,
-                  callbacks: tuple = ()) -> Trainer:
+                  callbacks: tuple = (), args: TrainingArguments | None = None) -> Trainer:
     """Load the (quantized) base, attach LoRA and build the Trainer with qtune's collator and arguments.
 
     Args:
         model_path: a directory or hub id from :func:`qtune.model.load.resolve_model`.
         train_dataset, eval_dataset: sequences of dicts with input_ids, attention_mask, labels (lists of int).
         output_dir: where the Trainer may write checkpoints.
+        args: prebuilt :func:`training_arguments` (train() builds them first to join the process group).
     """
     check_device_switches(cfg)
     set_seed(cfg.train.seed)
@@ -131,7 +132,7 @@ def build_trainer(cfg: RunConfig, model_path: str, tokenizer, train_dataset, eva
                         upcast_frozen=cfg.train.upcast_frozen, offload_activations=cfg.train.offload_activations)
     trainer = Trainer(
         model=model,
-        args=training_arguments(cfg, output_dir),
+        args=args or training_arguments(cfg, output_dir),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=training_collator(tokenizer, cfg.train.packing, cfg.train.response_logits_only),
@@ -155,20 +156,32 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = ()) -> dic
     """
     check_device_switches(cfg)
     use_liger(cfg)
-    model_path = resolve_model(cfg.model)
-    check_max_length(model_path, cfg.model, cfg.data.max_length)
-    rd = make_run_dir(cfg.train.output_dir, overwrite)
-    save_config(cfg, rd.config)
-    rd.versions.write_text(json.dumps(library_versions(), indent=2), encoding="utf-8")
-
-    tokenizer = load_tokenizer(model_path, cfg.model)
-    splits, card = prepare_dataset(cfg.data, tokenizer, rd.data)
-    print(card.table())
+    rd = RunDir(Path(cfg.train.output_dir))
+    args = training_arguments(cfg, rd.checkpoints)  # under torchrun/accelerate this joins the process group
+    main = args.process_index == 0
+    # The main process resolves the model, writes the run directory and prepares the data; the other ranks wait,
+    # then read what it wrote (a launcher stops them all if the main process fails here).
+    with args.main_process_first(local=False, desc="data preparation"):
+        model_path = resolve_model(cfg.model)
+        check_max_length(model_path, cfg.model, cfg.data.max_length)
+        tokenizer = load_tokenizer(model_path, cfg.model)
+        if main:
+            rd = make_run_dir(cfg.train.output_dir, overwrite)
+            save_config(cfg, rd.config)
+            rd.versions.write_text(json.dumps(library_versions(), indent=2), encoding="utf-8")
+            splits, card = prepare_dataset(cfg.data, tokenizer, rd.data)
+            print(card.table())
+        else:
+            splits = load_splits(rd.data)
     splits = splits.remove_columns("row")
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    if main and args.world_size > 1:
+        print(f"distributed: {args.world_size} processes x batch {args.per_device_train_batch_size} x "
+              f"accumulation {args.gradient_accumulation_steps} = global batch {global_batch}")
 
     recorder = MetricsRecorder(rd.metrics)
     trainer = build_trainer(cfg, model_path, tokenizer, splits["train"], splits.get("val"), rd.checkpoints,
-                            callbacks=(recorder, ProgressBar(recorder), *callbacks))
+                            callbacks=(recorder, ProgressBar(recorder), *callbacks), args=args)
     model = trainer.model
     trainable, total = model.get_nb_trainable_parameters()
     start = time.perf_counter()
@@ -176,6 +189,8 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = ()) -> dic
     wall = time.perf_counter() - start
     val = trainer.evaluate() if "val" in splits and cfg.train.eval_at_end else {}
 
+    if not trainer.is_world_process_zero():
+        return {"run_dir": str(rd.root), "process_index": args.process_index}
     model.save_pretrained(str(rd.adapter))
     tokenizer.save_pretrained(str(rd.adapter))
     shutil.rmtree(rd.checkpoints, ignore_errors=True)
@@ -184,6 +199,8 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = ()) -> dic
     summary = {
         "run_dir": str(rd.root),
         "steps": result.global_step,
+        "world_size": args.world_size,
+        "global_batch_size": global_batch,
         "wall_time_s": round(wall, 2),
         "train_tokens": trainer.state.num_input_tokens_seen,
         "tokens_per_s": round(trainer.state.num_input_tokens_seen / wall, 2),
