@@ -143,6 +143,12 @@ class TrainConfig(_Strict):
     eval_at_end: bool = Field(True, description="Validation loss after the last step, saved in train_summary.json.")
     eval_batch_size: int = Field(8, gt=0, description="Sequences per forward pass when evaluating.")
     seed: int = Field(42, description="Seed of LoRA initialisation and data order.")
+    save_steps: int = Field(
+        20, ge=0,
+        description="Write a resumable checkpoint (adapter, optimizer, scheduler, RNG and trainer state) every N "
+        "optimizer steps under RUN/checkpoints, atomically; 'qtune train --resume RUN' continues from the last "
+        "one. 0: no checkpoints. The checkpoints are deleted once the run finishes.",
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainConfig":

@@ -46,8 +46,11 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False) -> Pef
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
-def load_trained(run_dir: str | Path):
+def load_trained(run_dir: str | Path, trust_remote_code: bool = False):
     """Base model (with the run's quantization) + the run's adapter, its tokenizer and its config.
+
+    ``model.trust_remote_code`` in the run's config is ignored: remote model code runs only when the caller
+    passes ``trust_remote_code=True`` (the CLI's ``--trust-remote-code``).
 
     Returns:
         (PeftModel in eval mode, tokenizer, RunConfig).
@@ -61,6 +64,7 @@ def load_trained(run_dir: str | Path):
 
     rd = RunDir(Path(run_dir)).require_adapter()
     cfg = load_config(rd.config)
+    cfg.model.trust_remote_code = trust_remote_code
     tokenizer = load_tokenizer(str(rd.adapter), cfg.model)
     model = load_adapter(load_model(resolve_model(cfg.model), cfg.model, cfg.quant), rd.adapter)
     model.eval()

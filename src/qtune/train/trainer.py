@@ -18,7 +18,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from qtune.config import RunConfig, save_config
-from qtune.data.prepare import prepare_dataset
+from qtune.data.prepare import load_splits, prepare_dataset
 from qtune.data.tokenize import padding_collator
 from qtune.errors import QtuneError
 from qtune.model.adapters import attach_lora
@@ -26,6 +26,9 @@ from qtune.model.load import check_max_length, device, load_model, load_tokenize
 from qtune.model.quantize import compute_dtype, is_quantized
 from qtune.rundir import RunDir
 from qtune.train.callbacks import MetricsRecorder, ProgressBar, peak_memory
+from qtune.train.checkpoints import (checkpoint_arguments, checkpoint_step, make_checkpoints_atomic, resume_point,
+                                     truncate_metrics)
+from qtune.train.guards import NonFiniteLossGuard, explain_out_of_memory
 
 PACKAGES = ("qtune", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "gguf")
 
@@ -77,7 +80,7 @@ def training_arguments(cfg: RunConfig, rd: RunDir) -> TrainingArguments:
         include_num_input_tokens_seen="non_padding",
         eval_strategy="steps" if t.eval_steps else "no",
         eval_steps=t.eval_steps or None,
-        save_strategy="no",
+        **checkpoint_arguments(t),
         seed=t.seed,
         data_seed=t.seed,
         use_cpu=not cuda,
@@ -90,27 +93,45 @@ def training_arguments(cfg: RunConfig, rd: RunDir) -> TrainingArguments:
     )
 
 
-def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = ()) -> dict:
+def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume: bool = False) -> dict:
     """Run one fine-tuning job and return its summary (also written to ``train_summary.json``).
 
     Args:
         cfg: the validated run config.
         overwrite: replace an existing, non-empty run directory.
         callbacks: extra ``transformers.TrainerCallback`` objects (probes in tests, custom logging).
+        resume: continue the interrupted run in ``cfg.train.output_dir`` from its last complete checkpoint
+            (from step 0 when it has none), with its prepared data; ``cfg`` should be its ``config.yaml``.
 
     Raises:
         QtuneError: existing run directory without ``overwrite``, unreadable data, no usable rows, a model that
-        cannot be resolved, or ``data.max_length`` beyond the model's context. All before the weights load.
+        cannot be resolved, or ``data.max_length`` beyond the model's context (all before the weights load);
+        with ``resume``, a run directory that cannot be resumed; during training, a NaN/inf loss or running out
+        of GPU memory.
     """
     model_path = resolve_model(cfg.model)
     check_max_length(model_path, cfg.model, cfg.data.max_length)
-    rd = make_run_dir(cfg.train.output_dir, overwrite)
-    save_config(cfg, rd.config)
-    rd.versions.write_text(json.dumps(library_versions(), indent=2), encoding="utf-8")
+    checkpoint = None
+    if resume:
+        rd = RunDir(Path(cfg.train.output_dir))
+        checkpoint = resume_point(rd)
+        done = truncate_metrics(rd.metrics, checkpoint_step(checkpoint) if checkpoint else 0)
+    else:
+        rd = make_run_dir(cfg.train.output_dir, overwrite)
+        save_config(cfg, rd.config)
+        rd.versions.write_text(json.dumps(library_versions(), indent=2), encoding="utf-8")
 
     tokenizer = load_tokenizer(model_path, cfg.model)
-    splits, card = prepare_dataset(cfg.data, tokenizer, rd.data)
-    print(card.table())
+    if resume:
+        splits = load_splits(rd.data)
+        print(f"resuming {rd.root} from {checkpoint or 'step 0 (no checkpoint yet)'}")
+    else:
+        try:
+            splits, card = prepare_dataset(cfg.data, tokenizer, rd.data)
+        except QtuneError:
+            shutil.rmtree(rd.root, ignore_errors=True)  # nothing trained: leave no run directory behind
+            raise
+        print(card.table())
     splits = splits.remove_columns("row")
 
     set_seed(cfg.train.seed)
@@ -119,17 +140,21 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = ()) -> dic
     trainable, total = model.get_nb_trainable_parameters()
 
     recorder = MetricsRecorder(rd.metrics)
+    if resume:
+        recorder.records = done
     trainer = Trainer(
         model=model,
         args=training_arguments(cfg, rd),
         train_dataset=splits["train"],
         eval_dataset=splits.get("val"),
         data_collator=padding_collator(tokenizer),
-        callbacks=[recorder, ProgressBar(recorder), *callbacks],
+        callbacks=[recorder, ProgressBar(recorder), NonFiniteLossGuard(), *callbacks],
     )
+    make_checkpoints_atomic(trainer)
     trainer.remove_callback(PrinterCallback)  # ProgressBar shows the figures; metrics.jsonl keeps them
     start = time.perf_counter()
-    result = trainer.train()
+    with explain_out_of_memory(model, cfg):
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     wall = time.perf_counter() - start
     val = trainer.evaluate() if "val" in splits and cfg.train.eval_at_end else {}
 
