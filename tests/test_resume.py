@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from qtune.config import save_config
 from qtune.errors import QtuneError
@@ -77,7 +78,8 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_pat
 
     ref = train(tiny_run_config(tiny_model_dir, tmp_path / "ref", train={"max_steps": STEPS, "save_steps": SAVE}))
     got = json.loads(rd.summary.read_text())
-    assert got["steps"] == ref["steps"] == STEPS
+    assert got["steps"] == ref["steps"] == STEPS and got["resumed_from_step"] == resumed_from
+    assert got["train_tokens"] == ref["train_tokens"] and got["tokens_per_s"] < got["train_tokens"] / got["wall_time_s"]
     assert got["final_train_loss"] == pytest.approx(ref["final_train_loss"], abs=1e-4)
     assert got["val_loss"] == pytest.approx(ref["val_loss"], abs=1e-4)
 
@@ -96,9 +98,12 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_pat
     assert not rd.checkpoints.exists()  # removed once the run finished
 
     # a finished run cannot be resumed; --resume does not mix with a new config
-    cmd, env = qtune("train", "--resume", rd.root)
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "training already finished" in again.stderr
+    from typer.testing import CliRunner
+
+    from qtune.cli import app
+
+    again = CliRunner().invoke(app, ["train", "--resume", str(rd.root)])
+    assert again.exit_code == 2 and again.output == f"error: {rd.root}: training already finished (adapter saved); nothing to resume\n"
 
 
 def test_checkpoint_interrupted_while_written_is_never_used(tiny_model_dir, tmp_path, monkeypatch):
@@ -169,3 +174,31 @@ def test_resume_point_is_an_error_for_a_finished_run(tmp_path):
     (rd.adapter / "adapter_config.json").write_text("{}")
     with pytest.raises(QtuneError, match="training already finished"):
         resume_point(rd)
+
+
+class CrashAt(TrainerCallback):
+    """Interrupts training at the end of optimizer step ``step``, like a crash."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_with_a_custom_adapter_name(tiny_model_dir, tmp_path):
+    settings = {"lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "adapter_name": "code"},
+                "data": {"max_rows": 100}, "train": {"max_steps": 6, "save_steps": 2, "eval_at_end": False}}
+    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", **settings)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callbacks=(CrashAt(3),))
+    rd = RunDir(tmp_path / "run")
+    assert (rd.checkpoints / "checkpoint-2" / "code" / "adapter_model.safetensors").is_file()  # PEFT's subfolder
+    resumed = train(cfg, resume=True)
+    ref = train(tiny_run_config(tiny_model_dir, tmp_path / "ref", **settings))
+    assert resumed["final_train_loss"] == pytest.approx(ref["final_train_loss"], abs=1e-4)
+    assert [json.loads(x)["step"] for x in rd.metrics.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    saved = load_file(rd.adapter / "adapter_model.safetensors")  # flat layout, whatever the adapter's name
+    assert saved.keys() == load_file(RunDir(tmp_path / "ref").adapter / "adapter_model.safetensors").keys()
+    assert (rd.adapter / "adapter_config.json").is_file() and not (rd.adapter / "code").exists()

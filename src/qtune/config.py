@@ -74,6 +74,10 @@ class LoraSettings(_Strict):
     r: int = Field(16, gt=0, description="LoRA rank r (Hu et al. 2021).")
     lora_alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator; the update is scaled by lora_alpha / r.")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input path.")
+    adapter_name: str = Field(
+        "default", pattern=r"^[A-Za-z0-9_.-]+$",
+        description="PEFT adapter name used while training; the saved adapter is in RUN/adapter whatever the name.",
+    )
     target_modules: str | list[str] = Field(
         "all-linear",
         description="Modules that get adapters: 'all-linear' (every linear layer but the LM head) or a list "

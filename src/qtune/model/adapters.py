@@ -6,6 +6,7 @@ first prepared with ``peft.prepare_model_for_kbit_training`` (QLoRA, Dettmers et
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -38,7 +39,20 @@ def attach_lora(model, lora: LoraSettings, quantized: bool, gradient_checkpointi
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     model.config.use_cache = False
-    return get_peft_model(model, lora_config(lora))
+    return get_peft_model(model, lora_config(lora), adapter_name=lora.adapter_name)
+
+
+def save_adapter(model, out_dir: str | Path) -> None:
+    """Save the active adapter in PEFT's layout directly in ``out_dir`` (adapter_config.json,
+    adapter_model.safetensors), whatever its name; PEFT itself puts an adapter not named "default" in a
+    subfolder. It loads back with ``PeftModel.from_pretrained(base, out_dir)``."""
+    out_dir = Path(out_dir)
+    name = model.active_adapter
+    model.save_pretrained(str(out_dir), selected_adapters=[name])
+    if name != "default" and (out_dir / name).is_dir():
+        for f in (out_dir / name).iterdir():
+            f.replace(out_dir / f.name)
+        shutil.rmtree(out_dir / name)
 
 
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:

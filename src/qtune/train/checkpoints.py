@@ -85,9 +85,21 @@ def last_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     return None
 
 
-def checkpoint_step(checkpoint: Path) -> int:
-    """The optimizer step a checkpoint was written at (``global_step`` in its ``trainer_state.json``)."""
-    return int(json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))["global_step"])
+def checkpoint_state(checkpoint: Path | None) -> dict:
+    """A checkpoint's ``trainer_state.json`` as a dict (``global_step``, ``num_input_tokens_seen``, ...);
+    ``{}`` for None (no checkpoint: training starts at step 0)."""
+    return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")) if checkpoint else {}
+
+
+def resumed_summary(state: dict, tokens_seen: int, wall_s: float) -> dict:
+    """Summary fields of a resumed run: the step it resumed from and tokens/s of the resumed part alone.
+
+    Args:
+        state: the checkpoint's trainer state (:func:`checkpoint_state`), read before training.
+        tokens_seen: non-padding input tokens since step 0; ``wall_s``: seconds of this session.
+    """
+    done = tokens_seen - int(state.get("num_input_tokens_seen", 0))
+    return {"resumed_from_step": int(state["global_step"]), "tokens_per_s": round(done / wall_s, 2)}
 
 
 def truncate_metrics(path: Path, step: int) -> list[dict]:

@@ -21,13 +21,13 @@ from qtune.config import RunConfig, save_config
 from qtune.data.prepare import load_splits, prepare_dataset
 from qtune.data.tokenize import padding_collator
 from qtune.errors import QtuneError
-from qtune.model.adapters import attach_lora
+from qtune.model.adapters import attach_lora, save_adapter
 from qtune.model.load import check_max_length, device, load_model, load_tokenizer, resolve_model
 from qtune.model.quantize import compute_dtype, is_quantized
 from qtune.rundir import RunDir
 from qtune.train.callbacks import MetricsRecorder, ProgressBar, peak_memory
-from qtune.train.checkpoints import (checkpoint_arguments, checkpoint_step, make_checkpoints_atomic, resume_point,
-                                     truncate_metrics)
+from qtune.train.checkpoints import (checkpoint_arguments, checkpoint_state, make_checkpoints_atomic, resume_point,
+                                     resumed_summary, truncate_metrics)
 from qtune.train.guards import NonFiniteLossGuard, explain_out_of_memory
 
 PACKAGES = ("qtune", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "gguf")
@@ -115,7 +115,8 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume
     if resume:
         rd = RunDir(Path(cfg.train.output_dir))
         checkpoint = resume_point(rd)
-        done = truncate_metrics(rd.metrics, checkpoint_step(checkpoint) if checkpoint else 0)
+        resumed_state = checkpoint_state(checkpoint)
+        done = truncate_metrics(rd.metrics, resumed_state.get("global_step", 0))
     else:
         rd = make_run_dir(cfg.train.output_dir, overwrite)
         save_config(cfg, rd.config)
@@ -158,7 +159,7 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume
     wall = time.perf_counter() - start
     val = trainer.evaluate() if "val" in splits and cfg.train.eval_at_end else {}
 
-    model.save_pretrained(str(rd.adapter))
+    save_adapter(model, rd.adapter)
     tokenizer.save_pretrained(str(rd.adapter))
     shutil.rmtree(rd.checkpoints, ignore_errors=True)
 
@@ -177,6 +178,8 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume
         "total_params": total,
         **peak_memory(),
     }
+    if checkpoint:  # tokens/s of this session only; the checkpoint brought the earlier tokens along
+        summary |= resumed_summary(resumed_state, trainer.state.num_input_tokens_seen, wall)
     rd.summary.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 
