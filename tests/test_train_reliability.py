@@ -232,3 +232,16 @@ def test_pickled_weights_are_refused(tiny_model_dir, tmp_path):
     assert result.exit_code == 2
     assert result.output.startswith(f"error: {pickled}: no .safetensors weights; qtune loads weights from safetensors only")
     assert not (tmp_path / "run").exists()
+
+
+def test_only_out_of_memory_errors_are_rewritten(tiny_model_dir):
+    from qtune.train.guards import explain_out_of_memory
+
+    cfg = tiny_run_config(tiny_model_dir, "unused", quant={"quant": "none"})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(QtuneError, match=r"^out of GPU memory \(batch_size 4 x max_length 128\)"):
+        with explain_out_of_memory(model, cfg, total_bytes=2 * 1024**3):
+            raise RuntimeError("CUDA error: out of memory")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with explain_out_of_memory(model, cfg, total_bytes=2 * 1024**3):
+            raise RuntimeError("shape mismatch")

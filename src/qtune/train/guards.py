@@ -111,13 +111,16 @@ def gpu_total_bytes() -> float:
 
 @contextlib.contextmanager
 def explain_out_of_memory(model, cfg: RunConfig, total_bytes: float | None = None):
-    """Context manager: ``torch.OutOfMemoryError`` inside becomes a :class:`QtuneError` (see :func:`oom_message`).
+    """Context manager: running out of GPU memory inside becomes a :class:`QtuneError` (see :func:`oom_message`);
+    other errors pass through unchanged.
 
     ``total_bytes`` is the device's memory (default: the current CUDA device's).
     """
     try:
         yield
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:  # torch.OutOfMemoryError, or a CUDA library's "out of memory" RuntimeError
+        if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e):
+            raise
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         total = gpu_total_bytes() if total_bytes is None else total_bytes
