@@ -143,6 +143,33 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping by global norm.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
+    offload_activations: bool = Field(
+        False, description="With gradient checkpointing, keep the checkpointed layer inputs in CPU memory (long context)."
+    )
+    packing: bool = Field(
+        True,
+        description="Padding-free packing: a micro-batch's samples are concatenated into one row with position_ids "
+        "restarting at each sample, so no compute is spent on padding (the attention mask keeps samples apart). "
+        "The loss is the same token-weighted mean as with padded batches.",
+    )
+    response_logits_only: bool = Field(
+        True,
+        description="Compute LM-head logits only where a label is supervised (the response), not on prompt tokens "
+        "(transformers' logits_to_keep with shift_labels); the loss is unchanged.",
+    )
+    liger: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Liger-Kernel's LLaMA kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE); CUDA only. "
+        "auto: on when CUDA and the liger-kernel package are both present.",
+    )
+    upcast_frozen: bool = Field(
+        False,
+        description="Cast the frozen non-quantized parameters (embeddings, norms, LM head) to float32, as PEFT's "
+        "prepare_model_for_kbit_training does. Off: they stay in the compute dtype (half the memory on GPU).",
+    )
+    optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw_torch", description="Optimizer (transformers' names); the 8-bit ones are bitsandbytes' and need CUDA."
+    )
     eval_steps: int = Field(0, ge=0, description="Validation loss every N optimizer steps; 0: only after the last step.")
     eval_at_end: bool = Field(True, description="Validation loss after the last step, saved in train_summary.json.")
     eval_batch_size: int = Field(8, gt=0, description="Sequences per forward pass when evaluating.")

@@ -19,7 +19,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from qtune.config import RunConfig, save_config
 from qtune.data.prepare import load_splits, prepare_dataset
-from qtune.data.tokenize import padding_collator
+from qtune.data.tokenize import training_collator
 from qtune.errors import QtuneError
 from qtune.model.adapters import attach_lora, save_adapter
 from qtune.model.load import check_max_length, device, load_model, load_tokenizer, resolve_model
@@ -59,13 +59,37 @@ def make_run_dir(path: str | Path, overwrite: bool) -> RunDir:
     return RunDir(root)
 
 
-def training_arguments(cfg: RunConfig, rd: RunDir) -> TrainingArguments:
+def use_liger(cfg: RunConfig) -> bool:
+    """Whether Liger-Kernel is applied: ``train.liger`` on, or auto with CUDA and the package installed.
+
+    Raises:
+        QtuneError: ``train.liger=on`` without CUDA or without the liger-kernel package.
+    """
+    import importlib.util
+
+    have = importlib.util.find_spec("liger_kernel") is not None
+    cuda = device() == "cuda"
+    if cfg.train.liger == "on" and not (have and cuda):
+        raise QtuneError("train.liger: on needs a CUDA GPU and the liger-kernel package (pip install liger-kernel)")
+    return cfg.train.liger == "on" or (cfg.train.liger == "auto" and have and cuda)
+
+
+def check_device_switches(cfg: RunConfig) -> None:
+    """Raises QtuneError for switches that need CUDA when none is visible (they would do nothing on CPU)."""
+    if device() != "cuda":
+        if cfg.train.offload_activations:
+            raise QtuneError("train.offload_activations: needs a CUDA GPU (it moves saved activations to CPU memory)")
+        if cfg.train.optim in ("adamw_8bit", "paged_adamw_8bit"):
+            raise QtuneError(f"train.optim: {cfg.train.optim} needs a CUDA GPU; use adamw_torch on CPU")
+
+
+def training_arguments(cfg: RunConfig, output_dir: Path) -> TrainingArguments:
     """TrainingArguments for the run: CPU or CUDA, mixed precision matching the compute dtype on CUDA."""
     t = cfg.train
     cuda = device() == "cuda"
     dtype = compute_dtype(cfg.quant)
     return TrainingArguments(
-        output_dir=str(rd.checkpoints),
+        output_dir=str(output_dir),
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size,
@@ -75,7 +99,8 @@ def training_arguments(cfg: RunConfig, rd: RunDir) -> TrainingArguments:
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim="adamw_torch",
+        optim=t.optim,
+        use_liger_kernel=use_liger(cfg),
         logging_steps=1,
         include_num_input_tokens_seen="non_padding",
         eval_strategy="steps" if t.eval_steps else "no",
@@ -91,6 +116,32 @@ def training_arguments(cfg: RunConfig, rd: RunDir) -> TrainingArguments:
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
+
+
+def build_trainer(cfg: RunConfig, model_path: str, tokenizer, train_dataset, eval_dataset, output_dir: Path,
+                  callbacks: tuple = ()) -> Trainer:
+    """Load the (quantized) base, attach LoRA and build the Trainer with qtune's collator and arguments.
+
+    Args:
+        model_path: a directory or hub id from :func:`qtune.model.load.resolve_model`.
+        train_dataset, eval_dataset: sequences of dicts with input_ids, attention_mask, labels (lists of int).
+        output_dir: where the Trainer may write checkpoints.
+    """
+    check_device_switches(cfg)
+    set_seed(cfg.train.seed)
+    model = load_model(model_path, cfg.model, cfg.quant)
+    model = attach_lora(model, cfg.lora, is_quantized(cfg.quant), cfg.train.gradient_checkpointing,
+                        upcast_frozen=cfg.train.upcast_frozen, offload_activations=cfg.train.offload_activations)
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(cfg, output_dir),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=training_collator(tokenizer, cfg.train.packing, cfg.train.response_logits_only),
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)  # the progress bar shows the figures; metrics.jsonl keeps them
+    return trainer
 
 
 def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume: bool = False) -> dict:
@@ -109,6 +160,8 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume
         with ``resume``, a run directory that cannot be resumed; during training, a NaN/inf loss or running out
         of GPU memory.
     """
+    check_device_switches(cfg)
+    use_liger(cfg)
     model_path = resolve_model(cfg.model)
     check_max_length(model_path, cfg.model, cfg.data.max_length)
     checkpoint = None
@@ -135,24 +188,14 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume
         print(card.table())
     splits = splits.remove_columns("row")
 
-    set_seed(cfg.train.seed)
-    model = load_model(model_path, cfg.model, cfg.quant)
-    model = attach_lora(model, cfg.lora, is_quantized(cfg.quant), cfg.train.gradient_checkpointing)
-    trainable, total = model.get_nb_trainable_parameters()
-
     recorder = MetricsRecorder(rd.metrics)
     if resume:
         recorder.records = done
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(cfg, rd),
-        train_dataset=splits["train"],
-        eval_dataset=splits.get("val"),
-        data_collator=padding_collator(tokenizer),
-        callbacks=[recorder, ProgressBar(recorder), NonFiniteLossGuard(), *callbacks],
-    )
+    trainer = build_trainer(cfg, model_path, tokenizer, splits["train"], splits.get("val"), rd.checkpoints,
+                            callbacks=(recorder, ProgressBar(recorder), NonFiniteLossGuard(), *callbacks))
     make_checkpoints_atomic(trainer)
-    trainer.remove_callback(PrinterCallback)  # ProgressBar shows the figures; metrics.jsonl keeps them
+    model = trainer.model
+    trainable, total = model.get_nb_trainable_parameters()
     start = time.perf_counter()
     with explain_out_of_memory(model, cfg):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
