@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training, replace_lora_weights_loftq
 
 from qtune.config import LoraSettings
 
@@ -20,6 +20,8 @@ def lora_config(lora: LoraSettings) -> LoraConfig:
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
         target_modules=lora.target_modules,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -38,7 +40,23 @@ def attach_lora(model, lora: LoraSettings, quantized: bool, gradient_checkpointi
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     model.config.use_cache = False
-    return get_peft_model(model, lora_config(lora))
+    model = get_peft_model(model, lora_config(lora))
+    if lora.init == "loftq":
+        # LoftQ on an already-quantized base: PEFT reads the original weights from the model's safetensors.
+        replace_lora_weights_loftq(model)
+    return model
+
+
+def loraplus_optimizer(model, lora: LoraSettings, learning_rate: float, weight_decay: float):
+    """AdamW with LoRA+ learning rates (B gets ``loraplus_lr_ratio`` x ``learning_rate``) via PEFT, or None
+    when ``lora.loraplus_lr_ratio`` is unset (the Trainer then builds its own AdamW)."""
+    if lora.loraplus_lr_ratio is None:
+        return None
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=learning_rate,
+                                     loraplus_lr_ratio=lora.loraplus_lr_ratio, weight_decay=weight_decay)
 
 
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:

@@ -21,7 +21,7 @@ from qtune.config import RunConfig, save_config
 from qtune.data.prepare import prepare_dataset
 from qtune.data.tokenize import padding_collator
 from qtune.errors import QtuneError
-from qtune.model.adapters import attach_lora
+from qtune.model.adapters import attach_lora, loraplus_optimizer
 from qtune.model.load import check_max_length, device, load_model, load_tokenizer, resolve_model
 from qtune.model.quantize import compute_dtype, is_quantized
 from qtune.rundir import RunDir
@@ -126,6 +126,7 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = ()) -> dic
         eval_dataset=splits.get("val"),
         data_collator=padding_collator(tokenizer),
         callbacks=[recorder, ProgressBar(recorder), *callbacks],
+        optimizers=(loraplus_optimizer(model, cfg.lora, cfg.train.learning_rate, cfg.train.weight_decay), None),
     )
     trainer.remove_callback(PrinterCallback)  # ProgressBar shows the figures; metrics.jsonl keeps them
     start = time.perf_counter()
