@@ -211,6 +211,37 @@ def estimate(
             typer.echo(f"  seq_len {row['seq_len']:>6}: batch {row['max_batch_size']:>5}  ({row['tokens']:,} tokens)")
 
 
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Sweep file (YAML): base config, set, axes, output_dir.")],
+    final: Annotated[bool, typer.Option("--final", help="Retrain the best configuration and evaluate it once on test.")] = False,
+) -> None:
+    """Grid of quantization x LoRA rank (x lr, batch, variant): one training process per run, resumable."""
+    try:
+        _quiet_libraries()
+        from qtune.study.sweep import run_sweep
+
+        out = run_sweep(config, final=final, echo=typer.echo)
+    except QtuneError as e:
+        _fail(str(e))
+    typer.echo(f"table: {out['sweep_dir']}/results.md, {out['sweep_dir']}/results.csv")
+
+
+@app.command()
+def report(
+    sweep_dir: Annotated[Path, typer.Argument(help="Sweep directory written by 'qtune sweep'.")],
+) -> None:
+    """Figures (PNG) and report.md for a sweep: memory vs estimate, memory over time, loss, LR, Pareto front."""
+    try:
+        _quiet_libraries()
+        from qtune.study.report import write_report
+
+        path = write_report(sweep_dir)
+    except QtuneError as e:
+        _fail(str(e))
+    typer.echo(f"report: {path}")
+
+
 def main() -> None:
     """Console entry point."""
     try:

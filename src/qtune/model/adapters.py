@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training, replace_lora_weights_loftq
 
 from qtune.config import LoraSettings
+from qtune.errors import QtuneError
 
 
 def lora_config(lora: LoraSettings) -> LoraConfig:
@@ -40,10 +42,14 @@ def attach_lora(model, lora: LoraSettings, quantized: bool, gradient_checkpointi
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     model.config.use_cache = False
+    if lora.init == "loftq" and not torch.cuda.is_available():
+        raise QtuneError("lora.init=loftq needs a CUDA device (PEFT's replace_lora_weights_loftq computes on the GPU)")
     model = get_peft_model(model, lora_config(lora))
     if lora.init == "loftq":
-        # LoftQ on an already-quantized base: PEFT reads the original weights from the model's safetensors.
-        replace_lora_weights_loftq(model)
+        # LoftQ on an already-quantized base: PEFT reads the original weights from the model's safetensors
+        # (a local directory is passed as is; a hub id is looked up in the local hub cache).
+        source = model.get_base_model().config._name_or_path
+        replace_lora_weights_loftq(model, model_path=source if Path(source).is_dir() else None)
     return model
 
 
@@ -52,7 +58,6 @@ def loraplus_optimizer(model, lora: LoraSettings, learning_rate: float, weight_d
     when ``lora.loraplus_lr_ratio`` is unset (the Trainer then builds its own AdamW)."""
     if lora.loraplus_lr_ratio is None:
         return None
-    import torch
     from peft.optimizers import create_loraplus_optimizer
 
     return create_loraplus_optimizer(model, torch.optim.AdamW, lr=learning_rate,
