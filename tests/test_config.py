@@ -5,7 +5,8 @@ import pytest
 from qtune.config import RunConfig, load_config
 from qtune.errors import QtuneError
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
+CONFIGS = sorted(p for p in Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml")
+                 if "sweeps" not in p.parts)  # sweep files: tests/test_sweep.py
 
 
 def test_defaults_are_the_main_job():

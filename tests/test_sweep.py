@@ -39,6 +39,16 @@ def test_expand_names_overrides_variants_and_skips_loftq_on_int8(tmp_path):
     assert dora["lora.use_dora"] is True and dora["lora.r"] == 4 and dora["lora.lora_alpha"] == 8.0
 
 
+SWEEPS = sorted(Path(__file__).resolve().parents[1].joinpath("configs", "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_shipped_sweep_expands_to_valid_runs(path):
+    runs, notes = expand(*load_sweep(path))
+    assert len(runs) >= 4 and notes == []
+    assert {r.labels["quant"] for r in runs} >= {"nf4", "int8"}
+
+
 def test_bad_sweep_files_report_every_problem(tmp_path):
     bad = _write(tmp_path / "bad.yaml", {"axes": {"rank": [1], "variant": ["qlora"], "quant": []}, "base": "nope.yaml"})
     with pytest.raises(QtuneError) as e:

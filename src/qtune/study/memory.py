@@ -33,9 +33,10 @@ NESTED_BLOCKSIZE = 256
 """Double quantization: the 8-bit absmax constants are themselves quantized in blocks of 256 with one fp32 scale
 each (QLoRA paper, section 3 "Double Quantization"; bitsandbytes ``quantize_4bit(compress_statistics=True)``)."""
 
-CPU_RUNTIME_BYTES = int(0.47 * GIB)
-"""Resident set size of a Python process after importing torch, transformers, peft, datasets, bitsandbytes and
-qtune's trainer (measured with ``getrusage`` on the build machine: 0.47 GiB, Python 3.11, torch 2.13 CPU)."""
+CPU_RUNTIME_BYTES = int(0.53 * GIB)
+"""Resident set size of a ``qtune train`` process before the model loads: Python with torch, transformers, peft,
+datasets and bitsandbytes imported (0.47 GiB), the tokenizer and the prepared splits (0.06 GiB); measured with
+``getrusage`` on the build machine (Python 3.11, torch 2.13 CPU, SmolLM2's tokenizer)."""
 
 ALLOCATOR_OVERHEAD = 0.05
 """Reserved/allocated ratio minus one for PyTorch's caching allocator, a heuristic: blocks are rounded up (512 B,
@@ -380,7 +381,8 @@ def estimate(counts: ModelCounts, s: TrainShape) -> MemoryEstimate:
                       "checkpointing, activation gradients, one dequantized 4-bit weight (QLoRA)",
                       in_peak=workspace > logits))
     if s.device == "cpu":
-        terms.append(Term("runtime", CPU_RUNTIME_BYTES, "Python + torch/transformers/peft/datasets loaded (measured RSS)"))
+        terms.append(Term("runtime", CPU_RUNTIME_BYTES, "Python + torch/transformers/peft/datasets, tokenizer and "
+                          "splits (measured RSS before the model loads)"))
     return MemoryEstimate(s, terms, trainable, counts.total_params)
 
 

@@ -236,6 +236,20 @@ def collect_result(run: Run, rd: RunDir, rc: int, wall: float, log: str, base: P
     return result
 
 
+MMAP_THRESHOLD = 131072
+"""glibc ``M_MMAP_THRESHOLD`` (bytes) for CPU runs: a fixed value turns off glibc's dynamic threshold, so freed
+tensors above it go back to the OS and peak RSS tracks live memory (like CUDA's peak allocated) instead of what the
+heap retains (mallopt(3)). Measured on SmolLM2-135M, NF4, 4 x 252 tokens: peak RSS 1.77 GiB with it, 3.28 without."""
+
+
+def child_env() -> dict[str, str]:
+    """Environment additions for each run's process: the fixed glibc mmap threshold on Linux CPU runs, unless the
+    caller already set ``MALLOC_MMAP_THRESHOLD_``."""
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    return {}
+
+
 def run_one(run: Run, sweep_dir: Path, base: Path | None, timeout_s: float | None = None,
             extra: list[str] | None = None, run_root: str = "runs") -> dict:
     """Train one grid point in a fresh ``python -m qtune.cli train`` process; returns its result record.
@@ -253,6 +267,7 @@ def run_one(run: Run, sweep_dir: Path, base: Path | None, timeout_s: float | Non
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[2])  # the qtune this process runs, also in the child
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(child_env())
     start = time.perf_counter()
     with log_path.open("w", encoding="utf-8") as log:
         log.write("$ " + " ".join(cmd) + "\n")
@@ -263,7 +278,9 @@ def run_one(run: Run, sweep_dir: Path, base: Path | None, timeout_s: float | Non
             rc = -9
             log.write(f"\nerror: timed out after {timeout_s} s\n")
     wall = time.perf_counter() - start
-    return collect_result(run, rd, rc, wall, log_path.read_text(encoding="utf-8", errors="replace"), base)
+    result = collect_result(run, rd, rc, wall, log_path.read_text(encoding="utf-8", errors="replace"), base)
+    result["child_env"] = child_env()
+    return result
 
 
 def results_dir(sweep_dir: Path) -> Path:
