@@ -83,8 +83,9 @@ def plot_memory_over_time(sweep_dir: Path, best: dict, out: Path) -> None:
             ax.plot(*zip(*pts), marker=".", label=label)
     if best.get("estimate_gib"):
         ax.axhline(best["estimate_gib"], linestyle="--", color="gray", label="estimate")
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("training time (s)")
-    ax.set_ylabel("GiB")
+    ax.set_ylabel("GiB (peak so far at each logged step)")
     ax.set_title(f"Memory over time: {best['run']} (best)")
     ax.legend()
     fig.tight_layout()
@@ -122,7 +123,7 @@ def plot_pareto(results: list[dict], out: Path) -> list[str]:
         ax.scatter([p[0] for p in pts], [p[1] for p in pts])
         for m, v, n in pts:
             ax.annotate(n, (m, v), fontsize=8, xytext=(3, 3), textcoords="offset points")
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="red", label="Pareto front")
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="red", marker="x", label="Pareto front")
         ax.legend()
     ax.set_xlabel(_memory_label(results))
     ax.set_ylabel("validation loss (nats per token)")
