@@ -65,7 +65,9 @@ def plot_memory(results: list[dict], out: Path) -> None:
     ax.set_xticks(list(x), names, rotation=30, ha="right")
     ax.set_ylabel(_memory_label(results))
     ax.set_title("Peak training memory per configuration")
-    ax.legend()
+    top = max([r.get("peak_gib") or 0 for r in ok] + [r.get("estimate_gib") or 0 for r in ok] + [1e-3])
+    ax.set_ylim(0, top * 1.3)  # room for the legend above the bars
+    ax.legend(loc="upper right", ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
