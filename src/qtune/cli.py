@@ -198,6 +198,89 @@ def generate(
     typer.echo(answer)
 
 
+@app.command()
+def estimate(
+    model: Annotated[str, typer.Option(help="Hub id, model directory (a config.json alone is enough), .gguf or alias.")] = "smollm2-135m-instruct",
+    quant: Annotated[str, typer.Option(help="none, fp16, bf16, int8, nf4 or fp4.")] = "nf4",
+    double_quant: Annotated[bool, typer.Option(help="4-bit: double quantization.")] = True,
+    r: Annotated[int, typer.Option("--r", min=0, help="LoRA rank; 0 = full fine-tuning.")] = 16,
+    target_modules: Annotated[str, typer.Option(help="all-linear or comma-separated module names.")] = "all-linear",
+    dora: Annotated[bool, typer.Option("--dora", help="DoRA magnitude vectors.")] = False,
+    lora_dropout: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.05,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 512,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per micro-batch.")] = 1,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward.")] = True,
+    device: Annotated[str, typer.Option(help="cuda (peak allocated) or cpu (peak RSS).")] = "cuda",
+    compute_dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
+    fit_gib: Annotated[Optional[float], typer.Option("--fit", min=0.0, help="Also answer the largest batch that fits GIB.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object; peak_gib is the predicted peak.")] = False,
+) -> None:
+    """Predict peak training memory from the model's config alone (no weights), term by term."""
+    try:
+        _quiet_libraries()
+        from qtune.study.memory import TrainShape, count_model, estimate as run_estimate, fit, load_model_config
+
+        checks = {"quant": (quant, ("none", "fp16", "bf16", "int8", "nf4", "fp4")), "optimizer": (optimizer, ("adamw", "sgd")),
+                  "device": (device, ("cuda", "cpu")), "compute-dtype": (compute_dtype, ("auto", "float32", "float16", "bfloat16"))}
+        for opt, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise QtuneError(f"--{opt} {value!r}: expected one of {', '.join(allowed)}")
+        tm = target_modules if target_modules == "all-linear" else tuple(t.strip() for t in target_modules.split(",") if t.strip())
+        shape = TrainShape(quant=quant, double_quant=double_quant, r=r, target_modules=tm, use_dora=dora,
+                           lora_dropout=lora_dropout, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
+                           gradient_checkpointing=gradient_checkpointing, device=device, compute_dtype=compute_dtype)
+        conf = load_model_config(model)
+        counts = count_model(conf)
+        est = run_estimate(counts, shape)
+        fitted = None
+        if fit_gib is not None:
+            fitted = fit(counts, shape, fit_gib, getattr(conf, "max_position_embeddings", None))
+    except QtuneError as e:
+        _fail(str(e))
+    if json_out:
+        out = est.to_dict() | ({"fit": fitted} if fitted else {})
+        typer.echo(json.dumps(out))
+        return
+    typer.echo(est.table())
+    typer.echo(f"trainable parameters: {est.trainable_params:,} of {est.total_params:,}")
+    if fitted:
+        typer.echo(f"largest batch at {seq_len} tokens: {fitted['max_batch_size']} (budget {fit_gib} GiB)")
+        for row in fitted["table"]:
+            typer.echo(f"  seq_len {row['seq_len']:>6}: batch {row['max_batch_size']:>5}  ({row['tokens']:,} tokens)")
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Sweep file (YAML): base config, set, axes, output_dir.")],
+    final: Annotated[bool, typer.Option("--final", help="Retrain the best configuration and evaluate it once on test.")] = False,
+) -> None:
+    """Grid of quantization x LoRA rank (x lr, batch, variant): one training process per run, resumable."""
+    try:
+        _quiet_libraries()
+        from qtune.study.sweep import run_sweep
+
+        out = run_sweep(config, final=final, echo=typer.echo)
+    except QtuneError as e:
+        _fail(str(e))
+    typer.echo(f"table: {out['sweep_dir']}/results.md, {out['sweep_dir']}/results.csv")
+
+
+@app.command()
+def report(
+    sweep_dir: Annotated[Path, typer.Argument(help="Sweep directory written by 'qtune sweep'.")],
+) -> None:
+    """Figures (PNG) and report.md for a sweep: memory vs estimate, memory over time, loss, LR, Pareto front."""
+    try:
+        _quiet_libraries()
+        from qtune.study.report import write_report
+
+        path = write_report(sweep_dir)
+    except QtuneError as e:
+        _fail(str(e))
+    typer.echo(f"report: {path}")
+
+
 def main() -> None:
     """Console entry point."""
     try:

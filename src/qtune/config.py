@@ -95,6 +95,16 @@ class LoraSettings(_Strict):
         description="Modules that get adapters: 'all-linear' (every linear layer but the LM head) or a list "
         "of module names such as [q_proj, v_proj].",
     )
+    use_dora: bool = Field(False, description="DoRA (Liu et al. 2024): learn a magnitude vector beside the LoRA direction (PEFT use_dora).")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA (Kalajdzievski 2023): scale by lora_alpha / sqrt(r) (PEFT use_rslora).")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+ (Hayou et al. 2024): learning rate of B = ratio x that of A, through PEFT's "
+        "create_loraplus_optimizer (the paper suggests 16). None: one learning rate."
+    )
+    init: Literal["default", "loftq"] = Field(
+        "default", description="Adapter initialisation: default (B = 0) or loftq (Li et al. 2023: A, B from the 4-bit "
+        "quantization error, PEFT's replace_lora_weights_loftq; nf4/fp4 bases only)."
+    )
 
 
 class DataConfig(_Strict):
@@ -208,6 +218,12 @@ class RunConfig(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _loftq_needs_4bit(self) -> "RunConfig":
+        if self.lora.init == "loftq" and self.quant.quant not in ("nf4", "fp4"):
+            raise ValueError(f"lora.init=loftq needs quant.quant nf4 or fp4 (got {self.quant.quant})")
+        return self
 
 
 def is_local_path(value: str) -> bool:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training, replace_lora_weights_loftq
 
 from qtune.config import LoraSettings
+from qtune.errors import QtuneError
 
 
 def lora_config(lora: LoraSettings) -> LoraConfig:
@@ -21,6 +23,8 @@ def lora_config(lora: LoraSettings) -> LoraConfig:
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
         target_modules=lora.target_modules,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -54,7 +58,26 @@ def attach_lora(
         else:  # transformers before activation_checkpointing_enable
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     model.config.use_cache = False
-    return get_peft_model(model, lora_config(lora), adapter_name=lora.adapter_name)
+    if lora.init == "loftq" and not torch.cuda.is_available():
+        raise QtuneError("lora.init=loftq needs a CUDA device (PEFT's replace_lora_weights_loftq computes on the GPU)")
+    model = get_peft_model(model, lora_config(lora), adapter_name=lora.adapter_name)
+    if lora.init == "loftq":
+        # LoftQ on an already-quantized base: PEFT reads the original weights from the model's safetensors
+        # (a local directory is passed as is; a hub id is looked up in the local hub cache).
+        source = model.get_base_model().config._name_or_path
+        replace_lora_weights_loftq(model, model_path=source if Path(source).is_dir() else None)
+    return model
+
+
+def loraplus_optimizer(model, lora: LoraSettings, learning_rate: float, weight_decay: float):
+    """AdamW with LoRA+ learning rates (B gets ``loraplus_lr_ratio`` x ``learning_rate``) via PEFT, or None
+    when ``lora.loraplus_lr_ratio`` is unset (the Trainer then builds its own AdamW)."""
+    if lora.loraplus_lr_ratio is None:
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=learning_rate,
+                                     loraplus_lr_ratio=lora.loraplus_lr_ratio, weight_decay=weight_decay)
 
 
 def save_adapter(model, out_dir: str | Path) -> None:

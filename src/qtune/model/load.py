@@ -81,8 +81,11 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def resolve_model(cfg: ModelConfig) -> str:
+def resolve_model(cfg: ModelConfig, require_weights: bool = True) -> str:
     """A directory or hub id that ``from_pretrained`` can read, converting GGUF files on first use.
+
+    ``require_weights=False`` accepts a local directory holding only ``config.json`` (the memory estimate
+    reads the architecture alone).
 
     Raises:
         QtuneError: a local path that does not exist or is not a model directory.
@@ -98,7 +101,7 @@ def resolve_model(cfg: ModelConfig) -> str:
             return str(convert_gguf(path))
         if not (path / "config.json").is_file():
             raise QtuneError(f"{name}: not a model directory (no config.json)")
-        if not any(path.glob("*.safetensors")):
+        if require_weights and not any(path.glob("*.safetensors")):
             raise QtuneError(f"{name}: no .safetensors weights; qtune loads weights from safetensors only (pickled "
                              ".bin/.pt files can run code); convert the checkpoint to safetensors")
         return str(path)

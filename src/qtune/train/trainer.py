@@ -21,7 +21,7 @@ from qtune.config import RunConfig, save_config
 from qtune.data.prepare import load_splits, prepare_dataset
 from qtune.data.tokenize import training_collator
 from qtune.errors import QtuneError
-from qtune.model.adapters import attach_lora, save_adapter
+from qtune.model.adapters import attach_lora, loraplus_optimizer, save_adapter
 from qtune.model.load import check_max_length, device, load_model, load_tokenizer, resolve_model
 from qtune.model.quantize import compute_dtype, is_quantized
 from qtune.rundir import RunDir
@@ -140,6 +140,7 @@ def build_trainer(cfg: RunConfig, model_path: str, tokenizer, train_dataset, eva
         eval_dataset=eval_dataset,
         data_collator=training_collator(tokenizer, cfg.train.packing, cfg.train.response_logits_only),
         callbacks=list(callbacks),
+        optimizers=(loraplus_optimizer(model, cfg.lora, cfg.train.learning_rate, cfg.train.weight_decay), None),
     )
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the figures; metrics.jsonl keeps them
     return trainer
