@@ -45,7 +45,7 @@ def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.B
     def respond(message, turns, chat, system, temperature, top_p, max_new_tokens, repetition_penalty):
         if not message or not message.strip():
             gr.Info("Empty message ignored: type a question, then press Enter.")
-            yield message, turns, chat, gr.skip()
+            yield message, turns, chat, gr.skip(), gr.skip()
             return
         try:
             settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
@@ -54,20 +54,20 @@ def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.B
             reply = session.ask(message, settings)
         except ValueError as e:  # out-of-range settings, a message longer than the context
             gr.Warning(str(e))
-            yield message, turns, chat, gr.skip()
+            yield message, turns, chat, gr.skip(), gr.skip()
             return
         if reply.notice:
             gr.Info(reply.notice)
         chat = list(chat) + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         for piece in reply:
             chat[-1] = {"role": "assistant", "content": chat[-1]["content"] + piece}
-            yield "", turns, chat, gr.skip()
+            yield "", turns, chat, gr.skip(), gr.Button(interactive=False)  # Send is off while answering
         chat[-1] = {"role": "assistant", "content": session.turns[-1].assistant}
-        yield "", [asdict(t) for t in session.turns], chat, gr.DownloadButton(value=_write_transcript(session),
-                                                                              interactive=True)
+        transcript = gr.DownloadButton(value=_write_transcript(session), interactive=True)
+        yield "", [asdict(t) for t in session.turns], chat, transcript, gr.Button(interactive=True)
 
     def new_conversation():
-        return "", [], [], gr.DownloadButton(value=None, interactive=False)
+        return "", [], [], gr.DownloadButton(value=None, interactive=False), gr.Button(interactive=True)
 
     with gr.Blocks(title=f"qtune · {engine.name}") as demo:
         gr.Markdown(f"### qtune chat · `{engine.name}`  \ntemplate `{engine.template}`, context "
@@ -89,7 +89,7 @@ def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.B
                                 label="Max new tokens")
             rep = gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.05, label="Repetition penalty")
         inputs = [message, turns, chat, system, temperature, top_p, max_new, rep]
-        outputs = [message, turns, chat, download]
+        outputs = [message, turns, chat, download, send]
         message.submit(respond, inputs, outputs)
         send.click(respond, inputs, outputs)
         clear.click(new_conversation, None, outputs, queue=False)
