@@ -31,8 +31,8 @@ ALPACA_NO_INPUT = (
 ALPACA_PREAMBLE = ALPACA_NO_INPUT.split("\n\n", 1)[0]
 """The no-input preamble: the alpaca template's system prompt (a conversation's system message replaces it)."""
 ALPACA_TURN = "### Instruction:\n{instruction}\n\n### Response:\n"
-ALPACA_STOP = ("### Instruction:",)
-"""Text that ends an alpaca answer when the model runs on past EOS into a new turn."""
+ALPACA_STOP = ("### Instruction:", "### Input:", "### Response:")
+"""Section headers that end an alpaca answer when the model runs on past its answer instead of emitting EOS."""
 
 
 def check_messages(messages: Sequence[Message]) -> None:

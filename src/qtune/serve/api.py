@@ -195,9 +195,9 @@ def create_app(engine: Engine, auth: tuple[str, str] | None = None, defaults: Ge
     if ui:
         import gradio as gr
 
-        from qtune.serve.web import build_ui
+        from qtune.serve.web import CSS, build_ui
 
         blocks = build_ui(engine, defaults or GenerationSettings())
         blocks.queue(default_concurrency_limit=concurrency)
-        app = gr.mount_gradio_app(app, blocks, path="/", auth=auth, footer_links=[])
+        app = gr.mount_gradio_app(app, blocks, path="/", auth=auth, footer_links=[], css=CSS)
     return app

@@ -17,11 +17,19 @@ from qtune.serve.session import ChatSession, Turn
 
 CODING_SYSTEM_PROMPT = "You are a careful coding assistant. Answer with correct, concise code and a short explanation."
 """Default system prompt for ``chat``-template runs (``alpaca`` runs default to the preamble they were trained with)."""
+CSS = """#chat [data-testid="bot"], #chat [data-testid="user"] { white-space: pre-wrap; }
+#chat [data-testid="bot"] { font-family: ui-monospace, monospace; font-size: 0.9em; }"""
+"""Page style (pass to ``gr.mount_gradio_app``): messages keep their line breaks and indentation; answers in monospace."""
 
 
 def default_system_prompt(engine: Engine) -> str:
     """The system prompt the UI starts with: the training preamble for ``alpaca``, a coding assistant for ``chat``."""
     return ALPACA_PREAMBLE if engine.template == "alpaca" else CODING_SYSTEM_PROMPT
+
+
+def _assistant(text: str) -> dict:
+    # a text part, not a bare string: Gradio dedents bare strings (inspect.cleandoc), which breaks code indentation
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
 def _write_transcript(session: ChatSession) -> str:
@@ -58,11 +66,13 @@ def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.B
             return
         if reply.notice:
             gr.Info(reply.notice)
-        chat = list(chat) + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        chat = list(chat) + [{"role": "user", "content": message}, _assistant("")]
+        text = ""
         for piece in reply:
-            chat[-1] = {"role": "assistant", "content": chat[-1]["content"] + piece}
+            text += piece
+            chat[-1] = _assistant(text)
             yield "", turns, chat, gr.skip(), gr.Button(interactive=False)  # Send is off while answering
-        chat[-1] = {"role": "assistant", "content": session.turns[-1].assistant}
+        chat[-1] = _assistant(session.turns[-1].assistant)
         transcript = gr.DownloadButton(value=_write_transcript(session), interactive=True)
         yield "", [asdict(t) for t in session.turns], chat, transcript, gr.Button(interactive=True)
 
@@ -73,7 +83,8 @@ def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.B
         gr.Markdown(f"### qtune chat · `{engine.name}`  \ntemplate `{engine.template}`, context "
                     f"{engine.context_length} tokens; oldest turns leave the prompt first when it is full.")
         turns = gr.State([])
-        chat = gr.Chatbot(label="Conversation", height=420, elem_id="chat")
+        # answers are mostly bare code: shown as plain text with its line breaks and indentation kept
+        chat = gr.Chatbot(label="Conversation", height=720, elem_id="chat", render_markdown=False)
         with gr.Row():
             message = gr.Textbox(placeholder="Ask a coding question and press Enter", show_label=False, scale=5,
                                  elem_id="message", autofocus=True)
