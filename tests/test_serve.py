@@ -332,3 +332,24 @@ def test_merged_export_matches_base_plus_adapter(tiny_run, tiny_model_dir, tmp_p
 
     again = runner.invoke(app, ["export", "--run", str(tiny_run.root), "--merged", str(out)])
     assert again.exit_code == 2 and "not empty" in again.output
+
+
+# ---- the real SmolLM2-135M (NF4) ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_batched_equals_single_and_a_two_turn_session(smol_dir, tmp_path):
+    rd = make_tiny_run(smol_dir, tmp_path / "run", random_adapter=False, lora={"r": 4, "lora_alpha": 8})
+    smol = Engine(str(rd.root))
+    assert smol.cfg.quant.quant == "nf4" and smol.context_length == 8192
+    settings = GenerationSettings(max_new_tokens=12)
+    prompts = ["Write a Python function that returns the sum of a list.", "Print hello world in C."]
+    singles = [smol.answer(p, settings=settings) for p in prompts]
+    assert smol.generate_batch(prompts, settings) == singles
+    assert "def " in singles[0] and "#include" in singles[1]
+
+    session = ChatSession(smol)
+    first = session.ask(prompts[0], settings).text()
+    second = session.ask("Now call it on [1, 2, 3].", GenerationSettings(max_new_tokens=4))
+    prompt = smol.tokenizer.decode(second.fitted.prompt_ids)
+    assert prompt.index(prompts[0]) < prompt.index(first) < prompt.index("Now call it on [1, 2, 3].")
+    assert second.text() and session.turns[1].assistant
