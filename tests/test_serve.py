@@ -278,7 +278,7 @@ def test_chat_cli_keeps_the_conversation(tiny_run):
     (["serve", "--run", "no/such/run", "--auth", "nopass"], "error: --auth 'nopass': expected USER:PASS"),
     (["serve", "--run", "no/such/run", "--port", "7861"], "error: no/such/run: not a qtune run directory"),
     (["export", "--run", "no/such/run", "--merged", "out"], "error: no/such/run: not a qtune run directory"),
-    (["export", "--run", "no/such/run"], "error: nothing to export: pass --merged OUT"),
+    (["export", "--run", "no/such/run"], "error: nothing to export: pass --merged OUT and/or --gguf OUT.gguf"),
     (["chat", "--run", "x", "--temperature", "-1"], "error: temperature must be in [0, 5], got -1.0"),
 ])
 def test_serving_cli_bad_input_is_one_line_and_exit_2(args, message):
@@ -353,3 +353,30 @@ def test_smollm2_batched_equals_single_and_a_two_turn_session(smol_dir, tmp_path
     prompt = smol.tokenizer.decode(second.fitted.prompt_ids)
     assert prompt.index(prompts[0]) < prompt.index(first) < prompt.index("Now call it on [1, 2, 3].")
     assert second.text() and session.turns[1].assistant
+
+
+def test_gguf_export_reads_back_with_every_tensor_and_the_same_logits(tiny_run, tmp_path):
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtune.serve.export import merge_run
+
+    out = tmp_path / "tiny.gguf"
+    result = runner.invoke(app, ["export", "--run", str(tiny_run.root), "--gguf", str(out)])
+    assert result.exit_code == 0, result.output
+    reader = gguf.GGUFReader(str(out))
+    merged, tokenizer, _ = merge_run(tiny_run.root)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    expected = {names.get_name(n, try_suffixes=(".weight",)) for n in merged.state_dict()}
+    assert {t.name for t in reader.tensors} == expected and len(expected) == 2 + 9 * 2 + 1  # embed, 2 blocks, norm, head
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
+
+    # transformers' GGUF reader turns it back into the same model and tokenizer
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32)
+    back_tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out.name)
+    text = format_prompt("Write a loop.") + "for i in range(10):\n    print(i)  # ünï"
+    assert back_tok(text).input_ids == tokenizer(text).input_ids
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert (back(ids).logits - merged.float()(ids).logits).abs().max().item() < 1e-3

@@ -275,20 +275,26 @@ def serve(
 def export(
     run: RunOpt,
     merged: Annotated[Optional[Path], typer.Option(help="Write base + adapter merged (16-bit safetensors) here.")] = None,
-    dtype: Annotated[str, typer.Option(help="Merged weights: fp16 or bf16.")] = "fp16",
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    gguf: Annotated[Optional[Path], typer.Option(help="Write base + adapter merged as one fp16 GGUF file here.")] = None,
+    dtype: Annotated[str, typer.Option(help="Merged safetensors weights: fp16 or bf16.")] = "fp16",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
 ) -> None:
-    """Export a trained run: the adapter merged into a 16-bit copy of the base."""
+    """Export a trained run: the adapter merged into a 16-bit copy of the base (safetensors and/or GGUF)."""
     try:
-        if merged is None:
-            raise QtuneError("nothing to export: pass --merged OUT")
+        if merged is None and gguf is None:
+            raise QtuneError("nothing to export: pass --merged OUT and/or --gguf OUT.gguf")
         _quiet_libraries()
-        from qtune.serve.export import export_merged
+        from qtune.serve.export import export_gguf, export_merged
 
-        out = export_merged(run, merged, dtype, overwrite)
+        outs = []
+        if merged is not None:
+            outs.append(export_merged(run, merged, dtype, overwrite))
+        if gguf is not None:
+            outs.append(export_gguf(run, gguf, overwrite))
     except QtuneError as e:
         _fail(str(e))
-    typer.echo(f"saved: {out}")
+    for out in outs:
+        typer.echo(f"saved: {out}")
 
 
 def main() -> None:
