@@ -5,7 +5,9 @@ import pytest
 from qtune.config import RunConfig, load_config
 from qtune.errors import QtuneError
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))  # run configs; launch/ holds accelerate's files
+LAUNCH = sorted((CONFIG_DIR / "launch").glob("*.yaml"))
 
 
 def test_defaults_are_the_main_job():
@@ -64,3 +66,11 @@ def test_bad_yaml_names_the_line(tmp_path):
 def test_override_without_equals_sign():
     with pytest.raises(QtuneError, match="expected key=value"):
         load_config(None, ["lora.r"])
+
+
+@pytest.mark.parametrize("path", LAUNCH, ids=lambda p: p.name)
+def test_launch_files_are_valid_accelerate_configs(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(path)
+    assert cfg.num_processes >= 2 and cfg.mixed_precision == "bf16"

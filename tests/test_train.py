@@ -171,3 +171,49 @@ def test_run_dir_is_not_overwritten(nf4_run, tiny_model_dir):
     _, _, rd = nf4_run
     with pytest.raises(QtuneError, match="run directory exists"):
         train(tiny_run_config(tiny_model_dir, rd.root))
+
+
+STOCK = {"packing": False, "response_logits_only": False, "upcast_frozen": True, "liger": "off"}
+
+
+def test_fast_path_matches_the_stock_recipe(tiny_model_dir, tmp_path):
+    """Packing + response-only logits change the cost, not the math: same losses, same LoRA weights."""
+    runs = {}
+    for name, train_cfg in {"qtune": {}, "stock": STOCK}.items():
+        cfg = tiny_run_config(tiny_model_dir, tmp_path / name, quant={"quant": "none"},
+                              train={"eval_at_end": False, **train_cfg})
+        train(cfg)
+        losses = [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = (losses, load_file(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+    (fast, fast_w), (stock, stock_w) = runs["qtune"], runs["stock"]
+    assert len(fast) == len(stock) == 20
+    for a, b in zip(fast, stock):
+        assert a == pytest.approx(b, rel=1e-3)
+    for key in stock_w:
+        torch.testing.assert_close(fast_w[key], stock_w[key], atol=2e-3, rtol=2e-2)
+
+
+def test_packed_and_padded_batches_give_the_same_loss(tiny_model_dir, tokenizer):
+    from qtune.data.tokenize import training_collator
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model.config.use_cache = False
+    samples = load_splits_for_test(tokenizer)
+    losses = {}
+    for packing in (False, True):
+        for selective in (False, True):
+            batch = training_collator(tokenizer, packing, selective)(samples)
+            if packing:
+                assert batch["input_ids"].shape == (1, sum(len(s["input_ids"]) for s in samples))
+            with torch.no_grad():
+                losses[packing, selective] = model(**batch).loss.item()
+    assert max(losses.values()) - min(losses.values()) < 1e-4 * losses[False, False]
+
+
+def load_splits_for_test(tokenizer):
+    from qtune.data.templates import format_prompt
+    from qtune.data.tokenize import encode_example
+
+    pairs = [("Add two numbers.", "def add(a, b):\n    return a + b"), ("Say hi.", "print('hi')"),
+             ("Reverse a list in Python, explaining each step in detail.", "xs[::-1]  # slicing with step -1")]
+    return [encode_example(format_prompt(q), a, tokenizer, 128) for q, a in pairs]

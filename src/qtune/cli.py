@@ -106,6 +106,8 @@ def train(
         summary = run_training(cfg, overwrite=overwrite)
     except QtuneError as e:
         _fail(str(e))
+    if "process_index" in summary:  # a non-main rank of a distributed run: the main process reports
+        return
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"run directory: {summary['run_dir']}")
 

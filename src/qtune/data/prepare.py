@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict
-
 from qtune.config import DataConfig
 from qtune.data.clean import DataCard, clean_rows
 from qtune.data.load import load_rows
@@ -18,8 +16,11 @@ SPLITS_DIR = "splits"
 CARD_FILE = "data_card.json"
 
 
-def prepare_dataset(cfg: DataConfig, tokenizer, out_dir: str | Path) -> tuple[DatasetDict, DataCard]:
+def prepare_dataset(cfg: DataConfig, tokenizer, out_dir: str | Path):
     """Build tokenized train/val/test splits from ``cfg.path`` and save them under ``out_dir``.
+
+    Returns:
+        (``datasets.DatasetDict`` of train/val/test, :class:`DataCard`).
 
     Writes ``out_dir/splits/`` (``DatasetDict.save_to_disk``; columns input_ids, attention_mask, labels, row)
     and ``out_dir/data_card.json``.
@@ -27,6 +28,8 @@ def prepare_dataset(cfg: DataConfig, tokenizer, out_dir: str | Path) -> tuple[Da
     Raises:
         QtuneError: the source cannot be read (see :func:`qtune.data.load.load_rows`) or no row survives cleaning.
     """
+    from datasets import Dataset, DatasetDict  # imported here: the training path runs without it (GPU bench)
+
     out_dir = Path(out_dir)
     rows, unit = load_rows(cfg.path, cfg.columns, cfg.max_rows)
     card = DataCard(source=cfg.path, rows_in=len(rows), template=cfg.template, max_length=cfg.max_length)
@@ -53,8 +56,8 @@ def prepare_dataset(cfg: DataConfig, tokenizer, out_dir: str | Path) -> tuple[Da
     return splits, card
 
 
-def load_splits(data_dir: str | Path) -> DatasetDict:
-    """Read splits saved by :func:`prepare_dataset`.
+def load_splits(data_dir: str | Path):
+    """Read splits saved by :func:`prepare_dataset` as a ``datasets.DatasetDict``.
 
     Raises:
         QtuneError: ``data_dir`` holds no prepared splits.

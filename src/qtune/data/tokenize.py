@@ -60,3 +60,56 @@ def padding_collator(tokenizer):
     from transformers import DataCollatorForSeq2Seq
 
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding="longest", return_tensors="pt")
+
+
+class ResponseLogitsCollator:
+    """Wraps a collator so the model computes LM-head logits only where the next label is supervised.
+
+    Adds two keys that ``LlamaForCausalLM.forward`` (transformers 5) understands: ``logits_to_keep``, the [K]
+    sequence positions p (union over the batch) whose next label ``labels[:, p + 1]`` is not -100, and
+    ``shift_labels`` [B, K], those next labels. The loss is then the same token-weighted cross-entropy as with
+    full logits, without the [B, T, V] logits tensor or the LM-head FLOPs spent on prompt tokens.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        next_labels = batch["labels"][:, 1:]  # [B, T-1]
+        keep = (next_labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)  # [K]
+        batch["logits_to_keep"] = keep
+        batch["shift_labels"] = next_labels[:, keep]
+        return batch
+
+
+def training_collator(tokenizer, packing: bool, response_logits_only: bool):
+    """The collator training uses.
+
+    packing: :class:`PackingCollator` joins a micro-batch into one row [1, sum T_i] with position_ids restarting
+    per sample (transformers builds a block-diagonal causal mask from them when no attention_mask is given);
+    otherwise :func:`padding_collator`. ``response_logits_only`` wraps it in
+    :class:`ResponseLogitsCollator`.
+    """
+    padded = padding_collator(tokenizer)
+    inner = PackingCollator(padded) if packing else padded
+    return ResponseLogitsCollator(inner) if response_logits_only else inner
+
+
+class PackingCollator:
+    """Padding-free packing (``transformers.DataCollatorWithFlattening``) for micro-batches of unequal lengths.
+
+    A micro-batch whose samples all have the same length needs no padding; it stays a [B, T] batch, which keeps
+    the attention kernels that a plain causal mask allows (a packed row needs a block-diagonal mask).
+    """
+
+    def __init__(self, padded):
+        from transformers import DataCollatorWithFlattening
+
+        self.padded = padded
+        self.flat = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+
+    def __call__(self, features):
+        if len({len(f["input_ids"]) for f in features}) == 1:
+            return self.padded(features)
+        return self.flat(features)

@@ -26,7 +26,7 @@ def split_loss(model, dataset, collate, batch_size: int = 8) -> dict[str, float]
 
     Args:
         model: a causal LM returning ``logits`` of shape [B, T, V].
-        dataset: a ``datasets.Dataset`` with input_ids, attention_mask, labels (lists of int).
+        dataset: a sequence (``datasets.Dataset`` or list) of dicts with input_ids, attention_mask, labels.
         collate: pads a list of rows into tensors of shape [B, T].
 
     Returns:
@@ -38,7 +38,7 @@ def split_loss(model, dataset, collate, batch_size: int = 8) -> dict[str, float]
     total, count = 0.0, 0
     # Longest first, so batches hold similar lengths (little padding) and an out-of-memory shows at once.
     order = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))
-    for batch in DataLoader(dataset.select(order), batch_size=batch_size, collate_fn=collate):
+    for batch in DataLoader([dataset[i] for i in order], batch_size=batch_size, collate_fn=collate):
         batch = {k: v.to(dev) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         shift_logits = logits[:, :-1].float()  # [B, T-1, V]

@@ -25,18 +25,33 @@ def lora_config(lora: LoraSettings) -> LoraConfig:
     )
 
 
-def attach_lora(model, lora: LoraSettings, quantized: bool, gradient_checkpointing: bool):
+def attach_lora(
+    model,
+    lora: LoraSettings,
+    quantized: bool,
+    gradient_checkpointing: bool,
+    upcast_frozen: bool = True,
+    offload_activations: bool = False,
+):
     """Wrap a frozen base in a trainable LoRA ``PeftModel``.
 
-    Gradient checkpointing uses the non-reentrant implementation, which needs no ``requires_grad`` on the inputs.
+    Args:
+        quantized: the base holds bitsandbytes weights.
+        gradient_checkpointing: recompute each decoder layer in the backward pass (non-reentrant, so the inputs
+            need no ``requires_grad``).
+        upcast_frozen: for a quantized base, run ``peft.prepare_model_for_kbit_training``, which casts every
+            non-quantized parameter (embeddings, norms, LM head) to float32. Off, they keep the compute dtype.
+        offload_activations: with checkpointing, keep the saved layer inputs in CPU memory
+            (``activation_checkpointing_enable(offload=True)`` of transformers).
     """
     gc_kwargs = {"use_reentrant": False}
-    if quantized:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
-        )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    if quantized and upcast_frozen:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs, offload=offload_activations)
+        else:  # transformers before activation_checkpointing_enable
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     model.config.use_cache = False
     return get_peft_model(model, lora_config(lora))
 

@@ -136,8 +136,11 @@ def load_tokenizer(model_path: str, cfg: ModelConfig):
 
 
 def device() -> str:
-    """"cuda" when a GPU is visible, else "cpu"."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """This process's device: "cuda:LOCAL_RANK" when a GPU is visible (LOCAL_RANK is set by torchrun and
+    accelerate launch; 0 otherwise), else "cpu"."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
 
 
 def load_model(model_path: str, cfg: ModelConfig, quant: QuantConfig):

@@ -48,6 +48,7 @@ def load_kwargs(q: QuantConfig) -> dict:
             bnb_4bit_quant_type=q.quant,
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8 if q.quant_storage == "uint8" else _DTYPES[q.quant_storage],
         )
         return {"dtype": dtype, "quantization_config": bnb}
     return {"dtype": dtype}

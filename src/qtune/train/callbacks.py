@@ -51,6 +51,8 @@ class MetricsRecorder(TrainerCallback):
         self.tokens_last = state.num_input_tokens_seen
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:  # one writer: the main process (logs hold figures reduced over ranks)
+            return
         logs = logs or {}
         now = time.perf_counter()
         rec = {"step": state.global_step, "time_s": round(now - self.t0, 3)}
@@ -83,10 +85,12 @@ class ProgressBar(TrainerCallback):
         self.bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.bar = tqdm(total=state.max_steps, desc="train", unit="step", dynamic_ncols=True)
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, desc="train", unit="step", dynamic_ncols=True)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.bar.update(state.global_step - self.bar.n)
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         last = self.recorder.records[-1] if self.recorder.records else {}

@@ -18,8 +18,8 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from qtune.config import RunConfig, save_config
-from qtune.data.prepare import prepare_dataset
-from qtune.data.tokenize import padding_collator
+from qtune.data.prepare import load_splits, prepare_dataset
+from qtune.data.tokenize import training_collator
 from qtune.errors import QtuneError
 from qtune.model.adapters import attach_lora
 from qtune.model.load import check_max_length, device, load_model, load_tokenizer, resolve_model
@@ -56,13 +56,37 @@ def make_run_dir(path: str | Path, overwrite: bool) -> RunDir:
     return RunDir(root)
 
 
-def training_arguments(cfg: RunConfig, rd: RunDir) -> TrainingArguments:
+def use_liger(cfg: RunConfig) -> bool:
+    """Whether Liger-Kernel is applied: ``train.liger`` on, or auto with CUDA and the package installed.
+
+    Raises:
+        QtuneError: ``train.liger=on`` without CUDA or without the liger-kernel package.
+    """
+    import importlib.util
+
+    have = importlib.util.find_spec("liger_kernel") is not None
+    cuda = device().startswith("cuda")
+    if cfg.train.liger == "on" and not (have and cuda):
+        raise QtuneError("train.liger: on needs a CUDA GPU and the liger-kernel package (pip install liger-kernel)")
+    return cfg.train.liger == "on" or (cfg.train.liger == "auto" and have and cuda)
+
+
+def check_device_switches(cfg: RunConfig) -> None:
+    """Raises QtuneError for switches that need CUDA when none is visible (they would do nothing on CPU)."""
+    if not device().startswith("cuda"):
+        if cfg.train.offload_activations:
+            raise QtuneError("train.offload_activations: needs a CUDA GPU (it moves saved activations to CPU memory)")
+        if cfg.train.optim in ("adamw_8bit", "paged_adamw_8bit"):
+            raise QtuneError(f"train.optim: {cfg.train.optim} needs a CUDA GPU; use adamw_torch on CPU")
+
+
+def training_arguments(cfg: RunConfig, output_dir: Path) -> TrainingArguments:
     """TrainingArguments for the run: CPU or CUDA, mixed precision matching the compute dtype on CUDA."""
     t = cfg.train
-    cuda = device() == "cuda"
+    cuda = device().startswith("cuda")
     dtype = compute_dtype(cfg.quant)
     return TrainingArguments(
-        output_dir=str(rd.checkpoints),
+        output_dir=str(output_dir),
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size,
@@ -72,7 +96,8 @@ def training_arguments(cfg: RunConfig, rd: RunDir) -> TrainingArguments:
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim="adamw_torch",
+        optim=t.optim,
+        use_liger_kernel=use_liger(cfg),
         logging_steps=1,
         include_num_input_tokens_seen="non_padding",
         eval_strategy="steps" if t.eval_steps else "no",
@@ -90,6 +115,33 @@ def training_arguments(cfg: RunConfig, rd: RunDir) -> TrainingArguments:
     )
 
 
+def build_trainer(cfg: RunConfig, model_path: str, tokenizer, train_dataset, eval_dataset, output_dir: Path,
+                  callbacks: tuple = (), args: TrainingArguments | None = None) -> Trainer:
+    """Load the (quantized) base, attach LoRA and build the Trainer with qtune's collator and arguments.
+
+    Args:
+        model_path: a directory or hub id from :func:`qtune.model.load.resolve_model`.
+        train_dataset, eval_dataset: sequences of dicts with input_ids, attention_mask, labels (lists of int).
+        output_dir: where the Trainer may write checkpoints.
+        args: prebuilt :func:`training_arguments` (train() builds them first to join the process group).
+    """
+    check_device_switches(cfg)
+    set_seed(cfg.train.seed)
+    model = load_model(model_path, cfg.model, cfg.quant)
+    model = attach_lora(model, cfg.lora, is_quantized(cfg.quant), cfg.train.gradient_checkpointing,
+                        upcast_frozen=cfg.train.upcast_frozen, offload_activations=cfg.train.offload_activations)
+    trainer = Trainer(
+        model=model,
+        args=args or training_arguments(cfg, output_dir),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=training_collator(tokenizer, cfg.train.packing, cfg.train.response_logits_only),
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)  # the progress bar shows the figures; metrics.jsonl keeps them
+    return trainer
+
+
 def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = ()) -> dict:
     """Run one fine-tuning job and return its summary (also written to ``train_summary.json``).
 
@@ -102,37 +154,43 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = ()) -> dic
         QtuneError: existing run directory without ``overwrite``, unreadable data, no usable rows, a model that
         cannot be resolved, or ``data.max_length`` beyond the model's context. All before the weights load.
     """
-    model_path = resolve_model(cfg.model)
-    check_max_length(model_path, cfg.model, cfg.data.max_length)
-    rd = make_run_dir(cfg.train.output_dir, overwrite)
-    save_config(cfg, rd.config)
-    rd.versions.write_text(json.dumps(library_versions(), indent=2), encoding="utf-8")
-
-    tokenizer = load_tokenizer(model_path, cfg.model)
-    splits, card = prepare_dataset(cfg.data, tokenizer, rd.data)
-    print(card.table())
+    check_device_switches(cfg)
+    use_liger(cfg)
+    rd = RunDir(Path(cfg.train.output_dir))
+    args = training_arguments(cfg, rd.checkpoints)  # under torchrun/accelerate this joins the process group
+    main = args.process_index == 0
+    # The main process resolves the model, writes the run directory and prepares the data; the other ranks wait,
+    # then read what it wrote (a launcher stops them all if the main process fails here).
+    with args.main_process_first(local=False, desc="data preparation"):
+        model_path = resolve_model(cfg.model)
+        check_max_length(model_path, cfg.model, cfg.data.max_length)
+        tokenizer = load_tokenizer(model_path, cfg.model)
+        if main:
+            rd = make_run_dir(cfg.train.output_dir, overwrite)
+            save_config(cfg, rd.config)
+            rd.versions.write_text(json.dumps(library_versions(), indent=2), encoding="utf-8")
+            splits, card = prepare_dataset(cfg.data, tokenizer, rd.data)
+            print(card.table())
+        else:
+            splits = load_splits(rd.data)
     splits = splits.remove_columns("row")
-
-    set_seed(cfg.train.seed)
-    model = load_model(model_path, cfg.model, cfg.quant)
-    model = attach_lora(model, cfg.lora, is_quantized(cfg.quant), cfg.train.gradient_checkpointing)
-    trainable, total = model.get_nb_trainable_parameters()
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    if main and args.world_size > 1:
+        print(f"distributed: {args.world_size} processes x batch {args.per_device_train_batch_size} x "
+              f"accumulation {args.gradient_accumulation_steps} = global batch {global_batch}")
 
     recorder = MetricsRecorder(rd.metrics)
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(cfg, rd),
-        train_dataset=splits["train"],
-        eval_dataset=splits.get("val"),
-        data_collator=padding_collator(tokenizer),
-        callbacks=[recorder, ProgressBar(recorder), *callbacks],
-    )
-    trainer.remove_callback(PrinterCallback)  # ProgressBar shows the figures; metrics.jsonl keeps them
+    trainer = build_trainer(cfg, model_path, tokenizer, splits["train"], splits.get("val"), rd.checkpoints,
+                            callbacks=(recorder, ProgressBar(recorder), *callbacks), args=args)
+    model = trainer.model
+    trainable, total = model.get_nb_trainable_parameters()
     start = time.perf_counter()
     result = trainer.train()
     wall = time.perf_counter() - start
     val = trainer.evaluate() if "val" in splits and cfg.train.eval_at_end else {}
 
+    if not trainer.is_world_process_zero():
+        return {"run_dir": str(rd.root), "process_index": args.process_index}
     model.save_pretrained(str(rd.adapter))
     tokenizer.save_pretrained(str(rd.adapter))
     shutil.rmtree(rd.checkpoints, ignore_errors=True)
@@ -141,6 +199,8 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = ()) -> dic
     summary = {
         "run_dir": str(rd.root),
         "steps": result.global_step,
+        "world_size": args.world_size,
+        "global_batch_size": global_batch,
         "wall_time_s": round(wall, 2),
         "train_tokens": trainer.state.num_input_tokens_seen,
         "tokens_per_s": round(trainer.state.num_input_tokens_seen / wall, 2),
