@@ -261,7 +261,7 @@ def qtune_trainer(row: Row, model_dir: str, tokenizer, samples, args):
         "lora": {"r": row.r, "lora_alpha": 2 * row.r, **overrides.get("lora", {})},  # qtune's default dropout
         "data": {"max_length": row.seq},
         "train": {"max_steps": row.warmup + row.steps, "batch_size": row.batch, "learning_rate": 2e-4,
-                  "warmup_steps": row.lr_warmup, "seed": 0, **overrides.get("train", {})},
+                  "warmup_steps": row.lr_warmup, "seed": 0, "save_steps": 0, **overrides.get("train", {})},
     })
     trainer = build_trainer(cfg, model_dir, tokenizer, samples, None, Path(args.tmp))
     trainer.data_collator = collate = CountingCollator(trainer.data_collator)

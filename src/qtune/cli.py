@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from qtune.errors import QtuneError
+
+_default_showwarning = warnings.showwarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize a LLaMA-family model, fine-tune LoRA adapters on it, evaluate and generate.")
@@ -23,12 +26,30 @@ app.add_typer(data_app, name="data")
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run config; defaults when omitted.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: section.field=value (repeatable).")]
 RunOpt = Annotated[Path, typer.Option("--run", help="Run directory written by 'qtune train'.")]
+RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code from "
+                                             "its hub repository to run (off unless given).")]
 
 
 def _fail(message: str) -> None:
     for line in message.splitlines():
         typer.echo(f"error: {line}", err=True)
     raise typer.Exit(2)
+
+
+def _remote_code(cfg, allowed: bool) -> None:
+    """Remote model code runs only with --trust-remote-code, whatever the config file says."""
+    if cfg.model.trust_remote_code and not allowed:
+        raise QtuneError("model.trust_remote_code: true also needs the --trust-remote-code flag on the command line")
+    cfg.model.trust_remote_code = allowed
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    from qtune.errors import QtuneWarning
+
+    if issubclass(category, QtuneWarning):
+        typer.echo(f"warning: {message}", err=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
 
 
 def _quiet_libraries() -> None:
@@ -40,6 +61,7 @@ def _quiet_libraries() -> None:
     # bitsandbytes warns at import that its optional CPU kernel (fetched from the HF hub) is unavailable.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.showwarning = _show_warning
     import datasets
     from transformers.utils import logging as hf_logging
 
@@ -58,6 +80,7 @@ def data_prepare(
     columns: Annotated[Optional[str], typer.Option(help="Column mapping, e.g. instruction=prompt,output=completion.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Clean, format, tokenize and split instruction data; print and save the data card."""
     from qtune.config import load_config
@@ -76,6 +99,7 @@ def data_prepare(
                 raise QtuneError(f"--columns {columns!r}: expected field=column pairs separated by commas")
             overrides.append("data.columns=" + json.dumps({k.strip(): v.strip() for k, v in pairs}))
         cfg = load_config(config, overrides)
+        _remote_code(cfg, trust_remote_code)
         _quiet_libraries()
         from qtune.data.prepare import prepare_dataset
         from qtune.model.load import check_max_length, load_tokenizer, resolve_model
@@ -94,16 +118,28 @@ def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="Continue an interrupted run from its last checkpoint, with its saved config and data.")] = None,
+    trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Fine-tune LoRA adapters on a (quantized) base model; prints the run directory."""
     from qtune.config import load_config
 
     try:
-        cfg = load_config(config, set_)
+        if resume is not None:
+            if config is not None or set_ or overwrite:
+                raise QtuneError("--resume: continues the run with its saved config; drop --config, --set and --overwrite")
+            if not (resume / "config.yaml").is_file():
+                raise QtuneError(f"{resume}: not a qtune run directory (no config.yaml); nothing to resume")
+            cfg = load_config(resume / "config.yaml")
+            cfg.train.output_dir = str(resume)
+        else:
+            cfg = load_config(config, set_)
+        _remote_code(cfg, trust_remote_code)
         _quiet_libraries()
         from qtune.train.trainer import train as run_training
 
-        summary = run_training(cfg, overwrite=overwrite)
+        summary = run_training(cfg, overwrite=overwrite, resume=resume is not None)
     except QtuneError as e:
         _fail(str(e))
     if "process_index" in summary:  # a non-main rank of a distributed run: the main process reports
@@ -117,6 +153,7 @@ def eval_(
     run: RunOpt,
     splits: Annotated[str, typer.Option(help="Comma-separated splits to evaluate.")] = "val,test",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Validation and test loss / perplexity of the base and of base + adapter (same quantization)."""
     try:
@@ -126,7 +163,7 @@ def eval_(
         names = tuple(x.strip() for x in splits.split(",") if x.strip())
         if not names or set(names) - {"train", "val", "test"}:
             raise QtuneError(f"--splits {splits!r}: expected a comma-separated subset of train, val, test")
-        result = evaluate_run(str(run), names)
+        result = evaluate_run(str(run), names, trust_remote_code=trust_remote_code)
     except QtuneError as e:
         _fail(str(e))
     if json_out:

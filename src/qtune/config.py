@@ -86,6 +86,10 @@ class LoraSettings(_Strict):
         "adapted layer's input (about a sixth of a CPU training step in qtune's profile of SmolLM2); QLoRA "
         "(Dettmers et al. 2023) used 0.1 for 7B-13B models and 0.05 for 33B-65B.",
     )
+    adapter_name: str = Field(
+        "default", pattern=r"^[A-Za-z0-9_.-]+$",
+        description="PEFT adapter name used while training; the saved adapter is in RUN/adapter whatever the name.",
+    )
     target_modules: str | list[str] = Field(
         "all-linear",
         description="Modules that get adapters: 'all-linear' (every linear layer but the LM head) or a list "
@@ -182,6 +186,12 @@ class TrainConfig(_Strict):
     eval_at_end: bool = Field(True, description="Validation loss after the last step, saved in train_summary.json.")
     eval_batch_size: int = Field(8, gt=0, description="Sequences per forward pass when evaluating.")
     seed: int = Field(42, description="Seed of LoRA initialisation and data order.")
+    save_steps: int = Field(
+        20, ge=0,
+        description="Write a resumable checkpoint (adapter, optimizer, scheduler, RNG and trainer state) every N "
+        "optimizer steps under RUN/checkpoints, atomically; 'qtune train --resume RUN' continues from the last "
+        "one. 0: no checkpoints. The checkpoints are deleted once the run finishes.",
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainConfig":

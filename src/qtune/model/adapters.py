@@ -6,6 +6,7 @@ first prepared with ``peft.prepare_model_for_kbit_training`` (QLoRA, Dettmers et
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -53,7 +54,20 @@ def attach_lora(
         else:  # transformers before activation_checkpointing_enable
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     model.config.use_cache = False
-    return get_peft_model(model, lora_config(lora))
+    return get_peft_model(model, lora_config(lora), adapter_name=lora.adapter_name)
+
+
+def save_adapter(model, out_dir: str | Path) -> None:
+    """Save the active adapter in PEFT's layout directly in ``out_dir`` (adapter_config.json,
+    adapter_model.safetensors), whatever its name; PEFT itself puts an adapter not named "default" in a
+    subfolder. It loads back with ``PeftModel.from_pretrained(base, out_dir)``."""
+    out_dir = Path(out_dir)
+    name = model.active_adapter
+    model.save_pretrained(str(out_dir), selected_adapters=[name])
+    if name != "default" and (out_dir / name).is_dir():
+        for f in (out_dir / name).iterdir():
+            f.replace(out_dir / f.name)
+        shutil.rmtree(out_dir / name)
 
 
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:
@@ -61,13 +75,16 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False) -> Pef
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
-def load_trained(run_dir: str | Path, quant: str | None = None):
+def load_trained(run_dir: str | Path, trust_remote_code: bool = False, quant: str | None = None):
     """Base model (with the run's quantization, or ``quant`` when given) + the run's adapter, its tokenizer and
     its config.
 
     Args:
         run_dir: a run directory written by training.
         quant: weight format of the base for this load (a ``QuantConfig.quant`` value); None: the run's own.
+
+    ``model.trust_remote_code`` in the run's config is ignored: remote model code runs only when the caller
+    passes ``trust_remote_code=True`` (the CLI's ``--trust-remote-code``).
 
     Returns:
         (PeftModel in eval mode, tokenizer, RunConfig); with ``quant`` given, ``cfg.quant.quant`` is ``quant``.
@@ -81,6 +98,7 @@ def load_trained(run_dir: str | Path, quant: str | None = None):
 
     rd = RunDir(Path(run_dir)).require_adapter()
     cfg = load_config(rd.config, [f"quant.quant={quant}"] if quant else None)
+    cfg.model.trust_remote_code = trust_remote_code
     tokenizer = load_tokenizer(str(rd.adapter), cfg.model)
     model = load_adapter(load_model(resolve_model(cfg.model), cfg.model, cfg.quant), rd.adapter)
     model.eval()

@@ -146,7 +146,7 @@ class Engine:
         else:
             from qtune.model.adapters import load_trained
 
-            self.model, self.tokenizer, self.cfg = load_trained(run_dir, quant)
+            self.model, self.tokenizer, self.cfg = load_trained(run_dir, quant=quant)
             self.template = self.cfg.data.template
         self.name = path.resolve().name
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))

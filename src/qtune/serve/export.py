@@ -36,6 +36,7 @@ def merge_run(run_dir: str | Path, dtype: str = "fp16"):
 
     rd = RunDir(Path(run_dir)).require_adapter()
     cfg = load_config(rd.config)
+    cfg.model.trust_remote_code = False  # as for load_trained: never from a run's config alone
     base = load_model(resolve_model(cfg.model), cfg.model, QuantConfig(quant=dtype))
     merged = PeftModel.from_pretrained(base, str(rd.adapter)).merge_and_unload()
     merged.eval()
