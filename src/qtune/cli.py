@@ -281,6 +281,144 @@ def report(
     typer.echo(f"report: {path}")
 
 
+QuantOpt = Annotated[Optional[str], typer.Option(
+    "--quant", help="Base weights for serving: nf4, fp4, int8, fp16, bf16 or none (fp32); default: the run's own.")]
+
+
+def _generation_settings(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float):
+    from qtune.serve.engine import GenerationSettings
+
+    try:
+        return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  repetition_penalty=repetition_penalty)
+    except ValueError as e:
+        raise QtuneError(str(e)) from None
+
+
+@app.command()
+def chat(
+    run: RunOpt,
+    quant: QuantOpt = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt; default: the template's own.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="1 for none.")] = 1.0,
+) -> None:
+    """Chat in the terminal with base + adapter (or a merged model); the conversation is kept across turns."""
+    try:
+        settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty)
+        _quiet_libraries()
+        from qtune.serve.engine import Engine
+        from qtune.serve.session import ChatSession
+
+        engine = Engine(str(run), quant)
+        engine.prompt_budget(settings)
+    except (QtuneError, ValueError) as e:
+        _fail(str(e))
+    session = ChatSession(engine, system)
+    typer.echo(f"qtune chat: {engine.name} ({engine.template} template, context {engine.context_length} tokens). "
+               "/new starts over, /exit or Ctrl-D quits.")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            typer.echo()
+            break
+        command = line.strip()
+        if not command:
+            typer.echo("(empty message ignored: type a question)")
+            continue
+        if command in ("/exit", "/quit"):
+            break
+        if command in ("/new", "/reset"):
+            session.reset()
+            typer.echo("(new conversation)")
+            continue
+        try:
+            reply = session.ask(line, settings)
+        except ValueError as e:
+            typer.echo(f"error: {e}", err=True)
+            continue
+        if reply.notice:
+            typer.echo(f"({reply.notice})")
+        typer.echo("assistant> ", nl=False)
+        for piece in reply:
+            typer.echo(piece, nl=False)
+        typer.echo()
+
+
+@app.command()
+def serve(
+    run: RunOpt,
+    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 7860,
+    auth: Annotated[Optional[str], typer.Option(help="Require USER:PASS for the web app and the API.")] = None,
+    quant: QuantOpt = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Web requests generating at once; more wait in a queue.")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="Default most tokens per answer.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Default temperature; 0 for greedy decoding.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Default nucleus sampling mass.")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="Default repetition penalty.")] = 1.0,
+) -> None:
+    """Serve the Gradio chat app at / and an OpenAI-compatible API at /v1 on one port."""
+    import socket
+
+    try:
+        credentials = None
+        if auth is not None:
+            user, sep, password = auth.partition(":")
+            if not sep or not user or not password:
+                raise QtuneError(f"--auth {auth!r}: expected USER:PASS")
+            credentials = (user, password)
+        settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty)
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            try:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
+            except OSError as e:
+                raise QtuneError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
+        _quiet_libraries()
+        import uvicorn
+
+        from qtune.serve.api import create_app
+        from qtune.serve.engine import Engine
+
+        engine = Engine(str(run), quant)
+        engine.prompt_budget(settings)
+        server_app = create_app(engine, credentials, settings, concurrency)
+    except (QtuneError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"web app: http://{host}:{port}/   OpenAI API: http://{host}:{port}/v1   (Ctrl-C stops)")
+    uvicorn.run(server_app, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def export(
+    run: RunOpt,
+    merged: Annotated[Optional[Path], typer.Option(help="Write base + adapter merged (16-bit safetensors) here.")] = None,
+    gguf: Annotated[Optional[Path], typer.Option(help="Write base + adapter merged as one fp16 GGUF file here.")] = None,
+    dtype: Annotated[str, typer.Option(help="Merged safetensors weights: fp16 or bf16.")] = "fp16",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Export a trained run: the adapter merged into a 16-bit copy of the base (safetensors and/or GGUF)."""
+    try:
+        if merged is None and gguf is None:
+            raise QtuneError("nothing to export: pass --merged OUT and/or --gguf OUT.gguf")
+        _quiet_libraries()
+        from qtune.serve.export import export_gguf, export_merged
+
+        outs = []
+        if merged is not None:
+            outs.append(export_merged(run, merged, dtype, overwrite))
+        if gguf is not None:
+            outs.append(export_gguf(run, gguf, overwrite))
+    except QtuneError as e:
+        _fail(str(e))
+    for out in outs:
+        typer.echo(f"saved: {out}")
+
+
 def main() -> None:
     """Console entry point."""
     try:

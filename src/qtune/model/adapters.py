@@ -98,24 +98,29 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False) -> Pef
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
-def load_trained(run_dir: str | Path, trust_remote_code: bool = False):
-    """Base model (with the run's quantization) + the run's adapter, its tokenizer and its config.
+def load_trained(run_dir: str | Path, trust_remote_code: bool = False, quant: str | None = None):
+    """Base model (with the run's quantization, or ``quant`` when given) + the run's adapter, its tokenizer and
+    its config.
+
+    Args:
+        run_dir: a run directory written by training.
+        quant: weight format of the base for this load (a ``QuantConfig.quant`` value); None: the run's own.
 
     ``model.trust_remote_code`` in the run's config is ignored: remote model code runs only when the caller
     passes ``trust_remote_code=True`` (the CLI's ``--trust-remote-code``).
 
     Returns:
-        (PeftModel in eval mode, tokenizer, RunConfig).
+        (PeftModel in eval mode, tokenizer, RunConfig); with ``quant`` given, ``cfg.quant.quant`` is ``quant``.
 
     Raises:
-        QtuneError: ``run_dir`` is not a run directory or holds no adapter.
+        QtuneError: ``run_dir`` is not a run directory or holds no adapter, or ``quant`` is not a known format.
     """
     from qtune.config import load_config
     from qtune.model.load import load_model, load_tokenizer, resolve_model
     from qtune.rundir import RunDir
 
     rd = RunDir(Path(run_dir)).require_adapter()
-    cfg = load_config(rd.config)
+    cfg = load_config(rd.config, [f"quant.quant={quant}"] if quant else None)
     cfg.model.trust_remote_code = trust_remote_code
     tokenizer = load_tokenizer(str(rd.adapter), cfg.model)
     model = load_adapter(load_model(resolve_model(cfg.model), cfg.model, cfg.quant), rd.adapter)
