@@ -147,3 +147,20 @@ def test_estimate_cli_json_and_errors(tmp_path):
                       (["--model", str(LLAMA2_7B), "--quant", "nf4", "--r", "0"], "full fine-tuning")]:
         res = runner.invoke(app, ["estimate", *args])
         assert res.exit_code == 2 and msg in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_per_gpu_estimate_under_ddp_and_fsdp():
+    from qtune.study.memory import TrainShape, count_model, estimate, load_model_config
+
+    counts = count_model(load_model_config(str(LLAMA2_7B)))
+    one = estimate(counts, TrainShape(quant="nf4", r=16, seq_len=512, batch_size=1))
+    ddp = estimate(counts, TrainShape(quant="nf4", r=16, seq_len=512, batch_size=1, world_size=8, strategy="ddp"))
+    fsdp = estimate(counts, TrainShape(quant="nf4", r=16, seq_len=512, batch_size=1, world_size=8, strategy="fsdp"))
+    assert ddp.term("ddp_buckets").bytes == one.term("gradients").bytes
+    assert ddp.peak_bytes == one.peak_bytes + one.term("gradients").bytes
+    for name in ("frozen_weights", "optimizer_states", "gradients"):
+        assert fsdp.term(name).bytes == -(-one.term(name).bytes // 8)
+    assert fsdp.term("activations").bytes == one.term("activations").bytes  # activations are not sharded
+    layer = fsdp.term("fsdp_gathered_layer").bytes
+    assert 0 < layer < one.term("frozen_weights").bytes / 16
+    assert fsdp.peak_gib < 0.5 * one.peak_gib

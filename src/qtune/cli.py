@@ -213,6 +213,8 @@ def estimate(
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward.")] = True,
     device: Annotated[str, typer.Option(help="cuda (peak allocated) or cpu (peak RSS).")] = "cuda",
     compute_dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
+    world_size: Annotated[int, typer.Option(min=1, help="Data-parallel GPUs; the estimate is per GPU.")] = 1,
+    strategy: Annotated[str, typer.Option(help="ddp or fsdp (with --world-size > 1).")] = "ddp",
     fit_gib: Annotated[Optional[float], typer.Option("--fit", min=0.0, help="Also answer the largest batch that fits GIB.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object; peak_gib is the predicted peak.")] = False,
 ) -> None:
@@ -222,14 +224,16 @@ def estimate(
         from qtune.study.memory import TrainShape, count_model, estimate as run_estimate, fit, load_model_config
 
         checks = {"quant": (quant, ("none", "fp16", "bf16", "int8", "nf4", "fp4")), "optimizer": (optimizer, ("adamw", "sgd")),
-                  "device": (device, ("cuda", "cpu")), "compute-dtype": (compute_dtype, ("auto", "float32", "float16", "bfloat16"))}
+                  "device": (device, ("cuda", "cpu")), "compute-dtype": (compute_dtype, ("auto", "float32", "float16", "bfloat16")),
+                  "strategy": (strategy, ("ddp", "fsdp"))}
         for opt, (value, allowed) in checks.items():
             if value not in allowed:
                 raise QtuneError(f"--{opt} {value!r}: expected one of {', '.join(allowed)}")
         tm = target_modules if target_modules == "all-linear" else tuple(t.strip() for t in target_modules.split(",") if t.strip())
         shape = TrainShape(quant=quant, double_quant=double_quant, r=r, target_modules=tm, use_dora=dora,
                            lora_dropout=lora_dropout, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
-                           gradient_checkpointing=gradient_checkpointing, device=device, compute_dtype=compute_dtype)
+                           gradient_checkpointing=gradient_checkpointing, device=device, compute_dtype=compute_dtype,
+                           world_size=world_size, strategy=strategy)
         conf = load_model_config(model)
         counts = count_model(conf)
         est = run_estimate(counts, shape)

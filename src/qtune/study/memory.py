@@ -65,6 +65,9 @@ class TrainShape:
         device: cuda (peak allocated) or cpu (peak resident set size, with the runtime term).
         compute_dtype: auto (bfloat16 on cuda, float32 on cpu, as :func:`qtune.model.quantize.compute_dtype`),
             float32, float16 or bfloat16.
+        world_size: data-parallel processes (GPUs); the estimate is per GPU.
+        strategy: ddp (every GPU holds the whole model, plus DDP's gradient buckets) or fsdp (weights, gradients
+            and optimizer states sharded over ``world_size``, one decoder layer gathered at a time).
     """
 
     quant: str = "nf4"
@@ -79,6 +82,8 @@ class TrainShape:
     gradient_checkpointing: bool = True
     device: Literal["cuda", "cpu"] = "cuda"
     compute_dtype: str = "auto"
+    world_size: int = 1
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
     def compute_bytes(self) -> int:
         """Bytes per element of activations and of the non-quantized weights as loaded."""
@@ -319,6 +324,8 @@ def estimate(counts: ModelCounts, s: TrainShape) -> MemoryEstimate:
         raise QtuneError(f"r=0 (full fine-tuning) needs a 16/32-bit base, not {s.quant}")
     if s.batch_size < 1 or s.seq_len < 1:
         raise QtuneError("batch size and sequence length must be positive")
+    if s.world_size < 1:
+        raise QtuneError(f"world size must be at least 1, got {s.world_size}")
     e = s.compute_bytes()
     load = 4 if s.quant == "none" else e  # bytes per element of non-quantized weights as loaded
     tokens = s.batch_size * s.seq_len
@@ -383,6 +390,8 @@ def estimate(counts: ModelCounts, s: TrainShape) -> MemoryEstimate:
     terms.append(Term("layer_workspace", workspace, "backward of one decoder layer: recomputed activations under "
                       "checkpointing, activation gradients, one dequantized 4-bit weight (QLoRA)",
                       in_peak=workspace > logits))
+    if s.world_size > 1:
+        _distribute(terms, counts, s, e, load, trainable * p_bytes)
     if s.device == "cpu":
         ckpt = 0
         if s.quantized:
@@ -394,6 +403,30 @@ def estimate(counts: ModelCounts, s: TrainShape) -> MemoryEstimate:
         terms.append(Term("runtime", CPU_RUNTIME_BYTES, "Python + torch/transformers/peft/datasets, tokenizer and "
                           "splits (measured RSS before the model loads)"))
     return MemoryEstimate(s, terms, trainable, counts.total_params)
+
+
+def _distribute(terms: list[Term], counts: ModelCounts, s: TrainShape, e: int, load: int, grad_bytes: int) -> None:
+    """Per-GPU terms under data parallelism, changed in place.
+
+    DDP (PyTorch DDP notes): each GPU keeps the whole model and allreduces gradients through buckets that hold a
+    second copy of them. FSDP full sharding (Zhao et al. 2023, "PyTorch FSDP"): parameters, gradients and
+    optimizer states are divided over the ``world_size`` ranks; forward and backward gather one wrapped unit (a
+    decoder layer) at a time, so one layer's full parameters are resident on top of the shards.
+    """
+    n = s.world_size
+    if s.strategy == "ddp":
+        terms.append(Term("ddp_buckets", grad_bytes, "DDP gradient buckets: a second copy of the gradients, "
+                          "allreduced across ranks (PyTorch DistributedDataParallel notes)"))
+        return
+    sharded = {"frozen_weights", "quant_constants", "kbit_fp32_upcast", "lora_params", "gradients", "optimizer_states"}
+    layer_bytes = 0
+    for t in terms:
+        if t.name in sharded:
+            layer_bytes += t.bytes // max(counts.layers, 1) if t.name in ("frozen_weights", "lora_params") else 0
+            t.bytes = -(-t.bytes // n)
+            t.source += f"; FSDP: sharded over {n} ranks"
+    terms.append(Term("fsdp_gathered_layer", layer_bytes, "FSDP all-gathers one decoder layer's parameters for its "
+                      "forward and backward (Zhao et al. 2023); approximated as 1/L of the frozen + LoRA weights"))
 
 
 def fit(counts: ModelCounts, s: TrainShape, budget_gib: float, max_seq_len: int | None = None) -> dict:
