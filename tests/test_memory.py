@@ -14,7 +14,7 @@ from qtune.config import LoraSettings, ModelConfig, QuantConfig
 from qtune.errors import QtuneError
 from qtune.model.adapters import attach_lora
 from qtune.model.load import load_model
-from qtune.study.memory import GIB, TrainShape, count_model, estimate, fit
+from qtune.model.memory import GIB, TrainShape, count_model, estimate, fit
 
 LLAMA2_7B = Path(__file__).resolve().parents[1] / "configs" / "models" / "llama-2-7b"
 
@@ -150,7 +150,7 @@ def test_estimate_cli_json_and_errors(tmp_path):
 
 
 def test_per_gpu_estimate_under_ddp_and_fsdp():
-    from qtune.study.memory import TrainShape, count_model, estimate, load_model_config
+    from qtune.model.memory import TrainShape, count_model, estimate, load_model_config
 
     counts = count_model(load_model_config(str(LLAMA2_7B)))
     one = estimate(counts, TrainShape(quant="nf4", r=16, seq_len=512, batch_size=1))

@@ -1,5 +1,6 @@
 """Training arithmetic and failure handling: accumulation, schedule, NaN loss, out of memory, precision, safety."""
 
+from dataclasses import replace
 import json
 import math
 import re
@@ -164,28 +165,30 @@ def test_out_of_memory_is_explained(tiny_model_dir, tmp_path, monkeypatch):
     assert result.exit_code == 2, result.output
     lines = [x for x in result.output.splitlines() if x.startswith("error: ")]
     assert len(lines) == 2 and "Traceback" not in result.output
-    assert lines[0].startswith("error: out of GPU memory (batch_size 64 x max_length 128): memory model: weights")
+    assert lines[0].startswith("error: out of GPU memory (batch_size 64 x max_length 128): memory model (GiB): frozen_weights")
     assert "GPU has 1.00 GiB" in lines[0]
     assert re.search(r"largest that should fit: batch_size [1-9]\d* x max_length 128; lower train.batch_size", lines[1])
 
 
-def test_memory_model_numbers(tiny_model_dir):
-    from qtune.model.adapters import attach_lora
-    from qtune.model.load import load_model
-    from qtune.train.guards import fit_advice, memory_breakdown
+def test_oom_advice_comes_from_the_memory_model(tiny_model_dir):
+    from qtune.model.memory import estimate, run_config_inputs
+    from qtune.train.guards import oom_message
 
-    cfg = tiny_run_config(tiny_model_dir, "unused", quant={"quant": "none"})
-    model = attach_lora(load_model(tiny_model_dir, cfg.model, cfg.quant), cfg.lora, False, True)
-    b = memory_breakdown(model, cfg)
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert b["weights"] >= 4 * params and b["trainable_state"] == 16 * trainable
-    vocab = model.config.vocab_size
-    assert b["activations_per_token"] == 2 * 64 * 4 + 34 * 64 * 2 + 12 * vocab  # checkpointing, fp32 compute
-    fit = fit_advice(b, total_bytes=(b["weights"] + b["trainable_state"] + 1000.5 * b["activations_per_token"]) / 0.9,
-                     max_length=128)
-    assert fit == {"tokens": 1000, "batch_size": 7, "max_length": 128}
-    assert fit_advice(b, total_bytes=b["weights"], max_length=128)["tokens"] == 0
+    cfg = tiny_run_config(tiny_model_dir, "unused", train={"batch_size": 64})
+    counts, shape = run_config_inputs(cfg, device="cuda")
+    at4 = estimate(counts, replace(shape, batch_size=4)).peak_bytes
+    at5 = estimate(counts, replace(shape, batch_size=5)).peak_bytes
+    budget = (at4 + at5) / 2 / 0.9  # 90% of the GPU lies between the peaks of batch 4 and batch 5
+    first, second = oom_message(cfg, budget).splitlines()
+    assert f"= {estimate(counts, shape).peak_gib:.2f} GiB" in first and "frozen_weights" in first
+    assert second.startswith("largest that should fit: batch_size 4 x max_length 128;")
+    long = tiny_run_config(tiny_model_dir, "unused", data={"max_length": 256}, train={"batch_size": 64})
+    counts, shape = run_config_inputs(long, device="cuda")
+    between = (estimate(counts, replace(shape, batch_size=1, seq_len=128)).peak_bytes
+               + estimate(counts, replace(shape, batch_size=1, seq_len=256)).peak_bytes) / 2 / 0.9
+    assert oom_message(long, between).splitlines()[1].startswith("largest that should fit: batch_size 1 x max_length 128;")
+    nothing = estimate(counts, shape).term("frozen_weights").bytes * 0.5
+    assert "largest that should fit: nothing: the weights alone do not fit" in oom_message(long, nothing)
 
 
 def test_fp16_compute_with_4bit_weights_warns_and_auto_prefers_bf16(monkeypatch):

@@ -221,7 +221,7 @@ def estimate(
     """Predict peak training memory from the model's config alone (no weights), term by term."""
     try:
         _quiet_libraries()
-        from qtune.study.memory import TrainShape, count_model, estimate as run_estimate, fit, load_model_config
+        from qtune.model.memory import TrainShape, count_model, estimate as run_estimate, fit, load_model_config
 
         checks = {"quant": (quant, ("none", "fp16", "bf16", "int8", "nf4", "fp4")), "optimizer": (optimizer, ("adamw", "sgd")),
                   "device": (device, ("cuda", "cpu")), "compute-dtype": (compute_dtype, ("auto", "float32", "float16", "bfloat16")),

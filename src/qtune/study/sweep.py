@@ -224,7 +224,7 @@ def collect_result(run: Run, rd: RunDir, rc: int, wall: float, log: str, base: P
     result["estimate_gib"] = None
     if status == "ok":
         try:
-            from qtune.study.memory import estimate_run_config
+            from qtune.model.memory import estimate_run_config
 
             seq = _longest_train_sample(rd)
             device = "cuda" if result["peak_allocated_gib"] is not None else "cpu"

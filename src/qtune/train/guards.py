@@ -19,7 +19,6 @@ from qtune.errors import QtuneError
 from qtune.model.quantize import compute_dtype
 
 GIB = 1024**3
-MIB = 1024**2
 
 
 class NonFiniteLossGuard(TrainerCallback):
@@ -44,61 +43,26 @@ class NonFiniteLossGuard(TrainerCallback):
         )
 
 
-def memory_breakdown(model, cfg: RunConfig) -> dict[str, float]:
-    """A coarse memory model of one training step, in bytes.
+def oom_message(cfg: RunConfig, total_bytes: float) -> str:
+    """The two-line explanation printed when training runs out of GPU memory: the memory model's breakdown
+    (:mod:`qtune.model.memory`) for this config, and the largest micro-batch it expects to fit in 90% of the GPU."""
+    from qtune.model.memory import estimate, fit, run_config_inputs
 
-    - ``weights``: every parameter and buffer as stored (4-bit weights are packed two per byte).
-    - ``trainable_state``: 16 bytes per trainable parameter (fp32 value, gradient, AdamW's two moments).
-    - ``activations_per_token``: with gradient checkpointing, each layer keeps its input (hidden x dtype bytes)
-      and one layer at a time holds its full activations (about 34 x hidden bytes at 16-bit, Korthikanti et al.
-      2022, scaled to the compute dtype); without it every layer holds them. The LM head adds 12 bytes per
-      vocabulary entry (fp32 logits, their softmax and gradient).
-    """
-    conf = model.config
-    hidden, layers, vocab = conf.hidden_size, conf.num_hidden_layers, conf.vocab_size
-    dtype_bytes = torch.finfo(compute_dtype(cfg.quant)).bits // 8
-    layer_full = 34 * hidden * dtype_bytes / 2
-    if cfg.train.gradient_checkpointing:
-        per_layer = layers * hidden * dtype_bytes + layer_full
-    else:
-        per_layer = layers * layer_full
-    weights = sum(t.numel() * t.element_size() for t in model.parameters())
-    weights += sum(t.numel() * t.element_size() for t in model.buffers())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"weights": float(weights), "trainable_state": 16.0 * trainable,
-            "activations_per_token": float(per_layer + 12 * vocab)}
-
-
-def fit_advice(breakdown: dict[str, float], total_bytes: float, max_length: int, headroom: float = 0.9) -> dict:
-    """Largest micro-batch expected to fit in ``headroom`` x ``total_bytes`` under :func:`memory_breakdown`.
-
-    Returns:
-        {"tokens": most tokens per micro-batch, "batch_size": most sequences of ``max_length`` tokens (may be 0),
-        "max_length": ``max_length`` or, when not even one sequence fits, the longest that does}.
-    """
-    free = headroom * total_bytes - breakdown["weights"] - breakdown["trainable_state"]
-    tokens = max(int(free // breakdown["activations_per_token"]), 0)
-    return {"tokens": tokens, "batch_size": tokens // max_length, "max_length": min(max_length, tokens)}
-
-
-def oom_message(model, cfg: RunConfig, total_bytes: float) -> str:
-    """The two-line explanation printed when training runs out of GPU memory."""
-    b = memory_breakdown(model, cfg)
     t = cfg.train
-    tokens = t.batch_size * cfg.data.max_length
-    fit = fit_advice(b, total_bytes, cfg.data.max_length)
-    if fit["batch_size"] >= 1:
-        advice = f"batch_size {fit['batch_size']} x max_length {cfg.data.max_length}"
-    elif fit["tokens"] >= 1:
-        advice = f"batch_size 1 x max_length {fit['max_length']}"
+    counts, shape = run_config_inputs(cfg, device="cuda")
+    est = estimate(counts, shape)
+    terms = " + ".join(f"{term.name} {term.gib:.2f}" for term in est.terms if term.in_peak and term.bytes)
+    budget = 0.9 * total_bytes / GIB
+    fitted = fit(counts, shape, budget, cfg.data.max_length)
+    if fitted["max_batch_size"] >= 1:
+        advice = f"batch_size {fitted['max_batch_size']} x max_length {cfg.data.max_length}"
     else:
-        advice = "nothing: the weights alone do not fit; use a smaller model or 4-bit weights (quant.quant=nf4)"
+        shorter = [row for row in fitted["table"] if row["max_batch_size"] >= 1]
+        advice = (f"batch_size {shorter[-1]['max_batch_size']} x max_length {shorter[-1]['seq_len']}" if shorter else
+                  "nothing: the weights alone do not fit; use a smaller model or 4-bit weights (quant.quant=nf4)")
     return (
-        f"out of GPU memory (batch_size {t.batch_size} x max_length {cfg.data.max_length}): memory model: weights "
-        f"{b['weights'] / GIB:.2f} GiB + LoRA params, grads and AdamW {b['trainable_state'] / GIB:.2f} GiB + "
-        f"activations {b['activations_per_token'] / MIB:.3f} MiB/token x {tokens} tokens = "
-        f"{(b['weights'] + b['trainable_state'] + tokens * b['activations_per_token']) / GIB:.2f} GiB; GPU has "
-        f"{total_bytes / GIB:.2f} GiB\n"
+        f"out of GPU memory (batch_size {t.batch_size} x max_length {cfg.data.max_length}): memory model (GiB): "
+        f"{terms} = {est.peak_gib:.2f} GiB; GPU has {total_bytes / GIB:.2f} GiB\n"
         f"largest that should fit: {advice}; lower train.batch_size (raise train.gradient_accumulation_steps to "
         "keep the effective batch) or data.max_length, or turn train.gradient_checkpointing on"
     )
@@ -124,4 +88,4 @@ def explain_out_of_memory(model, cfg: RunConfig, total_bytes: float | None = Non
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         total = gpu_total_bytes() if total_bytes is None else total_bytes
-        raise QtuneError(oom_message(model, cfg, total)) from None
+        raise QtuneError(oom_message(cfg, total)) from None

@@ -461,9 +461,9 @@ def fit(counts: ModelCounts, s: TrainShape, budget_gib: float, max_seq_len: int 
     return {"budget_gib": budget_gib, "seq_len": s.seq_len, "max_batch_size": b, "peak_gib": round(p, 3), "table": table}
 
 
-def estimate_run_config(cfg, seq_len: int | None = None, device: str | None = None) -> MemoryEstimate:
-    """Estimate for a :class:`qtune.config.RunConfig` (micro-batch ``train.batch_size``, ``seq_len`` defaulting to
-    ``data.max_length``) on ``device`` (default: cuda when visible)."""
+def run_config_inputs(cfg, seq_len: int | None = None, device: str | None = None) -> tuple[ModelCounts, TrainShape]:
+    """Model counts and training shape of a :class:`qtune.config.RunConfig` (micro-batch ``train.batch_size``,
+    ``seq_len`` defaulting to ``data.max_length``) on ``device`` (default: cuda when visible)."""
     import torch
     from transformers import AutoConfig
 
@@ -478,4 +478,9 @@ def estimate_run_config(cfg, seq_len: int | None = None, device: str | None = No
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         device=device or ("cuda" if torch.cuda.is_available() else "cpu"), compute_dtype=cfg.quant.compute_dtype,
     )
-    return estimate(count_model(conf), shape)
+    return count_model(conf), shape
+
+
+def estimate_run_config(cfg, seq_len: int | None = None, device: str | None = None) -> MemoryEstimate:
+    """Estimate for a :class:`qtune.config.RunConfig`; see :func:`run_config_inputs`."""
+    return estimate(*run_config_inputs(cfg, seq_len, device))
