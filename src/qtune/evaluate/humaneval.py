@@ -133,11 +133,9 @@ def extract_code(answer: str, problem: dict) -> str:
     if m:
         lines = code.splitlines()
         start = code[: m.start()].count("\n")
-        # keep the imports and helpers written just above the function (contiguous code lines)
-        first = start
-        while first > 0 and lines[first - 1].strip() and _looks_like_code(lines[first - 1]):
-            first -= 1
-        block = textwrap.dedent("\n".join(lines[first:]))
+        # keep the imports and helpers written above the function, drop the prose
+        above = [line for line in lines[:start] if not line.strip() or _looks_like_code(line)]
+        block = textwrap.dedent("\n".join(above + lines[start:])).strip("\n")
         return "\n" + _cut_trailing_prose(block) + "\n"
     body = code.strip("\n")
     if not body.strip():
@@ -202,10 +200,13 @@ def score_samples(problems: dict[str, dict], samples: list[dict], ks: tuple[int,
         rows.append({"task_id": s["task_id"], "completion": s["completion"], "status": r.status,
                      "passed": r.status == "passed", "error": r.error, "seconds": r.seconds})
     if results_path:
-        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(results_path, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        try:
+            Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+            with open(results_path, "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise QtuneError(f"{results_path}: cannot write results: {e.strerror}") from None
     summary: dict = {}
     for k in ks:
         vals = [pass_at_k(len(v), sum(v), k) for v in per_task.values()]
@@ -224,3 +225,140 @@ def summary_table(summary: dict) -> str:
         if key.startswith("pass@"):
             lines.append(f"{key:<12} {value:>8.4f}")
     return "\n".join(lines)
+
+
+HUMANEVAL_INSTRUCTION = "Complete the following Python function. Write the whole function in a Python code block."
+"""The instruction each problem is asked with; the problem's prompt (signature and docstring) is the input."""
+
+
+def problem_prompt(problem: dict, template: str, tokenizer=None) -> str:
+    """The model's prompt for a problem: :data:`HUMANEVAL_INSTRUCTION` with the problem's code as input, in the
+    run's training template (:func:`qtune.data.templates.format_prompt`)."""
+    from qtune.data.templates import format_prompt
+
+    return format_prompt(HUMANEVAL_INSTRUCTION, problem["prompt"].strip("\n"), template, tokenizer)
+
+
+def generate_answers(model, tokenizer, prompts: list[str], samples: int = 1, max_new_tokens: int = 384,
+                     temperature: float = 0.0, top_p: float = 0.95, batch_size: int = 8,
+                     seed: int = 0, progress=None) -> list[list[str]]:
+    """``samples`` answers per prompt, batched with left padding; greedy when ``temperature`` is 0.
+
+    Generation stops at the EOS token or after ``max_new_tokens`` tokens. Returns one list of answers (decoded,
+    special tokens dropped) per prompt. ``progress(done, total)`` is called after each batch.
+    """
+    import torch
+
+    from qtune.data.tokenize import encode_prompt
+
+    if samples > 1 and temperature == 0:
+        raise QtuneError(f"--samples {samples} needs --temperature above 0 (greedy decoding repeats one answer)")
+    torch.manual_seed(seed)
+    dev = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    jobs = [(i, encode_prompt(p, tokenizer)) for i, p in enumerate(prompts) for _ in range(samples)]
+    # longest first, so a batch holds prompts of similar length (little padding)
+    order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][1]))
+    answers: list[list[str]] = [[] for _ in prompts]
+    out_by_job: dict[int, str] = {}
+    sample = temperature > 0
+    with torch.no_grad():
+        for b in range(0, len(order), batch_size):
+            batch = [jobs[j][1] for j in order[b:b + batch_size]]
+            width = max(len(x) for x in batch)
+            ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=dev)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=dev)
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=sample,
+                temperature=temperature if sample else None, top_p=top_p if sample else None,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+            )
+            for row, j in enumerate(order[b:b + batch_size]):
+                out_by_job[j] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+            if progress:
+                progress(min(b + batch_size, len(order)), len(order))
+    for j, (i, _) in enumerate(jobs):
+        answers[i].append(out_by_job[j])
+    return answers
+
+
+def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: int | None = None,
+                           samples: int = 1, base: bool = False, ks: tuple[int, ...] = (1,),
+                           temperature: float = 0.0, top_p: float = 0.95, max_new_tokens: int = 384,
+                           batch_size: int = 8, limits: SandboxLimits | None = None, workers: int = 2,
+                           progress=None) -> dict:
+    """Generate answers to the first ``limit`` HumanEval problems with base + adapter (or the base alone, the
+    adapter disabled, with ``base``), extract the code, score it in the sandbox.
+
+    Writes ``humaneval/{adapter|base}_samples.jsonl`` (task_id, completion, answer),
+    ``..._results.jsonl`` (per-sample status) and ``....json`` (the summary) in the run directory.
+
+    Raises:
+        QtuneError: no trained adapter in ``run_dir``, bad problems file, bad ``limit``/``samples``/``ks``.
+    """
+    from qtune.model.adapters import load_trained
+    from qtune.rundir import RunDir
+
+    rd = RunDir(Path(run_dir)).require_adapter()
+    problems = load_problems(path)
+    if limit is not None and limit < 1:
+        raise QtuneError(f"--limit {limit}: expected at least 1")
+    if samples < 1:
+        raise QtuneError(f"--samples {samples}: expected at least 1")
+    for k in ks:
+        if not 1 <= k <= samples:
+            raise QtuneError(f"--k {k}: expected 1 to --samples ({samples})")
+    chosen = list(problems.values())[:limit]
+    model, tokenizer, cfg = load_trained(rd.root)
+    if next(model.parameters()).device.type == "cpu":
+        dequantize_for_inference(model)  # same weights, ~4x faster generation on CPU (measured on SmolLM2 NF4)
+    prompts = [problem_prompt(p, cfg.data.template, tokenizer) for p in chosen]
+    kwargs = dict(samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                  batch_size=batch_size, seed=cfg.train.seed, progress=progress)
+    if base:
+        with model.disable_adapter():
+            answers = generate_answers(model, tokenizer, prompts, **kwargs)
+    else:
+        answers = generate_answers(model, tokenizer, prompts, **kwargs)
+    rows = [{"task_id": p["task_id"], "completion": extract_code(a, p), "answer": a}
+            for p, many in zip(chosen, answers) for a in many]
+    who = "base" if base else "adapter"
+    out = rd.root / "humaneval"
+    out.mkdir(exist_ok=True)
+    with open(out / f"{who}_samples.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    summary = score_samples(problems, rows, ks, limits, workers, out / f"{who}_results.jsonl")
+    summary.update({"model": who, "temperature": temperature, "max_new_tokens": max_new_tokens,
+                    "samples_per_problem": samples})
+    (out / f"{who}.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+def dequantize_for_inference(model) -> int:
+    """Replace every bitsandbytes 4-bit weight by its dequantized copy in a plain ``torch.nn.Linear``, in place.
+
+    The 4-bit layers compute ``x @ dequantize(W)`` in the compute dtype on every call; the replacement holds
+    ``dequantize(W)`` once, in that dtype, so outputs are the same up to float rounding order while CPU generation
+    skips the per-token dequantization. LoRA layers keep their adapters (only their base layer is replaced).
+    Returns the number of layers replaced.
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                w = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
+                dtype = child.compute_dtype or torch.float32
+                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                         device=w.device, dtype=dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(w.to(dtype))
+                    if child.bias is not None:
+                        linear.bias.copy_(child.bias.to(dtype))
+                linear.requires_grad_(False)
+                setattr(parent, name, linear)
+                replaced += 1
+    return replaced
