@@ -3,6 +3,7 @@
 import gzip
 import json
 import math
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -85,6 +86,7 @@ def passes(completion: str, problem=ADD) -> bool:
         "import operator\n\ndef add(a: int, b: int) -> int:\n    return operator.add(a, b)\n\n"
         "This uses operator.add.",  # full function, import above, prose after
         "    def add(a, b):\n        return a + b\n",  # re-stated function, indented
+        "def add(a, b):\n    return a + b\n\n# Test the function\nprint(addd(2, 3))  # 5\n",  # example call cut
     ],
 )
 def test_extracted_code_passes(answer):
@@ -132,7 +134,7 @@ def test_cli_canonical_solutions_score_one_and_wrong_answers_zero(tmp_path):
     assert len((tmp_path / "good_results.jsonl").read_text().splitlines()) == 164
     code, output = run("eval", "--humaneval-samples", bad)
     assert code == 0, output
-    assert "pass@1           0.0000" in output and "passed              0" in output
+    assert re.search(r"^pass@1 +0\.0000$", output, re.M) and re.search(r"^passed +0$", output, re.M), output
     statuses = {json.loads(line)["status"] for line in (tmp_path / "bad_results.jsonl").read_text().splitlines()}
     assert statuses <= {"failed", "error"} and "failed" in statuses
 
@@ -184,3 +186,24 @@ def test_prompt_uses_the_training_template():
 def test_problems_file_loads():
     problems = load_problems()
     assert len(problems) == 164 and problems["HumanEval/0"]["entry_point"] == "has_close_elements"
+
+
+def test_dequantized_nf4_model_gives_the_same_logits(tiny_model_dir):
+    """Same logits as bitsandbytes' fp32 dequantize-and-matmul path (its bf16 CPU kernel is switched off)."""
+    import torch
+
+    from qtune.config import ModelConfig, QuantConfig
+    from qtune.evaluate.humaneval import dequantize_for_inference
+    from qtune.model.load import load_model
+
+    ids = torch.tensor([[1, 50, 300, 7, 1000, 42]])
+    model = load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="nf4"))
+    for m in model.modules():
+        if type(m).__name__ == "Linear4bit":
+            m.support_avx512bf16_for_cpu = False  # bitsandbytes' fp32 path: dequantize, then matmul
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        assert dequantize_for_inference(model) == 14  # 2 layers x (4 attention + 3 MLP) linears
+        out = model(input_ids=ids).logits
+    assert not any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    assert torch.allclose(reference, out, atol=1e-5, rtol=1e-5), (reference - out).abs().max()

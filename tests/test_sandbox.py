@@ -6,6 +6,7 @@ Small limits throughout (256 MiB, 8 processes, a few seconds) so a failure of co
 import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -62,17 +63,30 @@ def test_no_network_even_to_the_hosts_loopback():
 
 
 def test_writes_stay_inside_the_working_directory(tmp_path):
-    target = tmp_path / "escaped.txt"
-    outside_tmp = f"/tmp/qtune-sandbox-escape-{os.getpid()}"
+    outside_tmp = f"/tmp/qtune-sandbox-escape-{os.getpid()}"  # /tmp is a private tmpfs in the sandbox
+    in_tmp = tmp_path / "escaped.txt"  # under /tmp too: hidden from the sandbox
+    beside_tests = Path(__file__).with_name(f"escaped-{os.getpid()}.txt")  # root-owned, outside /tmp
     program = (
         "import os\n"
         "open('inside.txt', 'w').write('ok')\n"
-        f"try:\n    open({outside_tmp!r}, 'w').write('x')\nexcept OSError:\n    pass\n"
-        f"open({str(target)!r}, 'w').write('x')\n"
+        f"open({outside_tmp!r}, 'w').write('x')\n"
+        "open('../escaped.txt', 'w').write('x')\n"
+        "errors = []\n"
+        f"for path in ({str(in_tmp)!r}, {str(beside_tests)!r}):\n"
+        "    try:\n"
+        "        open(path, 'w').write('x')\n"
+        "    except OSError as e:\n"
+        "        errors.append(type(e).__name__)\n"
+        "raise SystemExit(','.join(errors))\n"
     )
-    r = run_program(program, SMALL)
-    assert r.status == "error" and r.error.startswith("PermissionError"), r
-    assert not target.exists() and not os.path.exists(outside_tmp)
+    try:
+        r = run_program(program, SMALL)
+        expected = "FileNotFoundError,PermissionError" if ROOT else None
+        if expected:
+            assert (r.status, r.error) == ("error", expected), r
+        assert not in_tmp.exists() and not beside_tests.exists() and not os.path.exists(outside_tmp)
+    finally:
+        beside_tests.unlink(missing_ok=True)
     r = run_program("open('big', 'wb').write(b'x' * (4 << 20))", SMALL)  # RLIMIT_FSIZE 1 MiB
     assert (r.status, r.error) == ("error", "OSError: [Errno 27] File too large")
 

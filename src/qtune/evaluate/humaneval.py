@@ -118,7 +118,9 @@ def extract_code(answer: str, problem: dict) -> str:
     - A fenced block (```python ... ```, also an unclosed one): the first that defines the entry point, else
       the first Python (or untagged) block; the fence and the prose around it are dropped.
     - An answer that re-states the function (``def entry_point(``): the code from the first line of imports
-      before it on, appended after the prompt as a new definition that replaces the prompt's stub.
+      before it on, appended after the prompt as a new definition that replaces the prompt's stub. Top-level
+      lines after it that are neither definitions, imports, assignments nor comments (prose, example calls such
+      as ``print(f(3))``) end the code.
     - Otherwise raw code: a function body; when its first line is not indented, it is indented by four spaces.
       Prose after the body (a line that starts at column 0 and is not code) is cut.
     """
@@ -341,7 +343,9 @@ def dequantize_for_inference(model) -> int:
     The 4-bit layers compute ``x @ dequantize(W)`` in the compute dtype on every call; the replacement holds
     ``dequantize(W)`` once, in that dtype, so outputs are the same up to float rounding order while CPU generation
     skips the per-token dequantization. LoRA layers keep their adapters (only their base layer is replaced).
-    Returns the number of layers replaced.
+    Call it before any forward pass: on a CPU with AVX512-BF16, bitsandbytes' first forward repacks the weights
+    for its bf16 kernel with bf16 scales, and undoing that (done here) is not exact. Returns the number of layers
+    replaced.
     """
     import bitsandbytes as bnb
     import torch
@@ -350,7 +354,10 @@ def dequantize_for_inference(model) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, bnb.nn.Linear4bit):
-                w = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
+                data, state = child.weight.data, child.weight.quant_state
+                if getattr(state, "packing_format_for_cpu", False):  # repacked by a CPU forward pass
+                    data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
+                w = bnb.functional.dequantize_4bit(data, state)
                 dtype = child.compute_dtype or torch.float32
                 linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                          device=w.device, dtype=dtype)
