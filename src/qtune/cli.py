@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,6 +16,8 @@ import typer
 from typer.core import TyperCommand
 
 from qtune.errors import QtuneError
+
+_default_showwarning = warnings.showwarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize a LLaMA-family model, fine-tune LoRA adapters on it, evaluate and generate.")
@@ -24,12 +27,30 @@ app.add_typer(data_app, name="data")
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run config; defaults when omitted.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: section.field=value (repeatable).")]
 RunOpt = Annotated[Path, typer.Option("--run", help="Run directory written by 'qtune train'.")]
+RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code from "
+                                             "its hub repository to run (off unless given).")]
 
 
 def _fail(message: str) -> None:
     for line in message.splitlines():
         typer.echo(f"error: {line}", err=True)
     raise typer.Exit(2)
+
+
+def _remote_code(cfg, allowed: bool) -> None:
+    """Remote model code runs only with --trust-remote-code, whatever the config file says."""
+    if cfg.model.trust_remote_code and not allowed:
+        raise QtuneError("model.trust_remote_code: true also needs the --trust-remote-code flag on the command line")
+    cfg.model.trust_remote_code = allowed
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    from qtune.errors import QtuneWarning
+
+    if issubclass(category, QtuneWarning):
+        typer.echo(f"warning: {message}", err=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
 
 
 def _quiet_libraries() -> None:
@@ -41,6 +62,7 @@ def _quiet_libraries() -> None:
     # bitsandbytes warns at import that its optional CPU kernel (fetched from the HF hub) is unavailable.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.showwarning = _show_warning
     import datasets
     from transformers.utils import logging as hf_logging
 
@@ -59,6 +81,7 @@ def data_prepare(
     columns: Annotated[Optional[str], typer.Option(help="Column mapping, e.g. instruction=prompt,output=completion.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Clean, format, tokenize and split instruction data; print and save the data card."""
     from qtune.config import load_config
@@ -77,6 +100,7 @@ def data_prepare(
                 raise QtuneError(f"--columns {columns!r}: expected field=column pairs separated by commas")
             overrides.append("data.columns=" + json.dumps({k.strip(): v.strip() for k, v in pairs}))
         cfg = load_config(config, overrides)
+        _remote_code(cfg, trust_remote_code)
         _quiet_libraries()
         from qtune.data.prepare import prepare_dataset
         from qtune.model.load import check_max_length, load_tokenizer, resolve_model
@@ -95,16 +119,28 @@ def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="Continue an interrupted run from its last checkpoint, with its saved config and data.")] = None,
+    trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Fine-tune LoRA adapters on a (quantized) base model; prints the run directory."""
     from qtune.config import load_config
 
     try:
-        cfg = load_config(config, set_)
+        if resume is not None:
+            if config is not None or set_ or overwrite:
+                raise QtuneError("--resume: continues the run with its saved config; drop --config, --set and --overwrite")
+            if not (resume / "config.yaml").is_file():
+                raise QtuneError(f"{resume}: not a qtune run directory (no config.yaml); nothing to resume")
+            cfg = load_config(resume / "config.yaml")
+            cfg.train.output_dir = str(resume)
+        else:
+            cfg = load_config(config, set_)
+        _remote_code(cfg, trust_remote_code)
         _quiet_libraries()
         from qtune.train.trainer import train as run_training
 
-        summary = run_training(cfg, overwrite=overwrite)
+        summary = run_training(cfg, overwrite=overwrite, resume=resume is not None)
     except QtuneError as e:
         _fail(str(e))
     if "process_index" in summary:  # a non-main rank of a distributed run: the main process reports
@@ -152,12 +188,14 @@ def eval_(
     workers: Annotated[int, typer.Option(min=1, max=64, help="Sandbox: programs run at once.")] = 2,
     results: Annotated[Optional[Path], typer.Option(
         help="--humaneval-samples: per-sample results JSONL (default: SAMPLES with _results.jsonl).")] = None,
+    trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Validation and test loss / perplexity of the base and of base + adapter (same quantization); or
     HumanEval pass@k (--humaneval, --humaneval-samples)."""
     if humaneval is not None or humaneval_samples is not None:
         _eval_humaneval(run, humaneval, humaneval_samples, problems, limit, samples, k, base, temperature, top_p,
-                        max_new_tokens, batch_size, timeout, memory_mb, workers, results, json_out)
+                        max_new_tokens, batch_size, timeout, memory_mb, workers, results, json_out,
+                        trust_remote_code)
         return
     try:
         if run is None:
@@ -168,7 +206,7 @@ def eval_(
         names = tuple(x.strip() for x in splits.split(",") if x.strip())
         if not names or set(names) - {"train", "val", "test"}:
             raise QtuneError(f"--splits {splits!r}: expected a comma-separated subset of train, val, test")
-        result = evaluate_run(str(run), names)
+        result = evaluate_run(str(run), names, trust_remote_code=trust_remote_code)
     except QtuneError as e:
         _fail(str(e))
     if json_out:
@@ -183,7 +221,8 @@ def eval_(
 
 
 def _eval_humaneval(run, humaneval, humaneval_samples, problems, limit, samples, k, base, temperature, top_p,
-                    max_new_tokens, batch_size, timeout, memory_mb, workers, results, json_out) -> None:
+                    max_new_tokens, batch_size, timeout, memory_mb, workers, results, json_out,
+                    trust_remote_code=False) -> None:
     from qtune.evaluate import humaneval as he
     from qtune.evaluate.sandbox import SandboxLimits
 
@@ -203,7 +242,7 @@ def _eval_humaneval(run, humaneval, humaneval_samples, problems, limit, samples,
             _quiet_libraries()
             summary = he.evaluate_run_humaneval(
                 str(run), humaneval or None, limit, samples, base, ks, temperature, top_p, max_new_tokens,
-                batch_size, limits, workers,
+                batch_size, limits, workers, trust_remote_code=trust_remote_code,
                 progress=None if json_out else lambda d, n: typer.echo(f"generated {d}/{n}", err=True))
             out = Path(run) / "humaneval" / f"{'base' if base else 'adapter'}_results.jsonl"
     except QtuneError as e:
@@ -234,6 +273,227 @@ def generate(
     except (QtuneError, ValueError) as e:
         _fail(str(e))
     typer.echo(answer)
+
+
+@app.command()
+def estimate(
+    model: Annotated[str, typer.Option(help="Hub id, model directory (a config.json alone is enough), .gguf or alias.")] = "smollm2-135m-instruct",
+    quant: Annotated[str, typer.Option(help="none, fp16, bf16, int8, nf4 or fp4.")] = "nf4",
+    double_quant: Annotated[bool, typer.Option(help="4-bit: double quantization.")] = True,
+    r: Annotated[int, typer.Option("--r", min=0, help="LoRA rank; 0 = full fine-tuning.")] = 16,
+    target_modules: Annotated[str, typer.Option(help="all-linear or comma-separated module names.")] = "all-linear",
+    dora: Annotated[bool, typer.Option("--dora", help="DoRA magnitude vectors.")] = False,
+    lora_dropout: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.05,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 512,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per micro-batch.")] = 1,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward.")] = True,
+    device: Annotated[str, typer.Option(help="cuda (peak allocated) or cpu (peak RSS).")] = "cuda",
+    compute_dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
+    fit_gib: Annotated[Optional[float], typer.Option("--fit", min=0.0, help="Also answer the largest batch that fits GIB.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object; peak_gib is the predicted peak.")] = False,
+) -> None:
+    """Predict peak training memory from the model's config alone (no weights), term by term."""
+    try:
+        _quiet_libraries()
+        from qtune.study.memory import TrainShape, count_model, estimate as run_estimate, fit, load_model_config
+
+        checks = {"quant": (quant, ("none", "fp16", "bf16", "int8", "nf4", "fp4")), "optimizer": (optimizer, ("adamw", "sgd")),
+                  "device": (device, ("cuda", "cpu")), "compute-dtype": (compute_dtype, ("auto", "float32", "float16", "bfloat16"))}
+        for opt, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise QtuneError(f"--{opt} {value!r}: expected one of {', '.join(allowed)}")
+        tm = target_modules if target_modules == "all-linear" else tuple(t.strip() for t in target_modules.split(",") if t.strip())
+        shape = TrainShape(quant=quant, double_quant=double_quant, r=r, target_modules=tm, use_dora=dora,
+                           lora_dropout=lora_dropout, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
+                           gradient_checkpointing=gradient_checkpointing, device=device, compute_dtype=compute_dtype)
+        conf = load_model_config(model)
+        counts = count_model(conf)
+        est = run_estimate(counts, shape)
+        fitted = None
+        if fit_gib is not None:
+            fitted = fit(counts, shape, fit_gib, getattr(conf, "max_position_embeddings", None))
+    except QtuneError as e:
+        _fail(str(e))
+    if json_out:
+        out = est.to_dict() | ({"fit": fitted} if fitted else {})
+        typer.echo(json.dumps(out))
+        return
+    typer.echo(est.table())
+    typer.echo(f"trainable parameters: {est.trainable_params:,} of {est.total_params:,}")
+    if fitted:
+        typer.echo(f"largest batch at {seq_len} tokens: {fitted['max_batch_size']} (budget {fit_gib} GiB)")
+        for row in fitted["table"]:
+            typer.echo(f"  seq_len {row['seq_len']:>6}: batch {row['max_batch_size']:>5}  ({row['tokens']:,} tokens)")
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Sweep file (YAML): base config, set, axes, output_dir.")],
+    final: Annotated[bool, typer.Option("--final", help="Retrain the best configuration and evaluate it once on test.")] = False,
+) -> None:
+    """Grid of quantization x LoRA rank (x lr, batch, variant): one training process per run, resumable."""
+    try:
+        _quiet_libraries()
+        from qtune.study.sweep import run_sweep
+
+        out = run_sweep(config, final=final, echo=typer.echo)
+    except QtuneError as e:
+        _fail(str(e))
+    typer.echo(f"table: {out['sweep_dir']}/results.md, {out['sweep_dir']}/results.csv")
+
+
+@app.command()
+def report(
+    sweep_dir: Annotated[Path, typer.Argument(help="Sweep directory written by 'qtune sweep'.")],
+) -> None:
+    """Figures (PNG) and report.md for a sweep: memory vs estimate, memory over time, loss, LR, Pareto front."""
+    try:
+        _quiet_libraries()
+        from qtune.study.report import write_report
+
+        path = write_report(sweep_dir)
+    except QtuneError as e:
+        _fail(str(e))
+    typer.echo(f"report: {path}")
+
+
+QuantOpt = Annotated[Optional[str], typer.Option(
+    "--quant", help="Base weights for serving: nf4, fp4, int8, fp16, bf16 or none (fp32); default: the run's own.")]
+
+
+def _generation_settings(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float):
+    from qtune.serve.engine import GenerationSettings
+
+    try:
+        return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  repetition_penalty=repetition_penalty)
+    except ValueError as e:
+        raise QtuneError(str(e)) from None
+
+
+@app.command()
+def chat(
+    run: RunOpt,
+    quant: QuantOpt = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt; default: the template's own.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="1 for none.")] = 1.0,
+) -> None:
+    """Chat in the terminal with base + adapter (or a merged model); the conversation is kept across turns."""
+    try:
+        settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty)
+        _quiet_libraries()
+        from qtune.serve.engine import Engine
+        from qtune.serve.session import ChatSession
+
+        engine = Engine(str(run), quant)
+        engine.prompt_budget(settings)
+    except (QtuneError, ValueError) as e:
+        _fail(str(e))
+    session = ChatSession(engine, system)
+    typer.echo(f"qtune chat: {engine.name} ({engine.template} template, context {engine.context_length} tokens). "
+               "/new starts over, /exit or Ctrl-D quits.")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            typer.echo()
+            break
+        command = line.strip()
+        if not command:
+            typer.echo("(empty message ignored: type a question)")
+            continue
+        if command in ("/exit", "/quit"):
+            break
+        if command in ("/new", "/reset"):
+            session.reset()
+            typer.echo("(new conversation)")
+            continue
+        try:
+            reply = session.ask(line, settings)
+        except ValueError as e:
+            typer.echo(f"error: {e}", err=True)
+            continue
+        if reply.notice:
+            typer.echo(f"({reply.notice})")
+        typer.echo("assistant> ", nl=False)
+        for piece in reply:
+            typer.echo(piece, nl=False)
+        typer.echo()
+
+
+@app.command()
+def serve(
+    run: RunOpt,
+    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 7860,
+    auth: Annotated[Optional[str], typer.Option(help="Require USER:PASS for the web app and the API.")] = None,
+    quant: QuantOpt = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Web requests generating at once; more wait in a queue.")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="Default most tokens per answer.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Default temperature; 0 for greedy decoding.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Default nucleus sampling mass.")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="Default repetition penalty.")] = 1.0,
+) -> None:
+    """Serve the Gradio chat app at / and an OpenAI-compatible API at /v1 on one port."""
+    import socket
+
+    try:
+        credentials = None
+        if auth is not None:
+            user, sep, password = auth.partition(":")
+            if not sep or not user or not password:
+                raise QtuneError(f"--auth {auth!r}: expected USER:PASS")
+            credentials = (user, password)
+        settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty)
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            try:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
+            except OSError as e:
+                raise QtuneError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
+        _quiet_libraries()
+        import uvicorn
+
+        from qtune.serve.api import create_app
+        from qtune.serve.engine import Engine
+
+        engine = Engine(str(run), quant)
+        engine.prompt_budget(settings)
+        server_app = create_app(engine, credentials, settings, concurrency)
+    except (QtuneError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"web app: http://{host}:{port}/   OpenAI API: http://{host}:{port}/v1   (Ctrl-C stops)")
+    uvicorn.run(server_app, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def export(
+    run: RunOpt,
+    merged: Annotated[Optional[Path], typer.Option(help="Write base + adapter merged (16-bit safetensors) here.")] = None,
+    gguf: Annotated[Optional[Path], typer.Option(help="Write base + adapter merged as one fp16 GGUF file here.")] = None,
+    dtype: Annotated[str, typer.Option(help="Merged safetensors weights: fp16 or bf16.")] = "fp16",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Export a trained run: the adapter merged into a 16-bit copy of the base (safetensors and/or GGUF)."""
+    try:
+        if merged is None and gguf is None:
+            raise QtuneError("nothing to export: pass --merged OUT and/or --gguf OUT.gguf")
+        _quiet_libraries()
+        from qtune.serve.export import export_gguf, export_merged
+
+        outs = []
+        if merged is not None:
+            outs.append(export_merged(run, merged, dtype, overwrite))
+        if gguf is not None:
+            outs.append(export_gguf(run, gguf, overwrite))
+    except QtuneError as e:
+        _fail(str(e))
+    for out in outs:
+        typer.echo(f"saved: {out}")
 
 
 def main() -> None:

@@ -86,10 +86,24 @@ class LoraSettings(_Strict):
         "adapted layer's input (about a sixth of a CPU training step in qtune's profile of SmolLM2); QLoRA "
         "(Dettmers et al. 2023) used 0.1 for 7B-13B models and 0.05 for 33B-65B.",
     )
+    adapter_name: str = Field(
+        "default", pattern=r"^[A-Za-z0-9_.-]+$",
+        description="PEFT adapter name used while training; the saved adapter is in RUN/adapter whatever the name.",
+    )
     target_modules: str | list[str] = Field(
         "all-linear",
         description="Modules that get adapters: 'all-linear' (every linear layer but the LM head) or a list "
         "of module names such as [q_proj, v_proj].",
+    )
+    use_dora: bool = Field(False, description="DoRA (Liu et al. 2024): learn a magnitude vector beside the LoRA direction (PEFT use_dora).")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA (Kalajdzievski 2023): scale by lora_alpha / sqrt(r) (PEFT use_rslora).")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+ (Hayou et al. 2024): learning rate of B = ratio x that of A, through PEFT's "
+        "create_loraplus_optimizer (the paper suggests 16). None: one learning rate."
+    )
+    init: Literal["default", "loftq"] = Field(
+        "default", description="Adapter initialisation: default (B = 0) or loftq (Li et al. 2023: A, B from the 4-bit "
+        "quantization error, PEFT's replace_lora_weights_loftq; nf4/fp4 bases only)."
     )
 
 
@@ -182,6 +196,12 @@ class TrainConfig(_Strict):
     eval_at_end: bool = Field(True, description="Validation loss after the last step, saved in train_summary.json.")
     eval_batch_size: int = Field(8, gt=0, description="Sequences per forward pass when evaluating.")
     seed: int = Field(42, description="Seed of LoRA initialisation and data order.")
+    save_steps: int = Field(
+        20, ge=0,
+        description="Write a resumable checkpoint (adapter, optimizer, scheduler, RNG and trainer state) every N "
+        "optimizer steps under RUN/checkpoints, atomically; 'qtune train --resume RUN' continues from the last "
+        "one. 0: no checkpoints. The checkpoints are deleted once the run finishes.",
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainConfig":
@@ -198,6 +218,12 @@ class RunConfig(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _loftq_needs_4bit(self) -> "RunConfig":
+        if self.lora.init == "loftq" and self.quant.quant not in ("nf4", "fp4"):
+            raise ValueError(f"lora.init=loftq needs quant.quant nf4 or fp4 (got {self.quant.quant})")
+        return self
 
 
 def is_local_path(value: str) -> bool:

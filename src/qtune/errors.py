@@ -7,3 +7,7 @@ qtune still shows its traceback.
 
 class QtuneError(Exception):
     """A user-facing error whose message names the file, row/line and field at fault and what was expected."""
+
+
+class QtuneWarning(UserWarning):
+    """A setting that works but is known to cause trouble (the CLI prints it as one ``warning:`` line)."""

@@ -18,8 +18,8 @@ from qtune.data.load import FIELDS
 
 REASONS = {
     "not_text": "a field is not text (number, list or object)",
-    "empty_instruction": "empty instruction",
-    "empty_output": "empty output",
+    "empty_instruction": "instruction empty, whitespace only, null or missing",
+    "empty_output": "output empty, whitespace only, null or missing",
     "duplicate": "duplicate of an earlier row (case and whitespace ignored)",
     "over_token_budget": "prompt + output + EOS longer than max_length tokens",
 }

@@ -18,7 +18,10 @@ REQUIRED = ("instruction", "output")
 
 
 def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise QtuneError(f"{path}: cannot read file ({e.strerror or e})") from None
     try:
         return raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is accepted and removed
     except UnicodeDecodeError as e:
@@ -34,6 +37,8 @@ def _read_json(path: Path) -> list[tuple[int, object]]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise QtuneError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise QtuneError(f"{path}: JSON nested too deeply; expected an array of flat objects") from None
     if isinstance(data, dict):
         raise QtuneError(f"{path}: top level is an object; expected a JSON array of rows (use .jsonl for one object per line)")
     if not isinstance(data, list):
@@ -51,6 +56,8 @@ def _read_jsonl(path: Path) -> list[tuple[int, object]]:
             items.append((lineno, json.loads(line)))
         except json.JSONDecodeError as e:
             raise QtuneError(f"{path}:{lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+        except RecursionError:
+            raise QtuneError(f"{path}:{lineno}: JSON nested too deeply; expected one flat object per line") from None
     if not items:
         raise QtuneError(f"{path}: file is empty; expected one JSON object per line")
     return items

@@ -4,13 +4,19 @@
 CodeAlpaca): a preamble, ``### Instruction:``, an optional ``### Input:`` and ``### Response:``.
 ``chat`` uses the tokenizer's own chat template (``tokenizer.apply_chat_template``), with the instruction and
 input joined by a blank line as the user message.
+
+A conversation (a system prompt, then user/assistant turns ending with a user message) is rendered by
+:func:`format_conversation`; a one-turn conversation gives exactly the training prompt, because
+:func:`format_prompt` is built on it.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 Template = Literal["alpaca", "chat"]
+Message = dict[str, str]
+"""One chat message: ``{"role": "system" | "user" | "assistant", "content": text}``."""
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -22,6 +28,62 @@ ALPACA_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
+ALPACA_PREAMBLE = ALPACA_NO_INPUT.split("\n\n", 1)[0]
+"""The no-input preamble: the alpaca template's system prompt (a conversation's system message replaces it)."""
+ALPACA_TURN = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_STOP = ("### Instruction:", "### Input:", "### Response:")
+"""Section headers that end an alpaca answer when the model runs on past its answer instead of emitting EOS."""
+
+
+def check_messages(messages: Sequence[Message]) -> None:
+    """Raises ValueError unless ``messages`` is an optional system message, then alternating user/assistant
+    messages that start and end with a user message, every content a string."""
+    if not messages:
+        raise ValueError("a conversation needs at least one user message")
+    body = list(messages[1:] if messages[0].get("role") == "system" else messages)
+    for i, m in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m.get("role") != expected:
+            raise ValueError(f"message {i}: expected role {expected!r} (system first, then user/assistant "
+                             f"alternating), got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i}: content must be text")
+    if not body or body[-1]["role"] != "user":
+        raise ValueError("a conversation must end with a user message")
+
+
+def format_conversation(messages: Sequence[Message], template: Template = "alpaca", tokenizer=None) -> str:
+    """The prompt text for a whole conversation, up to where the assistant's next answer starts.
+
+    ``alpaca``: the system message (default: the Alpaca preamble the adapter was trained with), a blank line,
+    then per turn ``### Instruction:`` / ``### Response:`` sections; earlier answers follow their
+    ``### Response:`` and are separated from the next turn by a blank line. ``chat``: the tokenizer's chat
+    template with a generation prompt. A single user message without a system message gives exactly the
+    training prompt (:func:`format_prompt` with no input).
+
+    Args:
+        messages: see :func:`check_messages`.
+        template: "alpaca" or "chat".
+        tokenizer: required for "chat".
+
+    Raises:
+        ValueError: malformed messages, "chat" without a chat template, or an unknown template.
+    """
+    check_messages(messages)
+    if template == "alpaca":
+        system = messages[0]["content"] if messages[0]["role"] == "system" else ALPACA_PREAMBLE
+        body = messages[1:] if messages[0]["role"] == "system" else messages
+        parts = [system, "\n\n"]
+        for i in range(0, len(body), 2):
+            parts.append(ALPACA_TURN.format(instruction=body[i]["content"]))
+            if i + 1 < len(body):
+                parts.append(body[i + 1]["content"].strip() + "\n\n")
+        return "".join(parts)
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template 'chat' needs a tokenizer with a chat_template; use template 'alpaca'")
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    raise ValueError(f"unknown template {template!r}; expected 'alpaca' or 'chat'")
 
 
 def user_message(instruction: str, input: str = "") -> str:
@@ -41,13 +103,8 @@ def format_prompt(instruction: str, input: str = "", template: Template = "alpac
     Raises:
         ValueError: "chat" without a tokenizer that has a chat template, or an unknown template.
     """
-    if template == "alpaca":
-        if input:
-            return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
-        return ALPACA_NO_INPUT.format(instruction=instruction)
-    if template == "chat":
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("template 'chat' needs a tokenizer with a chat_template; use template 'alpaca'")
-        messages = [{"role": "user", "content": user_message(instruction, input)}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    raise ValueError(f"unknown template {template!r}; expected 'alpaca' or 'chat'")
+    if template == "alpaca" and input:
+        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
+    if template not in ("alpaca", "chat"):
+        raise ValueError(f"unknown template {template!r}; expected 'alpaca' or 'chat'")
+    return format_conversation([{"role": "user", "content": user_message(instruction, input)}], template, tokenizer)

@@ -288,7 +288,7 @@ def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: 
                            samples: int = 1, base: bool = False, ks: tuple[int, ...] = (1,),
                            temperature: float = 0.0, top_p: float = 0.95, max_new_tokens: int = 384,
                            batch_size: int = 8, limits: SandboxLimits | None = None, workers: int = 2,
-                           progress=None) -> dict:
+                           trust_remote_code: bool = False, progress=None) -> dict:
     """Generate answers to the first ``limit`` HumanEval problems with base + adapter (or the base alone, the
     adapter disabled, with ``base``), extract the code, score it in the sandbox.
 
@@ -311,7 +311,7 @@ def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: 
         if not 1 <= k <= samples:
             raise QtuneError(f"--k {k}: expected 1 to --samples ({samples})")
     chosen = list(problems.values())[:limit]
-    model, tokenizer, cfg = load_trained(rd.root)
+    model, tokenizer, cfg = load_trained(rd.root, trust_remote_code=trust_remote_code)
     if next(model.parameters()).device.type == "cpu":
         dequantize_for_inference(model)  # same weights, ~4x faster generation on CPU (measured on SmolLM2 NF4)
     prompts = [problem_prompt(p, cfg.data.template, tokenizer) for p in chosen]

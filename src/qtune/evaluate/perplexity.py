@@ -53,7 +53,8 @@ def split_loss(model, dataset, collate, batch_size: int = 8) -> dict[str, float]
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
-def evaluate_run(run_dir: str, splits: tuple[str, ...] = ("val", "test"), batch_size: int | None = None) -> dict:
+def evaluate_run(run_dir: str, splits: tuple[str, ...] = ("val", "test"), batch_size: int | None = None,
+                 trust_remote_code: bool = False) -> dict:
     """Loss and perplexity of the base and of base + adapter on each split, under the run's quantization.
 
     The base is loaded once; the base figures come from the same model with the adapter disabled.
@@ -64,7 +65,7 @@ def evaluate_run(run_dir: str, splits: tuple[str, ...] = ("val", "test"), batch_
     """
     rd = RunDir(Path(run_dir)).require_adapter()
     data = load_splits(rd.data)
-    model, tokenizer, cfg = load_trained(rd.root)
+    model, tokenizer, cfg = load_trained(rd.root, trust_remote_code)
     collate = padding_collator(tokenizer)
     bs = batch_size or cfg.train.eval_batch_size
     result: dict[str, dict] = {"base": {}, "adapter": {}}

@@ -6,11 +6,14 @@ first prepared with ``peft.prepare_model_for_kbit_training`` (QLoRA, Dettmers et
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training, replace_lora_weights_loftq
 
 from qtune.config import LoraSettings
+from qtune.errors import QtuneError
 
 
 def lora_config(lora: LoraSettings) -> LoraConfig:
@@ -20,6 +23,8 @@ def lora_config(lora: LoraSettings) -> LoraConfig:
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
         target_modules=lora.target_modules,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -53,7 +58,39 @@ def attach_lora(
         else:  # transformers before activation_checkpointing_enable
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     model.config.use_cache = False
-    return get_peft_model(model, lora_config(lora))
+    if lora.init == "loftq" and not torch.cuda.is_available():
+        raise QtuneError("lora.init=loftq needs a CUDA device (PEFT's replace_lora_weights_loftq computes on the GPU)")
+    model = get_peft_model(model, lora_config(lora), adapter_name=lora.adapter_name)
+    if lora.init == "loftq":
+        # LoftQ on an already-quantized base: PEFT reads the original weights from the model's safetensors
+        # (a local directory is passed as is; a hub id is looked up in the local hub cache).
+        source = model.get_base_model().config._name_or_path
+        replace_lora_weights_loftq(model, model_path=source if Path(source).is_dir() else None)
+    return model
+
+
+def loraplus_optimizer(model, lora: LoraSettings, learning_rate: float, weight_decay: float):
+    """AdamW with LoRA+ learning rates (B gets ``loraplus_lr_ratio`` x ``learning_rate``) via PEFT, or None
+    when ``lora.loraplus_lr_ratio`` is unset (the Trainer then builds its own AdamW)."""
+    if lora.loraplus_lr_ratio is None:
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=learning_rate,
+                                     loraplus_lr_ratio=lora.loraplus_lr_ratio, weight_decay=weight_decay)
+
+
+def save_adapter(model, out_dir: str | Path) -> None:
+    """Save the active adapter in PEFT's layout directly in ``out_dir`` (adapter_config.json,
+    adapter_model.safetensors), whatever its name; PEFT itself puts an adapter not named "default" in a
+    subfolder. It loads back with ``PeftModel.from_pretrained(base, out_dir)``."""
+    out_dir = Path(out_dir)
+    name = model.active_adapter
+    model.save_pretrained(str(out_dir), selected_adapters=[name])
+    if name != "default" and (out_dir / name).is_dir():
+        for f in (out_dir / name).iterdir():
+            f.replace(out_dir / f.name)
+        shutil.rmtree(out_dir / name)
 
 
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:
@@ -61,21 +98,30 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False) -> Pef
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
-def load_trained(run_dir: str | Path):
-    """Base model (with the run's quantization) + the run's adapter, its tokenizer and its config.
+def load_trained(run_dir: str | Path, trust_remote_code: bool = False, quant: str | None = None):
+    """Base model (with the run's quantization, or ``quant`` when given) + the run's adapter, its tokenizer and
+    its config.
+
+    Args:
+        run_dir: a run directory written by training.
+        quant: weight format of the base for this load (a ``QuantConfig.quant`` value); None: the run's own.
+
+    ``model.trust_remote_code`` in the run's config is ignored: remote model code runs only when the caller
+    passes ``trust_remote_code=True`` (the CLI's ``--trust-remote-code``).
 
     Returns:
-        (PeftModel in eval mode, tokenizer, RunConfig).
+        (PeftModel in eval mode, tokenizer, RunConfig); with ``quant`` given, ``cfg.quant.quant`` is ``quant``.
 
     Raises:
-        QtuneError: ``run_dir`` is not a run directory or holds no adapter.
+        QtuneError: ``run_dir`` is not a run directory or holds no adapter, or ``quant`` is not a known format.
     """
     from qtune.config import load_config
     from qtune.model.load import load_model, load_tokenizer, resolve_model
     from qtune.rundir import RunDir
 
     rd = RunDir(Path(run_dir)).require_adapter()
-    cfg = load_config(rd.config)
+    cfg = load_config(rd.config, [f"quant.quant={quant}"] if quant else None)
+    cfg.model.trust_remote_code = trust_remote_code
     tokenizer = load_tokenizer(str(rd.adapter), cfg.model)
     model = load_adapter(load_model(resolve_model(cfg.model), cfg.model, cfg.quant), rd.adapter)
     model.eval()

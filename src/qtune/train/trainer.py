@@ -21,11 +21,14 @@ from qtune.config import RunConfig, save_config
 from qtune.data.prepare import load_splits, prepare_dataset
 from qtune.data.tokenize import training_collator
 from qtune.errors import QtuneError
-from qtune.model.adapters import attach_lora
+from qtune.model.adapters import attach_lora, loraplus_optimizer, save_adapter
 from qtune.model.load import check_max_length, device, load_model, load_tokenizer, resolve_model
 from qtune.model.quantize import compute_dtype, is_quantized
 from qtune.rundir import RunDir
 from qtune.train.callbacks import MetricsRecorder, ProgressBar, peak_memory
+from qtune.train.checkpoints import (checkpoint_arguments, checkpoint_state, make_checkpoints_atomic, resume_point,
+                                     resumed_summary, truncate_metrics)
+from qtune.train.guards import NonFiniteLossGuard, explain_out_of_memory
 
 PACKAGES = ("qtune", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "gguf")
 
@@ -102,7 +105,7 @@ def training_arguments(cfg: RunConfig, output_dir: Path) -> TrainingArguments:
         include_num_input_tokens_seen="non_padding",
         eval_strategy="steps" if t.eval_steps else "no",
         eval_steps=t.eval_steps or None,
-        save_strategy="no",
+        **checkpoint_arguments(t),
         seed=t.seed,
         data_seed=t.seed,
         use_cpu=not cuda,
@@ -137,39 +140,56 @@ def build_trainer(cfg: RunConfig, model_path: str, tokenizer, train_dataset, eva
         eval_dataset=eval_dataset,
         data_collator=training_collator(tokenizer, cfg.train.packing, cfg.train.response_logits_only),
         callbacks=list(callbacks),
+        optimizers=(loraplus_optimizer(model, cfg.lora, cfg.train.learning_rate, cfg.train.weight_decay), None),
     )
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the figures; metrics.jsonl keeps them
     return trainer
 
 
-def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = ()) -> dict:
+def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume: bool = False) -> dict:
     """Run one fine-tuning job and return its summary (also written to ``train_summary.json``).
 
     Args:
         cfg: the validated run config.
         overwrite: replace an existing, non-empty run directory.
         callbacks: extra ``transformers.TrainerCallback`` objects (probes in tests, custom logging).
+        resume: continue the interrupted run in ``cfg.train.output_dir`` from its last complete checkpoint
+            (from step 0 when it has none), with its prepared data; ``cfg`` should be its ``config.yaml``.
 
     Raises:
         QtuneError: existing run directory without ``overwrite``, unreadable data, no usable rows, a model that
-        cannot be resolved, or ``data.max_length`` beyond the model's context. All before the weights load.
+        cannot be resolved, or ``data.max_length`` beyond the model's context (all before the weights load);
+        with ``resume``, a run directory that cannot be resumed; during training, a NaN/inf loss or running out
+        of GPU memory.
     """
     check_device_switches(cfg)
     use_liger(cfg)
     rd = RunDir(Path(cfg.train.output_dir))
     args = training_arguments(cfg, rd.checkpoints)  # under torchrun/accelerate this joins the process group
     main = args.process_index == 0
+    checkpoint, resumed_state, done = None, {}, []
     # The main process resolves the model, writes the run directory and prepares the data; the other ranks wait,
     # then read what it wrote (a launcher stops them all if the main process fails here).
     with args.main_process_first(local=False, desc="data preparation"):
         model_path = resolve_model(cfg.model)
         check_max_length(model_path, cfg.model, cfg.data.max_length)
         tokenizer = load_tokenizer(model_path, cfg.model)
-        if main:
+        if resume:
+            checkpoint = resume_point(rd)
+            resumed_state = checkpoint_state(checkpoint)
+            if main:
+                done = truncate_metrics(rd.metrics, resumed_state.get("global_step", 0))
+                print(f"resuming {rd.root} from {checkpoint or 'step 0 (no checkpoint yet)'}")
+            splits = load_splits(rd.data)
+        elif main:
             rd = make_run_dir(cfg.train.output_dir, overwrite)
             save_config(cfg, rd.config)
             rd.versions.write_text(json.dumps(library_versions(), indent=2), encoding="utf-8")
-            splits, card = prepare_dataset(cfg.data, tokenizer, rd.data)
+            try:
+                splits, card = prepare_dataset(cfg.data, tokenizer, rd.data)
+            except QtuneError:
+                shutil.rmtree(rd.root, ignore_errors=True)  # nothing trained: leave no run directory behind
+                raise
             print(card.table())
         else:
             splits = load_splits(rd.data)
@@ -180,18 +200,21 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = ()) -> dic
               f"accumulation {args.gradient_accumulation_steps} = global batch {global_batch}")
 
     recorder = MetricsRecorder(rd.metrics)
+    recorder.records = done
     trainer = build_trainer(cfg, model_path, tokenizer, splits["train"], splits.get("val"), rd.checkpoints,
-                            callbacks=(recorder, ProgressBar(recorder), *callbacks), args=args)
+                            callbacks=(recorder, ProgressBar(recorder), NonFiniteLossGuard(), *callbacks), args=args)
+    make_checkpoints_atomic(trainer)
     model = trainer.model
     trainable, total = model.get_nb_trainable_parameters()
     start = time.perf_counter()
-    result = trainer.train()
+    with explain_out_of_memory(model, cfg):
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     wall = time.perf_counter() - start
     val = trainer.evaluate() if "val" in splits and cfg.train.eval_at_end else {}
 
     if not trainer.is_world_process_zero():
         return {"run_dir": str(rd.root), "process_index": args.process_index}
-    model.save_pretrained(str(rd.adapter))
+    save_adapter(model, rd.adapter)
     tokenizer.save_pretrained(str(rd.adapter))
     shutil.rmtree(rd.checkpoints, ignore_errors=True)
 
@@ -212,6 +235,8 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = ()) -> dic
         "total_params": total,
         **peak_memory(),
     }
+    if checkpoint:  # tokens/s of this session only; the checkpoint brought the earlier tokens along
+        summary |= resumed_summary(resumed_state, trainer.state.num_input_tokens_seen, wall)
     rd.summary.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 

@@ -1,0 +1,174 @@
+"""Export a trained run: the adapter merged into a 16-bit copy of the base (safetensors), or as a GGUF file.
+
+The base is loaded again in fp16 or bf16 (never the 4-bit or 8-bit weights the adapter may have been trained
+against: merging into quantized weights would round the update away), the adapter is loaded with PEFT and
+folded in with ``merge_and_unload``. The output directory loads with plain ``AutoModelForCausalLM`` and with
+``qtune chat/serve --run OUT`` (``qtune.json`` records the template).
+
+The GGUF file (LLaMA architecture only) is written with the ``gguf`` package's ``GGUFWriter``: fp16 matrices,
+fp32 norms, tensor names from ``gguf``'s own name map, q/k rows reordered to the GGUF rotary layout, and the
+byte-level BPE tokenizer (tokens, merges, special ids, chat template) as ``tokenizer.ggml.*`` metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from qtune.errors import QtuneError
+from qtune.serve.engine import MERGED_META
+
+MERGE_DTYPES = ("fp16", "bf16")
+
+
+def merge_run(run_dir: str | Path, dtype: str = "fp16"):
+    """(merged model in eval mode, tokenizer, RunConfig): the base loaded in ``dtype`` + the adapter, merged.
+
+    Raises:
+        QtuneError: no adapter in ``run_dir``.
+    """
+    from peft import PeftModel
+
+    from qtune.config import QuantConfig, load_config
+    from qtune.model.load import load_model, load_tokenizer, resolve_model
+    from qtune.rundir import RunDir
+
+    rd = RunDir(Path(run_dir)).require_adapter()
+    cfg = load_config(rd.config)
+    cfg.model.trust_remote_code = False  # as for load_trained: never from a run's config alone
+    base = load_model(resolve_model(cfg.model), cfg.model, QuantConfig(quant=dtype))
+    merged = PeftModel.from_pretrained(base, str(rd.adapter)).merge_and_unload()
+    merged.eval()
+    return merged, load_tokenizer(str(rd.adapter), cfg.model), cfg
+
+
+def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "fp16", overwrite: bool = False) -> Path:
+    """Merge the run's adapter into a 16-bit base and save it (safetensors, tokenizer, ``qtune.json``).
+
+    Args:
+        run_dir: a run directory with a trained adapter.
+        out: output directory; must be absent or empty unless ``overwrite``.
+        dtype: "fp16" or "bf16", the weight dtype of the merged model.
+
+    Returns:
+        The output directory.
+
+    Raises:
+        QtuneError: no adapter in ``run_dir``, ``out`` not empty, or an unknown dtype.
+    """
+    from qtune.rundir import RunDir
+
+    if dtype not in MERGE_DTYPES:
+        raise QtuneError(f"--dtype {dtype!r}: expected one of {', '.join(MERGE_DTYPES)}")
+    rd = RunDir(Path(run_dir)).require_adapter()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise QtuneError(f"{out}: output directory exists and is not empty; pass --overwrite or choose another")
+        shutil.rmtree(out)
+    merged, tokenizer, cfg = merge_run(rd.root, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    meta = {"template": cfg.data.template, "dtype": dtype, "source_run": str(rd.root.resolve()),
+            "base_model": cfg.model.name, "trained_quant": cfg.quant.quant,
+            "lora": {"r": cfg.lora.r, "lora_alpha": cfg.lora.lora_alpha}}
+    (out / MERGED_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return out
+
+
+def _to_rotary_halves(w, n_heads: int):
+    """Reorder the rows of a q or k projection [n_heads * head_dim, in] from the interleaved-pair rotary layout
+    HF checkpoints use to the one GGUF readers expect (transformers' GGUF loader applies the inverse)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Merge the run's adapter into an fp16 base and write one GGUF file (LLaMA architecture).
+
+    Args:
+        out: the .gguf file to write; must not exist unless ``overwrite``.
+
+    Returns:
+        The written file.
+
+    Raises:
+        QtuneError: no adapter in ``run_dir``, the base is not a LLaMA model, its tokenizer is not byte-level
+            BPE, or ``out`` exists.
+    """
+    import gguf
+    import torch
+
+    from qtune.rundir import RunDir
+
+    out = Path(out)
+    RunDir(Path(run_dir)).require_adapter()
+    if out.exists() and not overwrite:
+        raise QtuneError(f"{out}: file exists; pass --overwrite or choose another")
+    model, tokenizer, _ = merge_run(run_dir, "fp16")
+    c = model.config
+    if c.model_type != "llama":
+        raise QtuneError(f"--gguf: only LLaMA models are supported, this base is {c.model_type!r}")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    if spec.get("type") != "BPE":
+        raise QtuneError(f"--gguf: only byte-level BPE tokenizers are supported, this one is {spec.get('type')!r}")
+
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    rope = getattr(c, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_name(Path(run_dir).resolve().name)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(float(theta))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+
+    vocab = len(tokenizer)
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    tokens = tokenizer.convert_ids_to_tokens(list(range(vocab)))
+    tokens += [f"[PAD{i}]" for i in range(vocab, c.vocab_size)]
+    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(vocab)]
+    types += [gguf.TokenType.UNUSED] * (c.vocab_size - vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec.get("merges", [])])
+    for name, setter in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                         ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
+        if getattr(tokenizer, name, None) is not None:
+            setter(getattr(tokenizer, name))
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    state = model.state_dict()
+    if c.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    for hf_name, t in state.items():
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise QtuneError(f"--gguf: no GGUF name for tensor {hf_name}")
+        t = t.detach().to("cpu", torch.float32)
+        if hf_name.endswith("q_proj.weight"):
+            t = _to_rotary_halves(t, c.num_attention_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            t = _to_rotary_halves(t, c.num_key_value_heads)
+        array = t.numpy().astype("float32" if t.ndim == 1 else "float16")
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

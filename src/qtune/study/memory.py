@@ -1,0 +1,448 @@
+"""The analytic memory model: peak training memory of a (quantized) LLaMA-family model + LoRA, from its config.
+
+No weights are read. The model is built on PyTorch's ``meta`` device from its ``config.json`` (shapes only, no
+storage), its parameters and buffers are counted module by module, and PEFT attaches the adapter to that meta
+model, so the trainable-parameter count is PEFT's own. Each term of :class:`MemoryEstimate` is in bytes and names
+its source; the units of the public figures are GiB (2**30 bytes).
+
+Peak allocated memory, the figure ``torch.cuda.max_memory_allocated`` reports, is modelled as
+
+    static (frozen weights + 16->32-bit upcast + quantization constants + trainable params + grads + optimizer)
+    + activations saved for the backward pass (all layers, or only the layer inputs under checkpointing)
+    + autocast weight copies kept for the backward pass
+    + max(logits/loss phase, one layer's backward workspace)
+
+because the cross-entropy buffers over the vocabulary are freed before the backward pass reaches the last
+decoder layer. Allocator overhead (reserved minus allocated) is reported apart and is not in ``peak_gib``.
+On CPU (peak resident set size) two terms are added: the interpreter, libraries, tokenizer and splits, and the
+pages of the memory-mapped checkpoint that loading a quantized model leaves resident. CPU figures assume glibc's
+fixed mmap threshold that ``qtune sweep`` sets (:data:`qtune.study.sweep.MMAP_THRESHOLD`); with glibc's default
+dynamic threshold the heap keeps freed activations and peak RSS is higher.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+GIB = 1024**3
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+NF4_BLOCKSIZE = 64
+"""bitsandbytes' default 4-bit block size: one absmax constant per 64 weights (QLoRA paper, section 3)."""
+NESTED_BLOCKSIZE = 256
+"""Double quantization: the 8-bit absmax constants are themselves quantized in blocks of 256 with one fp32 scale
+each (QLoRA paper, section 3 "Double Quantization"; bitsandbytes ``quantize_4bit(compress_statistics=True)``)."""
+
+CPU_RUNTIME_BYTES = int(0.53 * GIB)
+"""Resident set size of a ``qtune train`` process before the model loads: Python with torch, transformers, peft,
+datasets and bitsandbytes imported (0.47 GiB), the tokenizer and the prepared splits (0.06 GiB); measured with
+``getrusage`` on the build machine (Python 3.11, torch 2.13 CPU, SmolLM2's tokenizer)."""
+
+ALLOCATOR_OVERHEAD = 0.05
+"""Reserved/allocated ratio minus one for PyTorch's caching allocator, a heuristic: blocks are rounded up (512 B,
+2 MiB segments for large blocks) and freed blocks are kept for reuse (PyTorch docs, "CUDA semantics: memory
+management"). Reported apart; not part of ``peak_gib``."""
+
+
+@dataclass(frozen=True)
+class TrainShape:
+    """What the estimate depends on besides the model config.
+
+    Attributes:
+        quant: none (fp32), fp16, bf16, int8, nf4 or fp4, as in :class:`qtune.config.QuantConfig`.
+        double_quant: 4-bit only; quantize the quantization constants too.
+        r: LoRA rank; 0 means full fine-tuning (every parameter trainable; needs a 16/32-bit base).
+        target_modules: PEFT target modules ("all-linear" or a list of names).
+        use_dora: DoRA magnitude vectors (PEFT ``use_dora``); counted in the trainable parameters.
+        lora_dropout: dropout on the LoRA input; > 0 keeps one dropped copy of each adapted layer's input.
+        optimizer: adamw (two fp32 states per trainable parameter) or sgd (none).
+        batch_size: sequences per forward pass (micro-batch).
+        seq_len: tokens per sequence (padded length of the longest batch).
+        gradient_checkpointing: keep only each decoder layer's input and recompute the rest in backward.
+        device: cuda (peak allocated) or cpu (peak resident set size, with the runtime term).
+        compute_dtype: auto (bfloat16 on cuda, float32 on cpu, as :func:`qtune.model.quantize.compute_dtype`),
+            float32, float16 or bfloat16.
+    """
+
+    quant: str = "nf4"
+    double_quant: bool = True
+    r: int = 16
+    target_modules: str | tuple[str, ...] = "all-linear"
+    use_dora: bool = False
+    lora_dropout: float = 0.05
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    batch_size: int = 1
+    seq_len: int = 512
+    gradient_checkpointing: bool = True
+    device: Literal["cuda", "cpu"] = "cuda"
+    compute_dtype: str = "auto"
+
+    def compute_bytes(self) -> int:
+        """Bytes per element of activations and of the non-quantized weights as loaded."""
+        if self.quant == "fp16":
+            return 2
+        if self.quant == "bf16":
+            return 2
+        if self.compute_dtype != "auto":
+            return _DTYPE_BYTES[self.compute_dtype]
+        return 2 if self.device == "cuda" else 4
+
+    @property
+    def quantized(self) -> bool:
+        return self.quant in ("int8", "nf4", "fp4")
+
+
+@dataclass
+class Term:
+    """One line of the breakdown: ``bytes`` and where the formula comes from."""
+
+    name: str
+    bytes: int
+    source: str
+    in_peak: bool = True
+
+    @property
+    def gib(self) -> float:
+        return self.bytes / GIB
+
+
+@dataclass
+class ModelCounts:
+    """Parameter counts of a model config, split the way bitsandbytes treats them.
+
+    Attributes:
+        quantizable: (name, out_features, in_features) of each nn.Linear bitsandbytes replaces.
+        kept_params: elements of every other parameter (embeddings, lm_head, norms, biases), kept 16/32-bit.
+        buffer_bytes: bytes of registered buffers (rotary inv_freq, fp32).
+        trainable: {rank: trainable parameter count as PEFT reports it} filled lazily.
+    """
+
+    quantizable: list[tuple[str, int, int]]
+    kept_params: int
+    quantizable_bias: int
+    buffer_bytes: int
+    hidden: int
+    intermediate: int
+    kv_dim: int
+    layers: int
+    vocab: int
+    lm_head_params: int
+    config: object = None
+    trainable: dict = field(default_factory=dict)
+
+    @property
+    def total_params(self) -> int:
+        return sum(o * i for _, o, i in self.quantizable) + self.quantizable_bias + self.kept_params
+
+
+def load_model_config(model: str):
+    """A transformers ``PretrainedConfig`` from a hub id, a directory holding (only) ``config.json``, a .gguf file
+    or the ``smollm2-135m-instruct`` alias.
+
+    Raises:
+        QtuneError: the path holds no config.json or the config cannot be read.
+    """
+    from transformers import AutoConfig
+
+    from qtune.config import ModelConfig
+    from qtune.errors import QtuneError
+    from qtune.model.load import resolve_model
+
+    path = resolve_model(ModelConfig(name=model), require_weights=False)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise QtuneError(f"{model}: cannot read the model config ({str(e).splitlines()[0]})") from None
+
+
+def _meta_model(config):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def count_model(config) -> ModelCounts:
+    """Count parameters of ``config``'s causal LM on the meta device (no storage).
+
+    The linear layers bitsandbytes quantizes are every ``nn.Linear`` except the modules transformers keeps in
+    full precision (``get_keys_to_not_convert``: the output embedding / lm_head, tied weights and the last
+    module); embeddings and norms are not linear layers and stay 16/32-bit (bitsandbytes docs, "Quantization";
+    QLoRA paper, section 4).
+    """
+    import torch
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    model = _meta_model(config)
+    skip = set(get_keys_to_not_convert(model))
+    quantizable, q_bias, seen = [], 0, set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip):
+            quantizable.append((name, mod.out_features, mod.in_features))
+            seen.add(id(mod.weight))
+            if mod.bias is not None:
+                q_bias += mod.bias.numel()
+                seen.add(id(mod.bias))
+    kept = sum(p.numel() for p in model.parameters() if id(p) not in seen)  # parameters() dedups tied weights
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    out_emb = model.get_output_embeddings()
+    return ModelCounts(
+        quantizable=quantizable, kept_params=kept, quantizable_bias=q_bias, buffer_bytes=buffers, hidden=h,
+        intermediate=getattr(text, "intermediate_size", 4 * h), kv_dim=kv * head_dim,
+        layers=text.num_hidden_layers, vocab=text.vocab_size,
+        lm_head_params=out_emb.weight.numel() if out_emb is not None else 0, config=config,
+    )
+
+
+def peft_trainable(counts: ModelCounts, shape: TrainShape) -> int:
+    """Trainable parameters as PEFT counts them: a LoRA ``LoraConfig`` attached to the meta model.
+
+    LoRA adds r x (in + out) per adapted linear layer (Hu et al. 2021); DoRA adds a magnitude vector of out_features
+    (Liu et al. 2024). Full fine-tuning (r = 0) trains every parameter.
+    """
+    if shape.r == 0:
+        return counts.total_params
+    target = shape.target_modules if isinstance(shape.target_modules, str) else tuple(shape.target_modules)
+    key = (shape.r, target, shape.use_dora)
+    if key not in counts.trainable:
+        from peft import LoraConfig, get_peft_model
+
+        conf = LoraConfig(r=shape.r, lora_alpha=2 * shape.r, target_modules=list(target) if isinstance(target, tuple) else target,
+                          use_dora=shape.use_dora, bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(_meta_model(counts.config), conf)
+        counts.trainable[key] = model.get_nb_trainable_parameters()[0]
+    return counts.trainable[key]
+
+
+def quantized_weight_bytes(numel: int, quant: str) -> int:
+    """Storage of one quantized weight matrix: 4-bit packs two values per byte (``Params4bit`` is uint8 of
+    ceil(n/2) elements), LLM.int8() keeps one int8 per value (Dettmers et al. 2022)."""
+    return (numel + 1) // 2 if quant in ("nf4", "fp4") else numel
+
+
+def quant_constant_bytes(numel: int, out_features: int, quant: str, double_quant: bool) -> int:
+    """Quantization constants of one weight matrix, as bitsandbytes stores them in its ``QuantState``.
+
+    4-bit (QLoRA, section 3; bitsandbytes ``quantize_4bit``): one absmax per block of 64, fp32, or with double
+    quantization uint8 plus one fp32 scale per 256 absmax values, an fp32 offset and the 256-entry fp32 code of
+    the second level; every layer also holds the 16-entry fp32 NF4/FP4 code. That is 0.5 bit per weight without
+    and 0.127 bit with double quantization. LLM.int8(): one fp32 scale per output row (``SCB``).
+    """
+    if quant == "int8":
+        return 4 * out_features
+    blocks = -(-numel // NF4_BLOCKSIZE)
+    code = 16 * 4
+    if not double_quant:
+        return 4 * blocks + code
+    return blocks + 4 * (-(-blocks // NESTED_BLOCKSIZE)) + 4 + 256 * 4 + code
+
+
+@dataclass
+class MemoryEstimate:
+    """Breakdown of predicted peak training memory; ``peak_bytes`` sums the terms with ``in_peak``."""
+
+    shape: TrainShape
+    terms: list[Term]
+    trainable_params: int
+    total_params: int
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(t.bytes for t in self.terms if t.in_peak)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    def term(self, name: str) -> Term:
+        return next(t for t in self.terms if t.name == name)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: ``peak_gib`` (predicted peak allocated, or peak RSS on CPU), each term in GiB, inputs."""
+        return {
+            "peak_gib": round(self.peak_gib, 4),
+            "peak_reserved_gib": round(self.peak_gib * (1 + ALLOCATOR_OVERHEAD), 4),
+            "terms_gib": {t.name: round(t.gib, 4) for t in self.terms},
+            "not_in_peak": [t.name for t in self.terms if not t.in_peak],
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "inputs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.shape.__dict__.items()},
+        }
+
+    def table(self) -> str:
+        """The breakdown as aligned text lines (GiB), sources included."""
+        rows = [f"{'term':<22} {'GiB':>9}  source"]
+        for t in self.terms:
+            mark = "" if t.in_peak else " (not concurrent with the larger phase; not in peak)"
+            rows.append(f"{t.name:<22} {t.gib:>9.3f}  {t.source}{mark}")
+        rows.append(f"{'peak':<22} {self.peak_gib:>9.3f}  {'peak allocated' if self.shape.device == 'cuda' else 'peak RSS'}")
+        return "\n".join(rows)
+
+
+def _layer_activation_bytes(c: ModelCounts, s: TrainShape, e: int, er: int) -> int:
+    """Bytes per token that one LLaMA decoder layer saves for its backward pass.
+
+    Adapted from Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
+    section 4.1, 34sbh + 5as^2b per layer for GPT with 16-bit activations) to LLaMA: RMSNorm computed in fp32
+    (HF ``LlamaRMSNorm``: 8h bytes with a 32-bit residual, 6h with 16-bit), inputs of q/k/v, o and gate/up
+    projections (3eh), RoPE on q and k (2e(h + kv)), the SDPA/flash kernel's q, k, v and output (e(2h + 2kv),
+    no s^2 term as the attention matrix is never stored, Dao et al. 2022), SwiGLU (4ei: gate, SiLU(gate), up,
+    their product) and, with LoRA dropout, one dropped copy plus a 1-byte mask of each adapted layer's input.
+    """
+    h, kv, i = c.hidden, c.kv_dim, c.intermediate
+    norm = 8 * h if er == 4 else 6 * h
+    per = 2 * norm + e * (3 * h + 2 * (h + kv) + 2 * h + 2 * kv + 4 * i)
+    if s.r > 0 and s.lora_dropout > 0:
+        layer_inputs = [inp for name, _, inp in c.quantizable if ".layers.0." in name]
+        per += (e + 1) * sum(layer_inputs)
+    return per
+
+
+def estimate(counts: ModelCounts, s: TrainShape) -> MemoryEstimate:
+    """Predict peak training memory for model ``counts`` under ``s``; see the module docstring for the model.
+
+    Raises:
+        QtuneError: full fine-tuning (r = 0) of a quantized base, or a non-positive batch/sequence length.
+    """
+    from qtune.errors import QtuneError
+
+    if s.r == 0 and s.quantized:
+        raise QtuneError(f"r=0 (full fine-tuning) needs a 16/32-bit base, not {s.quant}")
+    if s.batch_size < 1 or s.seq_len < 1:
+        raise QtuneError("batch size and sequence length must be positive")
+    e = s.compute_bytes()
+    load = 4 if s.quant == "none" else e  # bytes per element of non-quantized weights as loaded
+    tokens = s.batch_size * s.seq_len
+    lin = sum(o * i for _, o, i in counts.quantizable)
+    kept = counts.kept_params + counts.quantizable_bias
+
+    if s.quantized:
+        qweights = sum(quantized_weight_bytes(o * i, s.quant) for _, o, i in counts.quantizable)
+        weights = qweights + kept * load + counts.buffer_bytes
+        constants = sum(quant_constant_bytes(o * i, o, s.quant, s.double_quant) for _, o, i in counts.quantizable)
+    else:
+        weights = (lin + kept) * load + counts.buffer_bytes
+        constants = 0
+    terms = [
+        Term("frozen_weights", weights, "parameters + buffers after load, as get_memory_footprint(): bitsandbytes "
+             "packs 4-bit weights two per byte, int8 one per byte; embeddings, lm_head and norms stay 16/32-bit"),
+        Term("quant_constants", constants, "bitsandbytes QuantState: absmax per 64 weights, fp32 or 8-bit + fp32 "
+             "per 256 with double quantization (QLoRA sec. 3); int8: fp32 per row (LLM.int8())"),
+    ]
+    upcast = kept * (4 - load) if s.quantized and load < 4 else 0
+    terms.append(Term("kbit_fp32_upcast", upcast, "PEFT prepare_model_for_kbit_training casts the non-quantized "
+                      "16-bit parameters (embeddings, lm_head, norms) to fp32"))
+
+    trainable = peft_trainable(counts, s)
+    p_bytes = load if s.r == 0 else 4  # PEFT keeps adapter weights fp32 (autocast_adapter_dtype)
+    terms.append(Term("lora_params", 0 if s.r == 0 else trainable * 4, "trainable LoRA (and DoRA) parameters as "
+                      "PEFT counts them, fp32; 0 for full fine-tuning (they are the frozen_weights term)"))
+    terms.append(Term("gradients", trainable * p_bytes, "one gradient per trainable parameter, in its dtype"))
+    opt = 2 * trainable * p_bytes if s.optimizer == "adamw" else 0
+    terms.append(Term("optimizer_states", opt, "AdamW: exp_avg and exp_avg_sq per trainable parameter "
+                      "(Loshchilov & Hutter 2019; 4 x 28 GB = 112 GB for 7B fp32 full fine-tuning with grads)"))
+
+    er = 4 if (s.quantized and load < 4) or load == 4 else e  # residual stream dtype follows the embedding's
+    layer = _layer_activation_bytes(counts, s, e, er) * tokens
+    if s.gradient_checkpointing:
+        saved = counts.layers * er * counts.hidden * tokens
+        saved_src = "gradient checkpointing keeps each decoder layer's input (Chen et al. 2016): L x b x s x h"
+        workspace = layer
+    else:
+        saved = counts.layers * layer
+        saved_src = "every layer's saved tensors (Korthikanti et al. 2022, adapted to LLaMA; see _layer_activation_bytes)"
+        workspace = 0
+    # Backward of one layer: gradients of its largest activations, and a 4-bit weight dequantized to compute dtype.
+    workspace += 2 * e * max(counts.hidden, counts.intermediate) * tokens
+    if s.quantized and s.quant != "int8":
+        workspace += e * max(o * i for _, o, i in counts.quantizable)
+    terms.append(Term("activations", saved, saved_src))
+
+    casts = 0
+    if e < 4 and s.device == "cuda":
+        if s.quantized and load < 4:  # lm_head upcast to fp32 is cast back to 16-bit by autocast, kept for backward
+            casts = counts.lm_head_params * e
+        elif s.quant == "none" and s.r == 0:  # autocast caches a 16-bit copy of each trainable fp32 weight
+            casts = (lin + kept) * e
+    terms.append(Term("autocast_copies", casts, "torch.autocast keeps 16-bit copies of fp32 weights used in "
+                      "matmuls for the backward pass (PyTorch AMP docs)"))
+
+    logits = 12 * tokens * counts.vocab
+    logit_src = ("logits + fp32 upcast + log-softmax in forward, then saved log-softmax, its gradient and the "
+                 "logits' gradient in fp32 (transformers ForCausalLMLoss): 12 bytes x b x s x V")
+    terms.append(Term("logits_loss", logits, logit_src, in_peak=logits >= workspace))
+    terms.append(Term("layer_workspace", workspace, "backward of one decoder layer: recomputed activations under "
+                      "checkpointing, activation gradients, one dequantized 4-bit weight (QLoRA)",
+                      in_peak=workspace > logits))
+    if s.device == "cpu":
+        ckpt = 0
+        if s.quantized:
+            dtype = str(getattr(counts.config, "dtype", None) or "float32").removeprefix("torch.")
+            ckpt = lin * _DTYPE_BYTES.get(dtype, 4)
+        terms.append(Term("checkpoint_pages", ckpt, "CPU: transformers memory-maps the safetensors file and keeps "
+                          "the mapping alive; the original weights of the quantized layers were read through it, so "
+                          "their pages stay resident (SmolLM2-135M: 0.396 GiB measured in /proc/self/smaps, 0.396 predicted)"))
+        terms.append(Term("runtime", CPU_RUNTIME_BYTES, "Python + torch/transformers/peft/datasets, tokenizer and "
+                          "splits (measured RSS before the model loads)"))
+    return MemoryEstimate(s, terms, trainable, counts.total_params)
+
+
+def fit(counts: ModelCounts, s: TrainShape, budget_gib: float, max_seq_len: int | None = None) -> dict:
+    """Largest micro-batch that fits ``budget_gib`` at ``s.seq_len``, and at each power-of-two sequence length.
+
+    Returns:
+        {"budget_gib", "seq_len", "max_batch_size" (0: not even batch 1 fits), "table": [{seq_len, max_batch_size,
+        peak_gib}]}; the table stops at ``max_seq_len`` (the model's context) when given.
+    """
+    from dataclasses import replace
+
+    def largest(seq: int) -> tuple[int, float]:
+        def peak(b: int) -> float:
+            return estimate(counts, replace(s, batch_size=b, seq_len=seq)).peak_gib
+        if peak(1) > budget_gib:
+            return 0, peak(1)
+        lo, hi = 1, 2
+        while peak(hi) <= budget_gib and hi < 1 << 20:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if peak(mid) <= budget_gib else (lo, mid)
+        return lo, peak(lo)
+
+    b, p = largest(s.seq_len)
+    table = []
+    seq = 128
+    while seq <= (max_seq_len or 8192) and seq <= 1 << 17:
+        mb, mp = largest(seq)
+        table.append({"seq_len": seq, "max_batch_size": mb, "tokens": mb * seq, "peak_gib": round(mp, 3)})
+        seq *= 2
+    return {"budget_gib": budget_gib, "seq_len": s.seq_len, "max_batch_size": b, "peak_gib": round(p, 3), "table": table}
+
+
+def estimate_run_config(cfg, seq_len: int | None = None, device: str | None = None) -> MemoryEstimate:
+    """Estimate for a :class:`qtune.config.RunConfig` (micro-batch ``train.batch_size``, ``seq_len`` defaulting to
+    ``data.max_length``) on ``device`` (default: cuda when visible)."""
+    import torch
+    from transformers import AutoConfig
+
+    from qtune.model.load import resolve_model
+
+    conf = AutoConfig.from_pretrained(resolve_model(cfg.model, require_weights=False))
+    tm = cfg.lora.target_modules
+    shape = TrainShape(
+        quant=cfg.quant.quant, double_quant=cfg.quant.double_quant, r=cfg.lora.r,
+        target_modules=tm if isinstance(tm, str) else tuple(tm), use_dora=cfg.lora.use_dora,
+        lora_dropout=cfg.lora.lora_dropout, batch_size=cfg.train.batch_size, seq_len=seq_len or cfg.data.max_length,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        device=device or ("cuda" if torch.cuda.is_available() else "cpu"), compute_dtype=cfg.quant.compute_dtype,
+    )
+    return estimate(count_model(conf), shape)

@@ -1,0 +1,204 @@
+"""Crash and resume: kill -9 mid-run, 'qtune train --resume' continues from the last complete checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from qtune.config import save_config
+from qtune.errors import QtuneError
+from qtune.rundir import RunDir
+from qtune.train.checkpoints import last_checkpoint, truncate_metrics
+from qtune.train.trainer import train
+
+from conftest import tiny_run_config
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+STEPS, SAVE = 16, 4
+
+
+def qtune(*args, **kw):
+    env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return [sys.executable, "-m", "qtune.cli", *map(str, args)], env
+
+
+def steps_logged(rd: RunDir) -> list[int]:
+    if not rd.metrics.is_file():
+        return []
+    out = []
+    for line in rd.metrics.read_text().splitlines():
+        try:
+            out.append(json.loads(line)["step"])
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, tmp_path / "killed", train={"max_steps": STEPS, "save_steps": SAVE})
+    cfg_file = tmp_path / "run.yaml"
+    save_config(cfg, cfg_file)
+    rd = RunDir(tmp_path / "killed")
+
+    cmd, env = qtune("train", "--config", cfg_file)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    # kill between two checkpoints: the first one is complete and a few later steps are already logged
+    while not ((rd.checkpoints / f"checkpoint-{SAVE}").is_dir() and max(steps_logged(rd), default=0) >= SAVE + 2):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not rd.adapter.exists(), "the run finished before the kill; the test did not test resuming"
+    before_kill = steps_logged(rd)
+    assert max(before_kill) > SAVE
+
+    # debris a crash can leave: an unfinished temporary folder and (from a non-atomic writer) a checkpoint
+    # folder without its trainer state; neither may be picked up
+    (rd.checkpoints / ".tmp-crashed" / f"checkpoint-{STEPS}").mkdir(parents=True)
+    (rd.checkpoints / f"checkpoint-{STEPS - 1}").mkdir()
+    (rd.checkpoints / f"checkpoint-{STEPS - 1}" / "adapter_model.safetensors").write_bytes(b"half")
+
+    cmd, env = qtune("train", "--resume", rd.root)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed_from = int(done.stdout.split("checkpoints/checkpoint-")[1].split()[0])
+    assert SAVE <= resumed_from <= max(before_kill)
+
+    ref = train(tiny_run_config(tiny_model_dir, tmp_path / "ref", train={"max_steps": STEPS, "save_steps": SAVE}))
+    got = json.loads(rd.summary.read_text())
+    assert got["steps"] == ref["steps"] == STEPS and got["resumed_from_step"] == resumed_from
+    assert got["train_tokens"] == ref["train_tokens"] and got["tokens_per_s"] < got["train_tokens"] / got["wall_time_s"]
+    assert got["final_train_loss"] == pytest.approx(ref["final_train_loss"], abs=1e-4)
+    assert got["val_loss"] == pytest.approx(ref["val_loss"], abs=1e-4)
+
+    records = [json.loads(line) for line in rd.metrics.read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, STEPS + 1))  # no step twice, none missing
+    ref_records = [json.loads(line) for line in RunDir(tmp_path / "ref").metrics.read_text().splitlines()]
+    ref_losses = [r["loss"] for r in ref_records if "loss" in r]
+    assert [r["loss"] for r in train_records] == pytest.approx(ref_losses, abs=1e-4)
+
+    ours = load_file(rd.adapter / "adapter_model.safetensors")
+    theirs = load_file(RunDir(tmp_path / "ref").adapter / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=1e-4)
+    assert not rd.checkpoints.exists()  # removed once the run finished
+
+    # a finished run cannot be resumed; --resume does not mix with a new config
+    from typer.testing import CliRunner
+
+    from qtune.cli import app
+
+    again = CliRunner().invoke(app, ["train", "--resume", str(rd.root)])
+    assert again.exit_code == 2 and again.output == f"error: {rd.root}: training already finished (adapter saved); nothing to resume\n"
+
+
+def test_checkpoint_interrupted_while_written_is_never_used(tiny_model_dir, tmp_path, monkeypatch):
+    """A save that dies half-way leaves only a temporary folder; the previous checkpoint stays the last one."""
+    from transformers import Trainer
+
+    original = Trainer._save_optimizer_and_scheduler
+    calls = []
+
+    def dies_on_second_save(self, output_dir):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands in for a kill in the middle of writing
+        return original(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", dies_on_second_save)
+    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", train={"max_steps": 6, "save_steps": 2, "eval_at_end": False})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    rd = RunDir(tmp_path / "run")
+    names = sorted(p.name for p in rd.checkpoints.iterdir())
+    assert "checkpoint-2" in names and "checkpoint-4" not in names
+    assert any(n.startswith(".tmp-") for n in names)  # the half-written one, under its temporary name
+    assert "/.tmp-" in calls[1] and calls[1].endswith("checkpoint-4")
+    assert last_checkpoint(rd.checkpoints) == rd.checkpoints / "checkpoint-2"
+    assert sorted(p.name for p in rd.checkpoints.iterdir()) == ["checkpoint-2"]  # debris cleared
+
+
+def test_truncate_metrics_drops_later_steps_and_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 7)]
+    lines.insert(4, json.dumps({"step": 4, "eval_loss": 0.5}))
+    path.write_text("\n".join(lines) + '\n{"step": 7, "lo')
+    kept = truncate_metrics(path, 4)
+    assert [(r["step"], "eval_loss" in r) for r in kept] == [(1, False), (2, False), (3, False), (4, False), (4, True)]
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 4]
+
+
+@pytest.mark.parametrize(
+    "setup, args, message",
+    [
+        (None, [], "not a qtune run directory (no config.yaml)"),
+        ("config", ["--set", "train.max_steps=3"], "--resume: continues the run with its saved config"),
+        ("config", [], "run stopped before its data was prepared"),
+    ],
+)
+def test_resume_refuses_what_it_cannot_resume(tmp_path, tiny_model_dir, setup, args, message):
+    from typer.testing import CliRunner
+
+    from qtune.cli import app
+
+    run = tmp_path / "run"
+    run.mkdir()
+    if setup == "config":
+        cfg = tiny_run_config(tiny_model_dir, run)
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), *args])
+    assert result.exit_code == 2 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_resume_point_is_an_error_for_a_finished_run(tmp_path):
+    from qtune.train.checkpoints import resume_point
+
+    rd = RunDir(tmp_path)
+    rd.config.write_text("{}")
+    (rd.adapter).mkdir()
+    (rd.adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(QtuneError, match="training already finished"):
+        resume_point(rd)
+
+
+class CrashAt(TrainerCallback):
+    """Interrupts training at the end of optimizer step ``step``, like a crash."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_with_a_custom_adapter_name(tiny_model_dir, tmp_path):
+    settings = {"lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "adapter_name": "code"},
+                "data": {"max_rows": 100}, "train": {"max_steps": 6, "save_steps": 2, "eval_at_end": False}}
+    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", **settings)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callbacks=(CrashAt(3),))
+    rd = RunDir(tmp_path / "run")
+    assert (rd.checkpoints / "checkpoint-2" / "code" / "adapter_model.safetensors").is_file()  # PEFT's subfolder
+    resumed = train(cfg, resume=True)
+    ref = train(tiny_run_config(tiny_model_dir, tmp_path / "ref", **settings))
+    assert resumed["final_train_loss"] == pytest.approx(ref["final_train_loss"], abs=1e-4)
+    assert [json.loads(x)["step"] for x in rd.metrics.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    saved = load_file(rd.adapter / "adapter_model.safetensors")  # flat layout, whatever the adapter's name
+    assert saved.keys() == load_file(RunDir(tmp_path / "ref").adapter / "adapter_model.safetensors").keys()
+    assert (rd.adapter / "adapter_config.json").is_file() and not (rd.adapter / "code").exists()

@@ -1,0 +1,382 @@
+"""Serving on a tiny random LLaMA with a random LoRA adapter: prompts match training token for token, greedy
+generation is deterministic and batch-invariant, sessions drop the oldest turns, the API speaks OpenAI's
+protocol, the CLI fails cleanly, and the merged export matches base + adapter."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qtune.cli import app
+from qtune.data.load import load_rows
+from qtune.data.templates import ALPACA_PREAMBLE, format_conversation, format_prompt
+from qtune.data.tokenize import IGNORE_INDEX, encode_example
+from qtune.serve.engine import Engine, GenerationSettings
+from qtune.serve.session import ChatSession, ContextOverflow, Turn, fit_messages
+
+from conftest import CODEALPACA
+from serve_fixtures import make_tiny_run
+
+GREEDY = GenerationSettings(max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    return make_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("serve") / "run")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_run):
+    return Engine(str(tiny_run.root))
+
+
+# ---- templates: the server's prompt is the training prompt ------------------------------------------------------
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_one_turn_chat_prompt_equals_training_prompt_token_for_token(tokenizer, template):
+    rows, _ = load_rows(str(CODEALPACA), {}, 30)
+    rows = [r for r in rows if not r["input"].strip()][:5]
+    assert len(rows) == 5
+    for row in rows:
+        instruction = row["instruction"].strip()
+        sample = encode_example(format_prompt(instruction, "", template, tokenizer), row["output"], tokenizer, 2048)
+        n_prompt = sample["labels"].index(next(x for x in sample["labels"] if x != IGNORE_INDEX))
+        chat_text = format_conversation([{"role": "user", "content": instruction}], template, tokenizer)
+        from qtune.data.tokenize import encode_prompt
+
+        assert encode_prompt(chat_text, tokenizer) == sample["input_ids"][:n_prompt]
+
+
+def test_engine_prompt_for_one_turn_equals_training(engine, tokenizer):
+    instruction = "Write a function that reverses a list."
+    training = encode_example(format_prompt(instruction), "x", tokenizer, 512)
+    n_prompt = training["labels"].index(next(x for x in training["labels"] if x != IGNORE_INDEX))
+    ids = engine.encode(engine.chat_prompt([{"role": "user", "content": instruction}]))
+    assert ids == training["input_ids"][:n_prompt]
+    # the default system prompt of alpaca runs is the training preamble, so sending it changes nothing
+    with_system = [{"role": "system", "content": ALPACA_PREAMBLE}, {"role": "user", "content": instruction}]
+    assert engine.encode(engine.chat_prompt(with_system)) == ids
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_two_turn_prompt_renders_turn_one_before_the_second_question(tokenizer, template):
+    q1, a1, q2 = "Write hello world in C.", "printf(\"hello\");", "Now in Rust."
+    text = format_conversation([{"role": "user", "content": q1}, {"role": "assistant", "content": a1},
+                                {"role": "user", "content": q2}], template, tokenizer)
+    assert text.index(q1) < text.index(a1) < text.index(q2)
+    one_turn = format_conversation([{"role": "user", "content": q1}], template, tokenizer)
+    assert text.startswith(one_turn)  # the first turn is rendered exactly as a one-turn prompt, then extended
+    if template == "alpaca":
+        assert text.endswith(f"{a1}\n\n### Instruction:\n{q2}\n\n### Response:\n")
+
+
+def test_malformed_conversations_are_rejected():
+    with pytest.raises(ValueError, match="end with a user message"):
+        format_conversation([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    with pytest.raises(ValueError, match="expected role 'assistant'"):
+        format_conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    with pytest.raises(ValueError, match="at least one"):
+        format_conversation([])
+
+
+# ---- engine -------------------------------------------------------------------------------------------------------
+
+def test_greedy_is_deterministic_and_streaming_gives_the_same_text(engine):
+    first = engine.answer("Write a loop.", settings=GREEDY)
+    assert first and engine.answer("Write a loop.", settings=GREEDY) == first
+    pieces = list(engine.stream(engine.encode(engine.prompt("Write a loop.")), GREEDY))
+    assert len(pieces) > 3 and "".join(pieces).strip() == first
+    completion = engine.complete([{"role": "user", "content": "Write a loop."}], GREEDY)
+    assert completion.text == first and completion.prompt_tokens == len(engine.encode(engine.prompt("Write a loop.")))
+    assert completion.completion_tokens == 12 and completion.finish_reason == "length"
+
+
+def test_batched_left_padded_greedy_equals_one_at_a_time(engine):
+    prompts = ["Write a loop.", "Sort a list of numbers in Python and print the median of the result.", "Hi"]
+    lengths = {len(engine.encode(engine.prompt(p))) for p in prompts}
+    assert len(lengths) == 3  # different lengths, so the batch really is padded
+    assert engine.generate_batch(prompts, GREEDY) == [engine.answer(p, settings=GREEDY) for p in prompts]
+
+
+def test_stop_string_cuts_the_answer(engine):
+    full = engine.answer("Write a loop.", settings=GenerationSettings(max_new_tokens=16))
+    stop = full[10:14]
+    assert stop.strip() and full.find(stop) >= 5
+    cut = engine.answer("Write a loop.", settings=GenerationSettings(max_new_tokens=16, stop=(stop,)))
+    assert cut == full[: full.find(stop)].strip()
+    state_text = "".join(engine.stream(engine.encode(engine.prompt("Write a loop.")),
+                                       GenerationSettings(max_new_tokens=16, stop=(stop,))))
+    assert stop not in state_text and state_text.strip() == cut
+
+
+def test_the_adapter_is_applied(engine, tiny_run):
+    # LoRA off gives a different greedy answer than LoRA on: the engine really serves base + adapter
+    with engine.model.disable_adapter():
+        base_answer = engine.answer("Write a loop.", settings=GREEDY)
+    assert base_answer != engine.answer("Write a loop.", settings=GREEDY)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_new_tokens": 0}, "max_new_tokens must be positive"),
+    ({"temperature": -1}, "temperature must be in"),
+    ({"top_p": 0}, "top_p must be in"),
+    ({"repetition_penalty": 0}, "repetition_penalty must be in"),
+])
+def test_out_of_range_settings_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationSettings(**kwargs)
+
+
+# ---- session holding ----------------------------------------------------------------------------------------------
+
+def test_session_keeps_turns_and_the_second_prompt_contains_the_first(engine):
+    session = ChatSession(engine)
+    first = session.ask("Write a loop.", GREEDY)
+    assert first.dropped == 0 and first.notice is None
+    answer1 = first.text()
+    second = session.ask("Now a function.", GREEDY)
+    prompt = engine.tokenizer.decode(second.fitted.prompt_ids, skip_special_tokens=True)
+    assert prompt.index("Write a loop.") < prompt.index(answer1) < prompt.index("Now a function.")
+    second.text()
+    assert [t.user for t in session.turns] == ["Write a loop.", "Now a function."]
+    assert json.loads(session.transcript())["turns"][0] == {"user": "Write a loop.", "assistant": answer1}
+    with pytest.raises(ValueError, match="empty message"):
+        session.ask("   ")
+
+
+def test_truncation_drops_the_oldest_turns_and_keeps_the_system_prompt(engine):
+    settings = GenerationSettings(max_new_tokens=64)  # prompt budget 512 - 64 = 448 tokens
+    filler = " ".join(["word"] * 60)
+    turns = [Turn(f"question {i}: {filler}", f"answer {i}: {filler}") for i in range(6)]
+    session = ChatSession(engine, system="You write Python.", turns=turns)
+    reply = session.ask("last question", settings)
+    kept = reply.fitted.messages
+    assert reply.dropped >= 2 and f"oldest {reply.dropped} turns" in reply.notice
+    assert kept[0] == {"role": "system", "content": "You write Python."}
+    assert kept[1]["content"] == turns[reply.dropped].user  # the oldest kept turn follows the dropped ones
+    assert kept[-1]["content"] == "last question"
+    assert len(reply.fitted.prompt_ids) <= engine.prompt_budget(settings)
+    # minimal: keeping one more (older) turn would not fit
+    one_more = session.messages("last question")[:1] + session.messages("last question")[1 + 2 * (reply.dropped - 1):]
+    assert len(engine.encode(engine.chat_prompt(one_more))) > engine.prompt_budget(settings)
+    assert len(session.turns) == 6  # the transcript keeps every turn
+
+
+def test_a_message_longer_than_the_context_is_a_clear_error(engine):
+    with pytest.raises(ContextOverflow, match="too long"):
+        fit_messages(engine, [{"role": "user", "content": "word " * 600}], GREEDY)
+    with pytest.raises(ValueError, match="below the model's context of 512"):
+        engine.prompt_budget(GenerationSettings(max_new_tokens=600))
+
+
+# ---- the server: OpenAI API on a free localhost port -------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(app_):
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app_, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    from qtune.serve.api import create_app
+
+    with running(create_app(engine, defaults=GREEDY)) as url:
+        yield url
+
+
+def test_openai_client_gets_completions_streaming_and_not(server, engine):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [engine.name]
+    messages = [{"role": "user", "content": "Write a loop."}]
+    expected = engine.complete(messages, GREEDY)
+    r = client.chat.completions.create(model=engine.name, messages=messages)
+    assert r.choices[0].message.content == expected.text
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    assert r.usage.prompt_tokens == expected.prompt_tokens
+    chunks = list(client.chat.completions.create(model=engine.name, messages=messages, stream=True))
+    deltas = [c.choices[0].delta.content or "" for c in chunks]
+    assert len([d for d in deltas if d]) > 3 and "".join(deltas).strip() == expected.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    short = client.chat.completions.create(model=engine.name, messages=messages, max_tokens=3)
+    assert short.usage.completion_tokens == 3
+
+
+def test_api_bad_requests_get_400_with_an_error_body(server):
+    import httpx
+
+    url = f"{server}/v1/chat/completions"
+    r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"messages": [{"role": "user", "content": "x"}], "temperature": 9})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = httpx.post(url, json={"messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.post(url, json={"messages": [{"role": "user", "content": "word " * 600}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.post(url, json={"messages": [{"role": "assistant", "content": "x"}]})
+    assert r.status_code == 400 and "expected role 'user'" in r.json()["error"]["message"]
+
+
+def test_api_auth(engine):
+    import httpx
+    import openai
+
+    from qtune.serve.api import create_app
+
+    with running(create_app(engine, auth=("ada", "s3cret"), defaults=GREEDY, ui=False)) as url:
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="ada:s3cret", max_retries=0)
+        assert client.models.list().data[0].id == engine.name
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="ada:wrong", max_retries=0).models.list()
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def test_chat_cli_keeps_the_conversation(tiny_run):
+    result = runner.invoke(app, ["chat", "--run", str(tiny_run.root), "--max-new-tokens", "8"],
+                           input="Write a loop.\n\nNow a function.\n/new\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("assistant> ") == 2
+    assert "(empty message ignored" in result.output and "(new conversation)" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["chat", "--run", "no/such/run"], "error: no/such/run: not a qtune run directory (no config.yaml)"),
+    (["serve", "--run", "no/such/run", "--auth", "nopass"], "error: --auth 'nopass': expected USER:PASS"),
+    (["serve", "--run", "no/such/run", "--port", "7861"], "error: no/such/run: not a qtune run directory"),
+    (["export", "--run", "no/such/run", "--merged", "out"], "error: no/such/run: not a qtune run directory"),
+    (["export", "--run", "no/such/run"], "error: nothing to export: pass --merged OUT and/or --gguf OUT.gguf"),
+    (["chat", "--run", "x", "--temperature", "-1"], "error: temperature must be in [0, 5], got -1.0"),
+])
+def test_serving_cli_bad_input_is_one_line_and_exit_2(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [message] or result.output.startswith(message)
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_chat_cli_run_without_adapter(tmp_path):
+    (tmp_path / "config.yaml").write_text("{}\n")
+    result = runner.invoke(app, ["chat", "--run", str(tmp_path)])
+    assert result.exit_code == 2 and "no trained adapter" in result.output
+
+
+# ---- export -------------------------------------------------------------------------------------------------------
+
+def test_merged_export_matches_base_plus_adapter(tiny_run, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    result = runner.invoke(app, ["export", "--run", str(tiny_run.root), "--merged", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file() and json.loads((out / "qtune.json").read_text())["template"] == "alpaca"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        assert not any("lora" in n for n in names) and f.get_tensor(names[0]).dtype == torch.float16
+
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    base16 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float16).float()
+    reference = PeftModel.from_pretrained(base16, str(tiny_run.adapter))
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok(format_prompt("Write a loop.") + "for i in range(10):", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = merged(ids).logits, reference(ids).logits
+        with reference.disable_adapter():
+            base_logits = reference(ids).logits
+    # fp16 rounding of W + BA is the only difference: mean |diff| under 1e-2 (measured 1.4e-3), and the
+    # largest of the 2M logits within 1e-2 of the logits' scale (measured 0.018 against logits up to ~5)
+    diff = (a - b).abs()
+    assert diff.mean().item() < 5e-3
+    assert diff.max().item() < 1e-2 * b.abs().max().item()
+    assert (base_logits - b).abs().max().item() > 0.1  # the adapter matters, so the comparison means something
+
+    served = Engine(str(out), quant="none")
+    assert served.template == "alpaca"
+    original = Engine(str(tiny_run.root), quant="none")
+    assert served.answer("Write a loop.", settings=GREEDY) == original.answer("Write a loop.", settings=GREEDY)
+
+    again = runner.invoke(app, ["export", "--run", str(tiny_run.root), "--merged", str(out)])
+    assert again.exit_code == 2 and "not empty" in again.output
+
+
+# ---- the real SmolLM2-135M (NF4) ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_batched_equals_single_and_a_two_turn_session(smol_dir, tmp_path):
+    rd = make_tiny_run(smol_dir, tmp_path / "run", random_adapter=False, lora={"r": 4, "lora_alpha": 8})
+    smol = Engine(str(rd.root))
+    assert smol.cfg.quant.quant == "nf4" and smol.context_length == 8192
+    settings = GenerationSettings(max_new_tokens=12)
+    prompts = ["Write a Python function that returns the sum of a list.", "Print hello world in C."]
+    singles = [smol.answer(p, settings=settings) for p in prompts]
+    assert smol.generate_batch(prompts, settings) == singles
+    assert "def " in singles[0] and "#include" in singles[1]
+
+    session = ChatSession(smol)
+    first = session.ask(prompts[0], settings).text()
+    second = session.ask("Now call it on [1, 2, 3].", GenerationSettings(max_new_tokens=4))
+    prompt = smol.tokenizer.decode(second.fitted.prompt_ids)
+    assert prompt.index(prompts[0]) < prompt.index(first) < prompt.index("Now call it on [1, 2, 3].")
+    assert second.text() and session.turns[1].assistant
+
+
+def test_gguf_export_reads_back_with_every_tensor_and_the_same_logits(tiny_run, tmp_path):
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtune.serve.export import merge_run
+
+    out = tmp_path / "tiny.gguf"
+    result = runner.invoke(app, ["export", "--run", str(tiny_run.root), "--gguf", str(out)])
+    assert result.exit_code == 0, result.output
+    reader = gguf.GGUFReader(str(out))
+    merged, tokenizer, _ = merge_run(tiny_run.root)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    expected = {names.get_name(n, try_suffixes=(".weight",)) for n in merged.state_dict()}
+    assert {t.name for t in reader.tensors} == expected and len(expected) == 2 + 9 * 2 + 1  # embed, 2 blocks, norm, head
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
+
+    # transformers' GGUF reader turns it back into the same model and tokenizer
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32)
+    back_tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out.name)
+    text = format_prompt("Write a loop.") + "for i in range(10):\n    print(i)  # ünï"
+    assert back_tok(text).input_ids == tokenizer(text).input_ids
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert (back(ids).logits - merged.float()(ids).logits).abs().max().item() < 1e-3

@@ -1,0 +1,189 @@
+"""The sweep: grid expansion, one subprocess per run, a failing run recorded, resumption, selection, the report."""
+
+import math
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from qtune.cli import app
+from qtune.config import LoraSettings, ModelConfig, QuantConfig, RunConfig
+from qtune.errors import QtuneError
+from qtune.model.adapters import attach_lora, lora_config, loraplus_optimizer
+from qtune.model.load import load_model
+from qtune.study.report import FIGURES, pareto_front, write_report
+from qtune.study.sweep import best_run, expand, load_results, load_sweep, run_sweep
+
+from conftest import CODEALPACA
+
+runner = CliRunner()
+
+
+def _write(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_expand_names_overrides_variants_and_skips_loftq_on_int8(tmp_path):
+    spec_path = _write(tmp_path / "s.yaml", {"axes": {"quant": ["nf4", "int8"], "r": [4, 16],
+                                                      "variant": ["lora", "dora", "loftq"]}})
+    runs, notes = expand(*load_sweep(spec_path))
+    names = [r.name for r in runs]
+    assert len(runs) == 2 * 2 * 3 - 2 and names[:3] == ["nf4-r4", "nf4-r4-dora", "nf4-r4-loftq"]
+    assert "int8-r16-loftq" not in names and notes == ["int8-r4-loftq: skipped (LoftQ needs a 4-bit base)",
+                                                        "int8-r16-loftq: skipped (LoftQ needs a 4-bit base)"]
+    dora = runs[1].overrides
+    assert dora["lora.use_dora"] is True and dora["lora.r"] == 4 and dora["lora.lora_alpha"] == 8.0
+
+
+SWEEPS = sorted(Path(__file__).resolve().parents[1].joinpath("configs", "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_shipped_sweep_expands_to_valid_runs(path):
+    runs, notes = expand(*load_sweep(path))
+    assert len(runs) >= 4 and notes == []
+    assert {r.labels["quant"] for r in runs} >= {"nf4", "int8"}
+
+
+def test_bad_sweep_files_report_every_problem(tmp_path):
+    bad = _write(tmp_path / "bad.yaml", {"axes": {"rank": [1], "variant": ["qlora"], "quant": []}, "base": "nope.yaml"})
+    with pytest.raises(QtuneError) as e:
+        load_sweep(bad)
+    msg = str(e.value)
+    assert "axes.rank: unknown axis" in msg and "unknown variant 'qlora'" in msg and "axes.quant: empty list" in msg
+    assert "base: config file not found" in msg
+    invalid = _write(tmp_path / "inv.yaml", {"axes": {"r": [0, 8]}})
+    with pytest.raises(QtuneError, match=r"r0: config: lora.r: Input should be greater than 0"):
+        expand(*load_sweep(invalid))
+    code = runner.invoke(app, ["sweep", "--config", str(bad)])
+    assert code.exit_code == 2 and code.output.startswith("error:")
+
+
+def _result(run, val_loss, peak, status="ok"):
+    return {"run": run, "status": status, "val_loss": val_loss, "peak_gib": peak}
+
+
+def test_selection_by_val_loss_with_ties_to_less_memory():
+    results = [_result("a", 1.50001, 3.0), _result("b", 1.5, 2.0), _result("c", 1.6, 1.0),
+               _result("d", 0.1, 0.5, status="failed"), _result("e", None, 0.1)]
+    assert best_run(results)["run"] == "b"  # a and b tie to 4 decimals; b uses less memory
+    assert best_run([_result("x", None, 1.0)]) is None
+    assert pareto_front([(3.0, 1.5, "a"), (2.0, 1.5, "b"), (1.0, 1.6, "c"), (2.5, 1.4, "f")]) == [
+        (1.0, 1.6, "c"), (2.0, 1.5, "b"), (2.5, 1.4, "f")]
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tiny_model_dir, tmp_path_factory):
+    """A real two-run sweep on the tiny model: one run trains, one fails (no such target module)."""
+    root = tmp_path_factory.mktemp("sweep")
+    spec = {
+        "output_dir": str(root / "out"),
+        "set": {"model.name": tiny_model_dir, "data.path": str(CODEALPACA), "data.max_rows": 120,
+                "data.max_length": 96, "train.max_steps": 4, "train.warmup_steps": 1, "train.batch_size": 4,
+                "train.learning_rate": 1e-2, "train.seed": 0},
+        "axes": {"r": [4], "lora.target_modules": ["all-linear", ["no_such_module"]]},
+    }
+    path = _write(root / "sweep.yaml", spec)
+    out = run_sweep(path, echo=lambda s: None)
+    return Path(out["sweep_dir"]), path, out
+
+
+def test_sweep_records_success_and_failure(sweep_dir):
+    d, _, out = sweep_dir
+    results = {r["run"]: r for r in load_results(d)}
+    ok, bad = results["r4-target_modules=all-linear"], results["r4-target_modules=no_such_module"]
+    assert ok["status"] == "ok" and ok["error"] is None and ok["steps"] == 4
+    assert ok["trainable_params"] > 0 and math.isfinite(ok["val_loss"]) and ok["val_perplexity"] == pytest.approx(
+        math.exp(ok["val_loss"]))
+    assert ok["peak_gib"] > 0 and ok["memory_metric"] == "peak_rss" and ok["tokens_per_s"] > 0
+    assert ok["versions"]["torch"] == version("torch") and ok["versions"]["peft"] == version("peft")
+    assert ok["config"]["lora"]["r"] == 4 and ok["estimate_gib"] > 0
+    assert ok["estimate"]["trainable_params"] == ok["trainable_params"]  # the estimator counts what PEFT trained
+    assert bad["status"] == "failed" and "no_such_module" in bad["error"] and bad["returncode"] != 0
+    assert out["best"] == ok["run"]
+    table = (d / "results.md").read_text()
+    assert "| r4-target_modules=all-linear | ok |" in table and "failed" in table
+    assert (d / "results.csv").read_text().count("\n") == 3
+
+
+def test_rerun_skips_finished_runs(sweep_dir):
+    d, path, _ = sweep_dir
+    before = {p.name: p.stat().st_mtime_ns for p in (d / "results").glob("*.json")}
+    lines = []
+    run_sweep(path, echo=lines.append)
+    assert {p.name: p.stat().st_mtime_ns for p in (d / "results").glob("*.json")} == before
+    assert sum("earlier, skipped" in ln for ln in lines) == 2 and not any("training" in ln for ln in lines)
+
+
+def test_report_writes_five_figures_and_markdown(sweep_dir):
+    d, _, _ = sweep_dir
+    res = runner.invoke(app, ["report", str(d)])
+    assert res.exit_code == 0, res.output
+    for name in FIGURES:
+        png = d / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    md = (d / "report.md").read_text()
+    assert "**r4-target_modules=all-linear**" in md and md.count("![") == 5 and "Failed runs: r4-target_modules=no_such_module" in md
+
+
+def test_report_on_an_empty_directory_is_one_line(tmp_path):
+    res = runner.invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 2 and "no sweep results" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+# --- LoRA variants, each through PEFT -------------------------------------------------------------------------
+
+def test_dora_and_rslora_reach_peft(tiny_model_dir):
+    assert lora_config(LoraSettings(use_dora=True)).use_dora is True
+    conf = lora_config(LoraSettings(r=16, lora_alpha=32, use_rslora=True))
+    assert conf.use_rslora is True
+    model = load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="nf4"))
+    model = attach_lora(model, LoraSettings(r=16, lora_alpha=32, use_rslora=True, use_dora=True), True, False)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.scaling["default"] == pytest.approx(32 / 4)  # rsLoRA: alpha / sqrt(r), not alpha / r = 2
+    assert q.lora_magnitude_vector["default"].weight.shape == (q.out_features,)  # DoRA magnitude per output
+
+
+def test_loraplus_optimizer_gives_b_a_higher_learning_rate(tiny_model_dir):
+    model = load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="nf4"))
+    model = attach_lora(model, LoraSettings(r=4, loraplus_lr_ratio=16), True, False)
+    opt = loraplus_optimizer(model, LoraSettings(r=4, loraplus_lr_ratio=16), 1e-3, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lrs = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            lrs[names[id(p)]] = g["lr"]
+    assert {lr for n, lr in lrs.items() if "lora_A" in n} == {1e-3}
+    b_lrs = sorted({lr for n, lr in lrs.items() if "lora_B" in n})
+    assert b_lrs == [pytest.approx(16e-3)]
+    assert loraplus_optimizer(model, LoraSettings(r=4), 1e-3, 0.0) is None
+
+
+def test_loftq_needs_a_4bit_base_and_on_cpu_says_it_needs_cuda(tiny_model_dir):
+    with pytest.raises(ValueError, match="lora.init=loftq needs quant.quant nf4 or fp4"):
+        RunConfig.model_validate({"quant": {"quant": "int8"}, "lora": {"init": "loftq"}})
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    model = load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="nf4"))
+    with pytest.raises(QtuneError, match="needs a CUDA device"):
+        attach_lora(model, LoraSettings(r=4, init="loftq"), True, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PEFT's LoftQ replacement computes on CUDA")
+def test_loftq_starts_closer_to_the_full_precision_model(tiny_model_dir):
+    x = torch.randint(0, 1000, (2, 16), device="cuda")
+    ref = load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="none"))
+    with torch.no_grad():
+        target = ref(input_ids=x).logits.float()
+    err = {}
+    for init in ("default", "loftq"):
+        m = load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="nf4", compute_dtype="float32"))
+        m = attach_lora(m, LoraSettings(r=8, init=init, lora_dropout=0.0), True, False).eval()
+        with torch.no_grad():
+            err[init] = (m(input_ids=x).logits.float() - target).pow(2).mean().item()
+    assert err["loftq"] < err["default"]

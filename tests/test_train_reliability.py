@@ -1,0 +1,247 @@
+"""Training arithmetic and failure handling: accumulation, schedule, NaN loss, out of memory, precision, safety."""
+
+import json
+import math
+import re
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainerCallback
+from typer.testing import CliRunner
+
+from qtune.cli import app
+from qtune.config import ModelConfig, QuantConfig
+from qtune.data.prepare import load_splits
+from qtune.data.tokenize import padding_collator
+from qtune.errors import QtuneError, QtuneWarning
+from qtune.evaluate.perplexity import split_loss
+from qtune.model.load import load_tokenizer
+from qtune.model.quantize import compute_dtype, precision_warnings
+from qtune.rundir import RunDir
+from qtune.train.trainer import train
+
+from conftest import tiny_run_config
+
+FAST = {"gradient_checkpointing": False, "eval_at_end": False, "warmup_steps": 0}
+
+
+class Grads(TrainerCallback):
+    """LoRA gradients just before each optimizer step, and the optimizer's learning rate there."""
+
+    def __init__(self):
+        self.grads, self.lrs, self.micro = [], [], 0
+
+    def on_substep_end(self, args, state, control, **kw):
+        self.micro += 1
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+        self.micro += 1
+        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def _two_rows(tmp_path):
+    rows = [
+        {"instruction": "Name a colour.", "input": "", "output": "Red."},
+        {"instruction": "Explain recursion.", "input": "",
+         "output": "A recursive function calls itself on a smaller part of the problem until it reaches a base case "
+                   "that it can answer directly; then the partial answers are combined on the way back up. " * 2},
+    ]
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def accumulation_runs(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("accum")
+    data = {"path": str(_two_rows(tmp)), "max_rows": None, "split": [1.0, 0.0, 0.0], "max_length": 128}
+    out = {}
+    for batch, accum in ((1, 2), (2, 1)):
+        probe = Grads()
+        cfg = tiny_run_config(tiny_model_dir, tmp / f"b{batch}a{accum}", quant={"quant": "none"}, data=data,
+                              train={**FAST, "max_steps": 1, "batch_size": batch, "gradient_accumulation_steps": accum,
+                                     "max_grad_norm": 1e9})
+        train(cfg, callbacks=(probe,))
+        out[(batch, accum)] = (probe, RunDir(tmp / f"b{batch}a{accum}"))
+    return out
+
+
+def test_accumulation_gives_the_gradients_of_one_big_batch(accumulation_runs):
+    (small, _), (big, _) = accumulation_runs[(1, 2)], accumulation_runs[(2, 1)]
+    assert small.micro == 2 and big.micro == 1  # two micro-batches vs one, one optimizer step each
+    [g_small], [g_big] = small.grads, big.grads
+    assert g_small.keys() == g_big.keys() and len(g_big) == 2 * 2 * 7  # A and B, 2 layers x 7 linear layers
+    flat_small = torch.cat([g_small[k].flatten() for k in sorted(g_small)])
+    flat_big = torch.cat([g_big[k].flatten() for k in sorted(g_big)])
+    assert flat_big.norm() > 0
+    assert ((flat_small - flat_big).norm() / flat_big.norm()).item() < 1e-4
+    for k in g_big:
+        torch.testing.assert_close(g_small[k], g_big[k], rtol=1e-4, atol=1e-7 * flat_big.abs().max().item())
+
+
+def test_logged_loss_is_the_token_weighted_mean(accumulation_runs, tiny_model_dir):
+    _, rd = accumulation_runs[(1, 2)]
+    ds = load_splits(rd.data)["train"].remove_columns("row")
+    supervised = sorted(sum(1 for x in lab[1:] if x != -100) for lab in ds["labels"])
+    assert supervised[1] > 10 * supervised[0]  # very different supervised lengths
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    collate = padding_collator(load_tokenizer(tiny_model_dir, ModelConfig()))
+    weighted = split_loss(base, ds, collate)["loss"]  # LoRA B starts at 0: step 1 sees the base model
+    per_sample = [split_loss(base, ds.select([i]), collate)["loss"] for i in range(2)]
+    assert abs(weighted - sum(per_sample) / 2) > 0.05  # a per-micro-batch mean would be told apart
+    for key in ((1, 2), (2, 1)):
+        rec = json.loads(accumulation_runs[key][1].metrics.read_text().splitlines()[0])
+        assert rec["loss"] == pytest.approx(weighted, rel=1e-5), key
+
+
+def test_cosine_schedule_counts_warmup_in_optimizer_steps(tiny_model_dir, tmp_path):
+    peak, warmup, steps, accum = 1e-2, 4, 12, 3
+    probe = Grads()
+    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", quant={"quant": "none"},
+                          train={**FAST, "max_steps": steps, "warmup_steps": warmup, "batch_size": 1,
+                                 "gradient_accumulation_steps": accum, "learning_rate": peak})
+    train(cfg, callbacks=(probe,))
+    assert probe.micro == steps * accum and len(probe.lrs) == steps
+
+    def scheduled(s):  # the rate after s scheduler steps; optimizer step k uses scheduled(k - 1)
+        return peak * s / warmup if s < warmup else peak * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+
+    assert probe.lrs == pytest.approx([scheduled(k - 1) for k in range(1, steps + 1)], rel=1e-6, abs=1e-12)
+    assert probe.lrs.index(max(probe.lrs)) == warmup  # step warmup + 1, the first after warmup, runs at the peak
+    assert max(probe.lrs) == pytest.approx(peak)
+    assert all(a < b for a, b in zip(probe.lrs[:warmup], probe.lrs[1:warmup + 1]))
+    assert all(a > b for a, b in zip(probe.lrs[warmup:], probe.lrs[warmup + 1:]))
+    assert probe.lrs[-1] < 0.05 * peak
+    logged = [json.loads(x)["learning_rate"] for x in RunDir(tmp_path / "run").metrics.read_text().splitlines()]
+    assert logged == pytest.approx(probe.lrs)
+
+
+class PoisonAfter(TrainerCallback):
+    """Sets one LoRA weight to NaN at the end of optimizer step ``step``: the next step's loss is NaN."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_A" in n).view(-1)[0] = float("nan")
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", quant={"quant": "none"},
+                          train={**FAST, "max_steps": 10, "save_steps": 2})
+    with pytest.raises(QtuneError) as err:
+        train(cfg, callbacks=(PoisonAfter(5),))
+    rd = RunDir(tmp_path / "run")
+    assert "loss is nan at step 6" in str(err.value) and "checkpoint-4" in str(err.value)
+    names = sorted(p.name for p in rd.checkpoints.iterdir())
+    assert names == ["checkpoint-2", "checkpoint-4"]  # step 6 (NaN) saved nothing
+    saved = load_file(rd.checkpoints / "checkpoint-4" / "adapter_model.safetensors")
+    weights = torch.cat([t.flatten() for t in saved.values()])
+    assert torch.isfinite(weights).all()
+    assert not rd.adapter.exists()
+    steps = [json.loads(x)["step"] for x in rd.metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_out_of_memory_is_explained(tiny_model_dir, tmp_path, monkeypatch):
+    """No GPU here: Trainer.train raises the error CUDA would; the message and the exit status are checked."""
+    from transformers import Trainer
+
+    def oom(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train", oom)
+    monkeypatch.setattr("qtune.train.guards.gpu_total_bytes", lambda: 1.0 * 1024**3)
+    result = CliRunner().invoke(app, ["train", "--set", f"model.name={tiny_model_dir}", "--set",
+                                      f"data.path={tiny_run_config(tiny_model_dir, tmp_path).data.path}",
+                                      "--set", "data.max_rows=40", "--set", "data.max_length=128",
+                                      "--set", f"train.output_dir={tmp_path / 'run'}", "--set", "train.batch_size=64"])
+    assert result.exit_code == 2, result.output
+    lines = [x for x in result.output.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 2 and "Traceback" not in result.output
+    assert lines[0].startswith("error: out of GPU memory (batch_size 64 x max_length 128): memory model: weights")
+    assert "GPU has 1.00 GiB" in lines[0]
+    assert re.search(r"largest that should fit: batch_size [1-9]\d* x max_length 128; lower train.batch_size", lines[1])
+
+
+def test_memory_model_numbers(tiny_model_dir):
+    from qtune.model.adapters import attach_lora
+    from qtune.model.load import load_model
+    from qtune.train.guards import fit_advice, memory_breakdown
+
+    cfg = tiny_run_config(tiny_model_dir, "unused", quant={"quant": "none"})
+    model = attach_lora(load_model(tiny_model_dir, cfg.model, cfg.quant), cfg.lora, False, True)
+    b = memory_breakdown(model, cfg)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert b["weights"] >= 4 * params and b["trainable_state"] == 16 * trainable
+    vocab = model.config.vocab_size
+    assert b["activations_per_token"] == 2 * 64 * 4 + 34 * 64 * 2 + 12 * vocab  # checkpointing, fp32 compute
+    fit = fit_advice(b, total_bytes=(b["weights"] + b["trainable_state"] + 1000.5 * b["activations_per_token"]) / 0.9,
+                     max_length=128)
+    assert fit == {"tokens": 1000, "batch_size": 7, "max_length": 128}
+    assert fit_advice(b, total_bytes=b["weights"], max_length=128)["tokens"] == 0
+
+
+def test_fp16_compute_with_4bit_weights_warns_and_auto_prefers_bf16(monkeypatch):
+    risky = QuantConfig(quant="nf4", compute_dtype="float16")
+    [message] = precision_warnings(risky, cuda=False)
+    assert "float16 with nf4 weights" in message and "use float32" in message
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert "use bfloat16 (this GPU has it)" in precision_warnings(risky, cuda=True)[0]
+    assert compute_dtype(QuantConfig(quant="nf4"), cuda=True) == torch.bfloat16
+    assert compute_dtype(QuantConfig(quant="nf4"), cuda=False) == torch.float32
+    assert precision_warnings(QuantConfig(quant="nf4"), cuda=True) == []
+    assert precision_warnings(QuantConfig(quant="int8", compute_dtype="float16"), cuda=True) == []
+
+
+def test_fp16_warning_reaches_the_user(tiny_model_dir, tmp_path):
+    from qtune.model.load import load_model
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="nf4", compute_dtype="float16"))
+    assert [w.category for w in seen if issubclass(w.category, QtuneWarning)] == [QtuneWarning]
+
+
+def test_remote_code_needs_the_flag(tiny_model_dir, tmp_path):
+    base = ["--set", f"model.name={tiny_model_dir}", "--set", f"train.output_dir={tmp_path / 'run'}"]
+    result = CliRunner().invoke(app, ["train", *base, "--set", "model.trust_remote_code=true"])
+    assert result.exit_code == 2
+    assert result.output == "error: model.trust_remote_code: true also needs the --trust-remote-code flag on the command line\n"
+    assert not (tmp_path / "run").exists()
+    data = tiny_run_config(tiny_model_dir, tmp_path).data.path
+    result = CliRunner().invoke(app, ["data", "prepare", "--data", data, "--out", str(tmp_path / "d"),
+                                      "--set", "model.trust_remote_code=true"])
+    assert result.exit_code == 2 and "--trust-remote-code flag" in result.output
+
+
+def test_pickled_weights_are_refused(tiny_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    pickled = tmp_path / "pickled"
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    load_tokenizer(tiny_model_dir, ModelConfig()).save_pretrained(pickled)
+    assert not list(pickled.glob("*.safetensors")) and list(pickled.glob("*.bin"))
+    result = CliRunner().invoke(app, ["train", "--set", f"model.name={pickled}", "--set", f"train.output_dir={tmp_path / 'run'}"])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: {pickled}: no .safetensors weights; qtune loads weights from safetensors only")
+    assert not (tmp_path / "run").exists()
+
+
+def test_only_out_of_memory_errors_are_rewritten(tiny_model_dir):
+    from qtune.train.guards import explain_out_of_memory
+
+    cfg = tiny_run_config(tiny_model_dir, "unused", quant={"quant": "none"})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(QtuneError, match=r"^out of GPU memory \(batch_size 4 x max_length 128\)"):
+        with explain_out_of_memory(model, cfg, total_bytes=2 * 1024**3):
+            raise RuntimeError("CUDA error: out of memory")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with explain_out_of_memory(model, cfg, total_bytes=2 * 1024**3):
+            raise RuntimeError("shape mismatch")
