@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from qtune.errors import QtuneError
 
@@ -148,15 +149,57 @@ def train(
     typer.echo(f"run directory: {summary['run_dir']}")
 
 
-@app.command("eval")
+class _OptionalValueCommand(TyperCommand):
+    """``--humaneval`` takes an optional PATH: a bare ``--humaneval`` (last, or before another option) means the
+    default problems file, passed on as an empty string."""
+
+    def parse_args(self, ctx, args):
+        fixed = []
+        for i, a in enumerate(args):
+            fixed.append(a)
+            if a == "--humaneval" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+                fixed.append("")
+        return super().parse_args(ctx, fixed)
+
+
+@app.command("eval", cls=_OptionalValueCommand)
 def eval_(
-    run: RunOpt,
+    run: Annotated[Optional[Path], typer.Option("--run", help="Run directory written by 'qtune train'.")] = None,
     splits: Annotated[str, typer.Option(help="Comma-separated splits to evaluate.")] = "val,test",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    humaneval: Annotated[Optional[str], typer.Option(
+        "--humaneval", metavar="[PATH]",
+        help="HumanEval pass@k of the run's model instead of loss: generate, extract code, run it in the sandbox. "
+        "PATH: the problems (.jsonl or .jsonl.gz); default ../shared/data/humaneval/HumanEval.jsonl.gz.")] = None,
+    humaneval_samples: Annotated[Optional[Path], typer.Option(
+        "--humaneval-samples", help="Score an existing samples file (JSONL of task_id, completion); no --run.")] = None,
+    problems: Annotated[Optional[Path], typer.Option(
+        "--problems", help="HumanEval problems for --humaneval-samples (default: the shared HumanEval file).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="--humaneval: only the first N problems.")] = None,
+    samples: Annotated[int, typer.Option(help="--humaneval: answers generated per problem.")] = 1,
+    k: Annotated[Optional[list[int]], typer.Option("--k", help="pass@k to report (repeatable); pass@1 always.")] = None,
+    base: Annotated[bool, typer.Option("--base", help="--humaneval: the base model (adapter disabled).")] = False,
+    temperature: Annotated[float, typer.Option(min=0.0, help="--humaneval: 0 for greedy decoding.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="--humaneval: nucleus sampling mass.")] = 0.95,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="--humaneval: most tokens per answer.")] = 384,
+    batch_size: Annotated[int, typer.Option(min=1, help="--humaneval: prompts generated at once.")] = 8,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Sandbox: wall-clock seconds per program.")] = 10.0,
+    memory_mb: Annotated[int, typer.Option(min=16, help="Sandbox: address space per process, MiB.")] = 1024,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Sandbox: programs run at once.")] = 2,
+    results: Annotated[Optional[Path], typer.Option(
+        help="--humaneval-samples: per-sample results JSONL (default: SAMPLES with _results.jsonl).")] = None,
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
-    """Validation and test loss / perplexity of the base and of base + adapter (same quantization)."""
+    """Validation and test loss / perplexity of the base and of base + adapter (same quantization); or
+    HumanEval pass@k (--humaneval, --humaneval-samples)."""
+    if humaneval is not None or humaneval_samples is not None:
+        _eval_humaneval(run, humaneval, humaneval_samples, problems, limit, samples, k, base, temperature, top_p,
+                        max_new_tokens, batch_size, timeout, memory_mb, workers, results, json_out,
+                        trust_remote_code)
+        return
     try:
+        if run is None:
+            raise QtuneError("eval: pass --run DIR (or --humaneval-samples FILE)")
         _quiet_libraries()
         from qtune.evaluate.perplexity import evaluate_run
 
@@ -175,6 +218,40 @@ def eval_(
             r = result[who][split]
             typer.echo(f"{split:<6} {who:<8} {r['loss']:>8.4f} {r['perplexity']:>11.3f} {r['tokens']:>8}")
     typer.echo(f"saved: {run / 'eval.json'}")
+
+
+def _eval_humaneval(run, humaneval, humaneval_samples, problems, limit, samples, k, base, temperature, top_p,
+                    max_new_tokens, batch_size, timeout, memory_mb, workers, results, json_out,
+                    trust_remote_code=False) -> None:
+    from qtune.evaluate import humaneval as he
+    from qtune.evaluate.sandbox import SandboxLimits
+
+    ks = tuple(sorted({1, *(k or [])}))
+    try:
+        if humaneval is not None and humaneval_samples is not None:
+            raise QtuneError("--humaneval and --humaneval-samples: pass one of them")
+        limits = SandboxLimits(timeout_s=timeout, memory_mb=memory_mb)
+        if humaneval_samples is not None:
+            table = he.load_problems(problems)
+            rows = he.load_samples(humaneval_samples, table)
+            out = results or humaneval_samples.with_name(humaneval_samples.name.removesuffix(".jsonl") + "_results.jsonl")
+            summary = he.score_samples(table, rows, ks, limits, workers, out)
+        else:
+            if run is None:
+                raise QtuneError("--humaneval: pass --run DIR (the model to generate with)")
+            _quiet_libraries()
+            summary = he.evaluate_run_humaneval(
+                str(run), humaneval or None, limit, samples, base, ks, temperature, top_p, max_new_tokens,
+                batch_size, limits, workers, trust_remote_code=trust_remote_code,
+                progress=None if json_out else lambda d, n: typer.echo(f"generated {d}/{n}", err=True))
+            out = Path(run) / "humaneval" / f"{'base' if base else 'adapter'}_results.jsonl"
+    except QtuneError as e:
+        _fail(str(e))
+    if json_out:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(he.summary_table(summary))
+    typer.echo(f"results: {out}")
 
 
 @app.command()

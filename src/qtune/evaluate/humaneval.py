@@ -1,0 +1,371 @@
+"""HumanEval (Chen et al. 2021, "Evaluating Large Language Models Trained on Code"): problems, code extraction
+from a model's answer, sandboxed scoring, and the unbiased pass@k estimator.
+
+A sample is (task_id, completion). The program that scores it is the problem's prompt (imports, signature,
+docstring), the completion, the problem's tests and ``check(entry_point)``; it passes when it exits with status 0
+inside the sandbox (:mod:`qtune.evaluate.sandbox`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import textwrap
+from pathlib import Path
+
+from qtune.errors import QtuneError
+from qtune.evaluate.sandbox import SandboxLimits, run_programs
+
+
+def default_humaneval_path() -> Path:
+    """``humaneval/HumanEval.jsonl.gz`` in the shared data directory (:func:`qtune.config.shared_data_dir`)."""
+    from qtune.config import shared_data_dir
+
+    return shared_data_dir() / "humaneval" / "HumanEval.jsonl.gz"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise QtuneError(f"{path}: file not found")
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise QtuneError(f"{path}:{n}:{e.colno}: invalid JSON: {e.msg}") from None
+                if not isinstance(row, dict):
+                    raise QtuneError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                rows.append((n, row))
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise QtuneError(f"{path}: cannot read: {e}") from None
+    return rows
+
+
+def load_problems(path: str | Path | None = None) -> dict[str, dict]:
+    """The HumanEval problems by task_id, in file order, from a .jsonl or .jsonl.gz file.
+
+    Raises:
+        QtuneError: missing or unreadable file, a bad line, or a problem without task_id, prompt, test or
+            entry_point.
+    """
+    p = Path(path) if path else default_humaneval_path()
+    problems = {}
+    for n, row in _read_jsonl(p):
+        missing = [k for k in ("task_id", "prompt", "test", "entry_point") if not isinstance(row.get(k), str)]
+        if missing:
+            raise QtuneError(f"{p}:{n}: not a HumanEval problem (no {', '.join(missing)})")
+        problems[row["task_id"]] = row
+    if not problems:
+        raise QtuneError(f"{p}: no problems")
+    return problems
+
+
+def load_samples(path: str | Path, problems: dict[str, dict]) -> list[dict]:
+    """Samples {task_id, completion} from a JSONL file; several samples per task are allowed.
+
+    Raises:
+        QtuneError: missing file, bad line, a sample without a string completion, or an unknown task_id.
+    """
+    p = Path(path)
+    samples = []
+    for n, row in _read_jsonl(p):
+        if not isinstance(row.get("task_id"), str) or not isinstance(row.get("completion"), str):
+            raise QtuneError(f"{p}:{n}: expected string fields task_id and completion")
+        if row["task_id"] not in problems:
+            raise QtuneError(f"{p}:{n}: unknown task_id {row['task_id']!r}")
+        samples.append({"task_id": row["task_id"], "completion": row["completion"]})
+    if not samples:
+        raise QtuneError(f"{p}: no samples")
+    return samples
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimate of pass@k from ``n`` samples of which ``c`` passed (Chen et al. 2021, eq. 1):
+    ``1 - C(n-c, k) / C(n, k)``, the probability that at least one of k samples drawn without replacement from
+    the n passes. Computed as ``1 - prod_{i=0}^{k-1} (n-c-i)/(n-i)`` so no large binomials appear.
+
+    Raises:
+        ValueError: not 0 <= c <= n, or not 1 <= k <= n.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    fail = 1.0
+    for i in range(k):
+        fail *= (n - c - i) / (n - i)
+    return 1.0 - fail
+
+
+def build_program(problem: dict, completion: str) -> str:
+    """prompt + completion + tests + ``check(entry_point)``: the program whose exit status scores a sample."""
+    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
+            + f"check({problem['entry_point']})\n")
+
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.S)
+
+
+def extract_code(answer: str, problem: dict) -> str:
+    """The completion to append to the problem's prompt, taken from a model's free-form answer.
+
+    - A fenced block (```python ... ```, also an unclosed one): the first that defines the entry point, else
+      the first Python (or untagged) block; the fence and the prose around it are dropped.
+    - An answer that re-states the function (``def entry_point(``): the code from the first line of imports
+      before it on, appended after the prompt as a new definition that replaces the prompt's stub. Top-level
+      lines after it that are neither definitions, imports, assignments nor comments (prose, example calls such
+      as ``print(f(3))``) end the code.
+    - Otherwise raw code: a function body; when its first line is not indented, it is indented by four spaces.
+      Prose after the body (a line that starts at column 0 and is not code) is cut.
+    """
+    entry = problem["entry_point"]
+    code = answer
+    blocks = _FENCE.findall(answer)
+    if blocks:
+        python = [body for lang, body in blocks if lang.lower() in ("", "python", "py", "python3")] or [b for _, b in blocks]
+        code = next((b for b in python if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", b, re.M)), python[0])
+    code = code.replace("\r\n", "\n").expandtabs(4)
+    m = re.search(rf"^([ \t]*)def\s+{re.escape(entry)}\s*\(", code, re.M)
+    if m:
+        lines = code.splitlines()
+        start = code[: m.start()].count("\n")
+        # keep the imports and helpers written above the function, drop the prose
+        above = [line for line in lines[:start] if not line.strip() or _looks_like_code(line)]
+        block = textwrap.dedent("\n".join(above + lines[start:])).strip("\n")
+        return "\n" + _cut_trailing_prose(block) + "\n"
+    body = code.strip("\n")
+    if not body.strip():
+        return "    pass\n"
+    lines = body.splitlines()
+    if not lines[0].startswith((" ", "\t")):
+        body = textwrap.indent(textwrap.dedent(body), "    ")
+        lines = body.splitlines()
+    kept = []
+    for line in lines:
+        if line.strip() and not line.startswith((" ", "\t")):
+            break  # prose (or new top-level code) after the body
+        kept.append(line)
+    return "\n".join(kept).rstrip() + "\n"
+
+
+_CODE_START = re.compile(r"^(import |from \S+ import |def |class |@|#|[A-Za-z_][A-Za-z0-9_]*\s*=|\s)")
+
+
+def _looks_like_code(line: str) -> bool:
+    return bool(_CODE_START.match(line))
+
+
+def _cut_trailing_prose(block: str) -> str:
+    out = []
+    for line in block.splitlines():
+        if line.strip() and not _looks_like_code(line) and not line.startswith((")", "]", "}", "if __name__")):
+            break
+        out.append(line)
+    return "\n".join(out).rstrip()
+
+
+def score_samples(problems: dict[str, dict], samples: list[dict], ks: tuple[int, ...] = (1,),
+                  limits: SandboxLimits | None = None, workers: int = 2,
+                  results_path: str | Path | None = None) -> dict:
+    """Run every sample in the sandbox and compute pass@k per problem, averaged over the problems sampled.
+
+    Each problem's pass@k uses its own n (samples) and c (passed); a k above a problem's n is not reported.
+    Per-sample results (task_id, completion, status passed / failed / timed out / error, error's last line,
+    seconds) are written to ``results_path`` as JSONL, in the order of ``samples``.
+
+    Returns:
+        {"pass@k": mean over problems for each k, "problems": P, "samples": N, "counts": {status: N}}.
+
+    Raises:
+        QtuneError: a k below 1 or above the fewest samples any problem has.
+    """
+    per_task: dict[str, list[int]] = {}
+    for s in samples:
+        per_task.setdefault(s["task_id"], [])
+    fewest = min(sum(1 for s in samples if s["task_id"] == t) for t in per_task)
+    for k in ks:
+        if not 1 <= k <= fewest:
+            raise QtuneError(f"--k {k}: expected 1 to {fewest} (the fewest samples of any problem)")
+    programs = [build_program(problems[s["task_id"]], s["completion"]) for s in samples]
+    results = run_programs(programs, limits, workers)
+    counts: dict[str, int] = {}
+    rows = []
+    for s, r in zip(samples, results):
+        per_task[s["task_id"]].append(r.status == "passed")
+        counts[r.status] = counts.get(r.status, 0) + 1
+        rows.append({"task_id": s["task_id"], "completion": s["completion"], "status": r.status,
+                     "passed": r.status == "passed", "error": r.error, "seconds": r.seconds})
+    if results_path:
+        try:
+            Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+            with open(results_path, "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise QtuneError(f"{results_path}: cannot write results: {e.strerror}") from None
+    summary: dict = {}
+    for k in ks:
+        vals = [pass_at_k(len(v), sum(v), k) for v in per_task.values()]
+        summary[f"pass@{k}"] = sum(vals) / len(vals)
+    summary.update({"problems": len(per_task), "samples": len(samples),
+                    "counts": {st: counts.get(st, 0) for st in ("passed", "failed", "timed out", "error")}})
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    """A short text table of a :func:`score_samples` summary."""
+    lines = [f"{'problems':<12} {summary['problems']:>8}", f"{'samples':<12} {summary['samples']:>8}"]
+    for status, n in summary["counts"].items():
+        lines.append(f"{status:<12} {n:>8}")
+    for key, value in summary.items():
+        if key.startswith("pass@"):
+            lines.append(f"{key:<12} {value:>8.4f}")
+    return "\n".join(lines)
+
+
+HUMANEVAL_INSTRUCTION = "Complete the following Python function. Write the whole function in a Python code block."
+"""The instruction each problem is asked with; the problem's prompt (signature and docstring) is the input."""
+
+
+def problem_prompt(problem: dict, template: str, tokenizer=None) -> str:
+    """The model's prompt for a problem: :data:`HUMANEVAL_INSTRUCTION` with the problem's code as input, in the
+    run's training template (:func:`qtune.data.templates.format_prompt`)."""
+    from qtune.data.templates import format_prompt
+
+    return format_prompt(HUMANEVAL_INSTRUCTION, problem["prompt"].strip("\n"), template, tokenizer)
+
+
+def generate_answers(model, tokenizer, prompts: list[str], samples: int = 1, max_new_tokens: int = 384,
+                     temperature: float = 0.0, top_p: float = 0.95, batch_size: int = 8,
+                     seed: int = 0, progress=None) -> list[list[str]]:
+    """``samples`` answers per prompt, batched with left padding; greedy when ``temperature`` is 0.
+
+    Generation stops at the EOS token or after ``max_new_tokens`` tokens. Returns one list of answers (decoded,
+    special tokens dropped) per prompt. ``progress(done, total)`` is called after each batch.
+    """
+    import torch
+
+    from qtune.data.tokenize import encode_prompt
+
+    if samples > 1 and temperature == 0:
+        raise QtuneError(f"--samples {samples} needs --temperature above 0 (greedy decoding repeats one answer)")
+    torch.manual_seed(seed)
+    dev = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    jobs = [(i, encode_prompt(p, tokenizer)) for i, p in enumerate(prompts) for _ in range(samples)]
+    # longest first, so a batch holds prompts of similar length (little padding)
+    order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][1]))
+    answers: list[list[str]] = [[] for _ in prompts]
+    out_by_job: dict[int, str] = {}
+    sample = temperature > 0
+    with torch.no_grad():
+        for b in range(0, len(order), batch_size):
+            batch = [jobs[j][1] for j in order[b:b + batch_size]]
+            width = max(len(x) for x in batch)
+            ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=dev)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=dev)
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=sample,
+                temperature=temperature if sample else None, top_p=top_p if sample else None,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+            )
+            for row, j in enumerate(order[b:b + batch_size]):
+                out_by_job[j] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+            if progress:
+                progress(min(b + batch_size, len(order)), len(order))
+    for j, (i, _) in enumerate(jobs):
+        answers[i].append(out_by_job[j])
+    return answers
+
+
+def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: int | None = None,
+                           samples: int = 1, base: bool = False, ks: tuple[int, ...] = (1,),
+                           temperature: float = 0.0, top_p: float = 0.95, max_new_tokens: int = 384,
+                           batch_size: int = 8, limits: SandboxLimits | None = None, workers: int = 2,
+                           trust_remote_code: bool = False, progress=None) -> dict:
+    """Generate answers to the first ``limit`` HumanEval problems with base + adapter (or the base alone, the
+    adapter disabled, with ``base``), extract the code, score it in the sandbox.
+
+    Writes ``humaneval/{adapter|base}_samples.jsonl`` (task_id, completion, answer),
+    ``..._results.jsonl`` (per-sample status) and ``....json`` (the summary) in the run directory.
+
+    Raises:
+        QtuneError: no trained adapter in ``run_dir``, bad problems file, bad ``limit``/``samples``/``ks``.
+    """
+    from qtune.model.adapters import load_trained
+    from qtune.rundir import RunDir
+
+    rd = RunDir(Path(run_dir)).require_adapter()
+    problems = load_problems(path)
+    if limit is not None and limit < 1:
+        raise QtuneError(f"--limit {limit}: expected at least 1")
+    if samples < 1:
+        raise QtuneError(f"--samples {samples}: expected at least 1")
+    for k in ks:
+        if not 1 <= k <= samples:
+            raise QtuneError(f"--k {k}: expected 1 to --samples ({samples})")
+    chosen = list(problems.values())[:limit]
+    model, tokenizer, cfg = load_trained(rd.root, trust_remote_code=trust_remote_code)
+    if next(model.parameters()).device.type == "cpu":
+        dequantize_for_inference(model)  # same weights, ~4x faster generation on CPU (measured on SmolLM2 NF4)
+    prompts = [problem_prompt(p, cfg.data.template, tokenizer) for p in chosen]
+    kwargs = dict(samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                  batch_size=batch_size, seed=cfg.train.seed, progress=progress)
+    if base:
+        with model.disable_adapter():
+            answers = generate_answers(model, tokenizer, prompts, **kwargs)
+    else:
+        answers = generate_answers(model, tokenizer, prompts, **kwargs)
+    rows = [{"task_id": p["task_id"], "completion": extract_code(a, p), "answer": a}
+            for p, many in zip(chosen, answers) for a in many]
+    who = "base" if base else "adapter"
+    out = rd.root / "humaneval"
+    out.mkdir(exist_ok=True)
+    with open(out / f"{who}_samples.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    summary = score_samples(problems, rows, ks, limits, workers, out / f"{who}_results.jsonl")
+    summary.update({"model": who, "temperature": temperature, "max_new_tokens": max_new_tokens,
+                    "samples_per_problem": samples})
+    (out / f"{who}.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+def dequantize_for_inference(model) -> int:
+    """Replace every bitsandbytes 4-bit weight by its dequantized copy in a plain ``torch.nn.Linear``, in place.
+
+    The 4-bit layers compute ``x @ dequantize(W)`` in the compute dtype on every call; the replacement holds
+    ``dequantize(W)`` once, in that dtype, so outputs are the same up to float rounding order while CPU generation
+    skips the per-token dequantization. LoRA layers keep their adapters (only their base layer is replaced).
+    Call it before any forward pass: on a CPU with AVX512-BF16, bitsandbytes' first forward repacks the weights
+    for its bf16 kernel with bf16 scales, and undoing that (done here) is not exact. Returns the number of layers
+    replaced.
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                data, state = child.weight.data, child.weight.quant_state
+                if getattr(state, "packing_format_for_cpu", False):  # repacked by a CPU forward pass
+                    data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
+                w = bnb.functional.dequantize_4bit(data, state)
+                dtype = child.compute_dtype or torch.float32
+                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                         device=w.device, dtype=dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(w.to(dtype))
+                    if child.bias is not None:
+                        linear.bias.copy_(child.bias.to(dtype))
+                linear.requires_grad_(False)
+                setattr(parent, name, linear)
+                replaced += 1
+    return replaced
