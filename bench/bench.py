@@ -290,6 +290,7 @@ def worker(args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
+    train_rss = peak_rss_gib()  # before evaluation, whose peak is not training's
     timed = slice(row.warmup, None)
     secs = sum(timer.times[timed])
     positions = sum(c[0] for c in collate.counts[row.warmup:row.warmup + row.steps])
@@ -298,7 +299,7 @@ def worker(args) -> dict:
         "row": row.name, "recipe": args.recipe, "step_s": round(secs / max(row.steps, 1), 4),
         "tokens_per_s": round(positions / secs, 1), "real_tokens_per_s": round(real / secs, 1),
         "padding_pct": round(100 * (1 - real / positions), 1) if positions else 0.0,
-        "losses": timer.losses, "peak_rss_gib": round(peak_rss_gib(), 3),
+        "losses": timer.losses, "peak_rss_gib": round(train_rss, 3),
     }
     if args.mode == "cpu-real":
         from qtune.data.tokenize import padding_collator

@@ -136,6 +136,14 @@ def test_eval_compares_base_and_adapter(fp32_run, tiny_model_dir):
     direct = split_loss(base, val, padding_collator(load_tokenizer(tiny_model_dir, ModelConfig())), batch_size=3)
     assert direct["tokens"] == tok_count == result["base"]["val"]["tokens"]
     assert direct["loss"] == pytest.approx(result["base"]["val"]["loss"], rel=1e-5)
+    # the same figure from full logits and a plain cross-entropy over every supervised token
+    total = 0.0
+    with torch.no_grad():
+        for sample in val:
+            ids, labels = torch.tensor([sample["input_ids"]]), torch.tensor(sample["labels"][1:])
+            logits = base(ids).logits[0, :-1]
+            total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+    assert direct["loss"] == pytest.approx(total / tok_count, rel=1e-5)
     assert json.loads(fp32_run.eval.read_text())["adapter"]["val"]["loss"] == result["adapter"]["val"]["loss"]
 
 

@@ -11,11 +11,10 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from qtune.data.prepare import load_splits
-from qtune.data.tokenize import IGNORE_INDEX, padding_collator
+from qtune.data.tokenize import IGNORE_INDEX, ResponseLogitsCollator, padding_collator
 from qtune.model.adapters import load_trained
 from qtune.rundir import RunDir
 
@@ -27,7 +26,8 @@ def split_loss(model, dataset, collate, batch_size: int = 8) -> dict[str, float]
     Args:
         model: a causal LM returning ``logits`` of shape [B, T, V].
         dataset: a sequence (``datasets.Dataset`` or list) of dicts with input_ids, attention_mask, labels.
-        collate: pads a list of rows into tensors of shape [B, T].
+        collate: pads a list of rows into tensors of shape [B, T]; logits are then computed only at the
+            supervised positions (:class:`qtune.data.tokenize.ResponseLogitsCollator`).
 
     Returns:
         {"loss": nats per token, "perplexity": exp(loss), "tokens": supervised tokens counted}.
@@ -35,19 +35,16 @@ def split_loss(model, dataset, collate, batch_size: int = 8) -> dict[str, float]
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
+    collate = ResponseLogitsCollator(collate)  # LM-head logits only where a label is supervised
     total, count = 0.0, 0
     # Longest first, so batches hold similar lengths (little padding) and an out-of-memory shows at once.
     order = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))
     for batch in DataLoader([dataset[i] for i in order], batch_size=batch_size, collate_fn=collate):
         batch = {k: v.to(dev) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        shift_logits = logits[:, :-1].float()  # [B, T-1, V]
-        shift_labels = batch["labels"][:, 1:]  # [B, T-1]
-        total += F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        ).item()
-        count += int((shift_labels != IGNORE_INDEX).sum())
+        n = int((batch["shift_labels"] != IGNORE_INDEX).sum())
+        loss = model(**batch, use_cache=False).loss  # mean over the batch's n supervised tokens
+        total += loss.double().item() * n
+        count += n
     model.train(was_training)
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
