@@ -386,6 +386,8 @@ def driver(args) -> None:
     rows = [r for r in ROWS[mode] if not args.rows or r.name in args.rows]
     runs = [(row, recipe) for row in rows for recipe in ("stock", "qtune")]
     runs += [(row, f"qtune:{label}") for row in rows for label in row.variants]
+    if args.recipes:
+        runs = [(row, recipe) for row, recipe in runs if recipe in args.recipes]
     for row, recipe in runs:
         if time.perf_counter() - t0 > args.budget_s:
             results.append({"row": row.name, "recipe": recipe, "error": "skipped: time budget spent"})
@@ -417,6 +419,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["auto", "tiny", "gpu", "cpu-real"], default="auto")
     p.add_argument("--rows", nargs="*", help="run only these rows")
+    p.add_argument("--recipes", nargs="*", help="run only these recipes (stock, qtune, qtune:VARIANT)")
     p.add_argument("--out", default=str(HERE / "out"))
     p.add_argument("--cache", default=str(HERE.parent / ".bench-cache"))
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("BENCH_BUDGET_S", 3600)),
