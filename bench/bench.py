@@ -74,7 +74,8 @@ ROWS = {
         Row("nf4-r16-codealpaca-b4", "nf4", 16, 128, 4, real_data=True, warmup=1, steps=2),
     ],
     "cpu-real": [
-        # qtune on CPU: no gradient checkpointing (its peak RSS stays under 3 GiB at this size; measured 2.43 GiB)
+        # "qtune" here turns gradient checkpointing off (fastest; peak RSS 3.9 GiB over 60 steps), the variant
+        # "checkpointing" is qtune's defaults (peak RSS 2.5 GiB): bench/RESULTS.md has both
         Row("nf4-r16-codealpaca-b4", "nf4", 16, 512, 4, real_data=True, warmup=2, steps=58, lr_warmup=6,
             qtune=with_train({}, gradient_checkpointing=False),
             variants={"checkpointing": {}}),
@@ -419,6 +420,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["auto", "tiny", "gpu", "cpu-real"], default="auto")
     p.add_argument("--rows", nargs="*", help="run only these rows")
+    p.add_argument("--recipes", nargs="*", help="run only these recipes (stock, qtune, qtune:VARIANT)")
     p.add_argument("--recipes", nargs="*", help="run only these recipes (stock, qtune, qtune:VARIANT)")
     p.add_argument("--out", default=str(HERE / "out"))
     p.add_argument("--cache", default=str(HERE.parent / ".bench-cache"))
