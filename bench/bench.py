@@ -421,7 +421,6 @@ def main() -> None:
     p.add_argument("--mode", choices=["auto", "tiny", "gpu", "cpu-real"], default="auto")
     p.add_argument("--rows", nargs="*", help="run only these rows")
     p.add_argument("--recipes", nargs="*", help="run only these recipes (stock, qtune, qtune:VARIANT)")
-    p.add_argument("--recipes", nargs="*", help="run only these recipes (stock, qtune, qtune:VARIANT)")
     p.add_argument("--out", default=str(HERE / "out"))
     p.add_argument("--cache", default=str(HERE.parent / ".bench-cache"))
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("BENCH_BUDGET_S", 3600)),

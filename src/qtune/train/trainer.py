@@ -74,28 +74,6 @@ def use_liger(cfg: RunConfig) -> bool:
     return cfg.train.liger == "on" or (cfg.train.liger == "auto" and have and cuda)
 
 
-MMAP_THRESHOLD_BYTES = 128 * 1024
-
-
-def return_freed_memory_to_os() -> bool:
-    """On Linux with glibc, serve allocations of 128 KiB and more with mmap, so tensors freed during training go
-    back to the OS instead of staying in glibc's heap (``mallopt(M_MMAP_THRESHOLD)``, glibc manual, "Memory
-    Allocation Tunables"; the same as ``MALLOC_MMAP_THRESHOLD_=131072``). Without it a CPU run's peak RSS grows
-    with heap fragmentation well above its live memory. Returns whether the setting took effect."""
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_mmap_threshold = -3  # from glibc's malloc.h
-        return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-
-
 def check_device_switches(cfg: RunConfig) -> None:
     """Raises QtuneError for switches that need CUDA when none is visible (they would do nothing on CPU)."""
     if not device().startswith("cuda"):
@@ -151,8 +129,6 @@ def build_trainer(cfg: RunConfig, model_path: str, tokenizer, train_dataset, eva
         args: prebuilt :func:`training_arguments` (train() builds them first to join the process group).
     """
     check_device_switches(cfg)
-    if not device().startswith("cuda"):
-        return_freed_memory_to_os()  # peak RSS is the CPU's memory figure; keep it near live memory
     set_seed(cfg.train.seed)
     model = load_model(model_path, cfg.model, cfg.quant)
     model = attach_lora(model, cfg.lora, is_quantized(cfg.quant), cfg.train.gradient_checkpointing,
