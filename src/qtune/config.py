@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from qtune.errors import QtuneError
 
@@ -146,7 +146,9 @@ class DataConfig(_Strict):
 
     @field_validator("path")
     @classmethod
-    def _local_file_exists(cls, v: str) -> str:
+    def _local_file_exists(cls, v: str, info: ValidationInfo) -> str:
+        if (info.context or {}).get("saved_run"):  # a finished run's config: its data may have moved since
+            return v
         if is_local_path(v) and not Path(v).expanduser().is_file():
             raise ValueError(f"data file not found: {v}")
         return v
@@ -240,7 +242,11 @@ def _parse_override(item: str) -> tuple[list[str], object]:
     if "=" not in item:
         raise QtuneError(f"--set {item!r}: expected key=value, e.g. train.max_steps=20")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        raise QtuneError(f"--set {item!r}: the value is not valid YAML (quote strings with brackets or colons)") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -269,8 +275,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, saved_run: bool = False) -> RunConfig:
     """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate.
+
+    ``saved_run=True`` reads a finished run's ``config.yaml`` for serving, evaluating or exporting: its data file
+    need not exist any more (the run keeps its prepared splits).
 
     Raises:
         QtuneError: unreadable file, YAML syntax error, unknown key or invalid value (all problems listed).
@@ -283,6 +292,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise QtuneError(f"{path}: config file not found") from None
+        except IsADirectoryError:
+            raise QtuneError(f"{path}: is a directory; expected a YAML config file") from None
+        except UnicodeDecodeError as e:
+            raise QtuneError(f"{path}: not UTF-8 text (byte {e.start})") from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
@@ -293,7 +306,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise QtuneError(f"{path}: expected a mapping of sections (model, quant, lora, data, train)")
     data = apply_overrides(data, overrides or [])
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(data, context={"saved_run": saved_run})
     except ValidationError as e:
         raise QtuneError(format_validation_error(e, source)) from None
 

@@ -49,7 +49,9 @@ def _read_json(path: Path) -> list[tuple[int, object]]:
 def _read_jsonl(path: Path) -> list[tuple[int, object]]:
     text = _read_text(path)
     items = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split on \n only: str.splitlines() also breaks at U+2028/U+0085, which JSON strings may hold raw
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

@@ -31,6 +31,10 @@ def prepare_dataset(cfg: DataConfig, tokenizer, out_dir: str | Path):
     from datasets import Dataset, DatasetDict  # imported here: the training path runs without it (GPU bench)
 
     out_dir = Path(out_dir)
+    if cfg.template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise QtuneError("data.template: 'chat' needs a tokenizer with a chat_template; this one has none (use alpaca)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QtuneError(f"{out_dir}: exists and is not a directory; choose another output directory")
     rows, unit = load_rows(cfg.path, cfg.columns, cfg.max_rows)
     card = DataCard(source=cfg.path, rows_in=len(rows), template=cfg.template, max_length=cfg.max_length)
     kept = clean_rows(rows, card, max_chars=cfg.max_length * longest_token_chars(tokenizer))

@@ -120,7 +120,7 @@ def load_trained(run_dir: str | Path, trust_remote_code: bool = False, quant: st
     from qtune.rundir import RunDir
 
     rd = RunDir(Path(run_dir)).require_adapter()
-    cfg = load_config(rd.config, [f"quant.quant={quant}"] if quant else None)
+    cfg = load_config(rd.config, [f"quant.quant={quant}"] if quant else None, saved_run=True)
     cfg.model.trust_remote_code = trust_remote_code
     tokenizer = load_tokenizer(str(rd.adapter), cfg.model)
     model = load_adapter(load_model(resolve_model(cfg.model), cfg.model, cfg.quant), rd.adapter)

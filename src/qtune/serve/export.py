@@ -35,7 +35,7 @@ def merge_run(run_dir: str | Path, dtype: str = "fp16"):
     from qtune.rundir import RunDir
 
     rd = RunDir(Path(run_dir)).require_adapter()
-    cfg = load_config(rd.config)
+    cfg = load_config(rd.config, saved_run=True)
     cfg.model.trust_remote_code = False  # as for load_trained: never from a run's config alone
     base = load_model(resolve_model(cfg.model), cfg.model, QuantConfig(quant=dtype))
     merged = PeftModel.from_pretrained(base, str(rd.adapter)).merge_and_unload()
@@ -63,6 +63,8 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "fp16", ove
         raise QtuneError(f"--dtype {dtype!r}: expected one of {', '.join(MERGE_DTYPES)}")
     rd = RunDir(Path(run_dir)).require_adapter()
     out = Path(out)
+    if out.resolve() == rd.root.resolve() or rd.root.resolve() in out.resolve().parents or out.resolve() in rd.root.resolve().parents:
+        raise QtuneError(f"{out}: the output must lie outside the run directory {rd.root}")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise QtuneError(f"{out}: output directory exists and is not empty; pass --overwrite or choose another")

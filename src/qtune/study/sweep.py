@@ -228,7 +228,7 @@ def collect_result(run: Run, rd: RunDir, rc: int, wall: float, log: str, base: P
 
             seq = _longest_train_sample(rd)
             device = "cuda" if result["peak_allocated_gib"] is not None else "cpu"
-            est = estimate_run_config(load_config(rd.config), seq_len=seq, device=device)
+            est = estimate_run_config(load_config(rd.config, saved_run=True), seq_len=seq, device=device)
             result["estimate_gib"] = round(est.peak_gib, 4)
             result["estimate"] = est.to_dict()
         except Exception as e:  # noqa: BLE001 - an estimate failure must not lose a finished run

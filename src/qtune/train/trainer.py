@@ -54,6 +54,8 @@ def make_run_dir(path: str | Path, overwrite: bool) -> RunDir:
     if root.exists() and any(root.iterdir()):
         if not overwrite:
             raise QtuneError(f"{root}: run directory exists and is not empty; pass --overwrite or choose another train.output_dir")
+        if not (RunDir(root).config.is_file()):
+            raise QtuneError(f"{root}: not a qtune run directory (no config.yaml); --overwrite only replaces runs")
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     return RunDir(root)
