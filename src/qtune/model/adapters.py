@@ -107,7 +107,7 @@ def load_trained(run_dir: str | Path, trust_remote_code: bool = False, quant: st
         quant: weight format of the base for this load (a ``QuantConfig.quant`` value); None: the run's own.
 
     ``model.trust_remote_code`` in the run's config is ignored: remote model code runs only when the caller
-    passes ``trust_remote_code=True`` (the CLI's ``--trust-remote-code``).
+    asks for it (the CLI's ``--trust-remote-code`` flag).
 
     Returns:
         (PeftModel in eval mode, tokenizer, RunConfig); with ``quant`` given, ``cfg.quant.quant`` is ``quant``.
