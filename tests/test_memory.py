@@ -106,6 +106,30 @@ def test_nf4_double_quant_weights_after_load(llama7b):
     assert saved_bits == pytest.approx(0.373, abs=0.002)
 
 
+def test_skip_modules_are_counted_unquantized_as_loaded(tiny_model_dir):
+    q = QuantConfig(quant="nf4", skip_modules=["down_proj"])
+    model = load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), q)
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert type(model.lm_head) is torch.nn.Linear  # still left unquantized beside the named modules
+    counts = count_model(AutoConfig.from_pretrained(tiny_model_dir), ("down_proj",))
+    assert not any(name.endswith("down_proj") for name, _, _ in counts.quantizable)
+    est = estimate(counts, TrainShape(quant="nf4", device="cpu"))
+    assert est.term("frozen_weights").bytes == model.get_memory_footprint()
+    assert est.term("quant_constants").bytes == _quant_state_bytes(model)
+
+
+def test_qtune_switches_remove_the_upcast_and_shrink_the_logits(llama7b):
+    stock = TrainShape(quant="nf4", r=16, seq_len=512)
+    est = estimate(llama7b, stock)
+    no_upcast = estimate(llama7b, replace(stock, upcast_frozen=False))
+    assert est.term("kbit_fp32_upcast").bytes == 2 * llama7b.kept_params and no_upcast.term("kbit_fp32_upcast").bytes == 0
+    # the residual stream stays bf16: each layer input saved under checkpointing halves
+    assert no_upcast.term("activations").bytes == est.term("activations").bytes // 2
+    quarter = estimate(llama7b, replace(stock, logit_fraction=0.25))
+    assert quarter.term("logits_loss").bytes == est.term("logits_loss").bytes // 4 == 3 * 512 * 32000
+
+
 def test_checkpointing_and_batch_move_the_peak_the_right_way(llama7b):
     base = TrainShape(quant="nf4", r=16, seq_len=1024, batch_size=2)
     with_gc = estimate(llama7b, base)
@@ -144,7 +168,8 @@ def test_estimate_cli_json_and_errors(tmp_path):
     assert res.exit_code == 0 and "largest batch at 2048 tokens:" in res.output
     (tmp_path / "empty").mkdir()
     for args, msg in [(["--model", str(tmp_path / "empty")], "not a model directory"),
-                      (["--model", str(LLAMA2_7B), "--quant", "nf4", "--r", "0"], "full fine-tuning")]:
+                      (["--model", str(LLAMA2_7B), "--quant", "nf4", "--r", "0"], "full fine-tuning"),
+                      (["--model", str(LLAMA2_7B), "--target-modules", "foo"], "Target modules {'foo'} not found")]:
         res = runner.invoke(app, ["estimate", *args])
         assert res.exit_code == 2 and msg in res.output and len(res.output.strip().splitlines()) == 1
 

@@ -39,6 +39,28 @@ def test_expand_names_overrides_variants_and_skips_loftq_on_int8(tmp_path):
     assert dora["lora.use_dora"] is True and dora["lora.r"] == 4 and dora["lora.lora_alpha"] == 8.0
 
 
+def test_named_runs_cross_the_axes_and_names_are_safe_file_names(tmp_path):
+    spec_path = _write(tmp_path / "s.yaml", {
+        "runs": {"fp32": {"quant.quant": "none"}, "nf4-skip": {"quant.skip_modules": ["down_proj"]}},
+        "axes": {"r": [4, 16], "data.path": ["org/dataset"]}})
+    runs, _ = expand(*load_sweep(spec_path))
+    assert [r.name for r in runs] == ["fp32-r4-path=org_dataset", "fp32-r16-path=org_dataset",
+                                      "nf4-skip-r4-path=org_dataset", "nf4-skip-r16-path=org_dataset"]
+    assert runs[0].overrides["quant.quant"] == "none" and runs[0].labels["run"] == "fp32"
+    assert runs[3].overrides["quant.skip_modules"] == ["down_proj"] and runs[3].overrides["lora.r"] == 16
+    dup = _write(tmp_path / "d.yaml", {"runs": {"a/b": {}, "a_b": {}}})
+    with pytest.raises(QtuneError, match="run name 'a_b' occurs twice"):
+        expand(*load_sweep(dup))
+
+
+def test_metrics_reader_skips_a_truncated_last_line(tmp_path):
+    from qtune.study.sweep import read_metrics
+
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert read_metrics(p) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+
+
 SWEEPS = sorted(Path(__file__).resolve().parents[1].joinpath("configs", "sweeps").glob("*.yaml"))
 
 
@@ -86,6 +108,7 @@ def sweep_dir(tiny_model_dir, tmp_path_factory):
                 "data.max_length": 96, "train.max_steps": 4, "train.warmup_steps": 1, "train.batch_size": 4,
                 "train.learning_rate": 1e-2, "train.seed": 0},
         "axes": {"r": [4], "lora.target_modules": ["all-linear", ["no_such_module"]]},
+        "humaneval_limit": 2, "humaneval_max_new_tokens": 8,
     }
     path = _write(root / "sweep.yaml", spec)
     out = run_sweep(path, echo=lambda s: None)
@@ -105,8 +128,18 @@ def test_sweep_records_success_and_failure(sweep_dir):
     assert ok["estimate"]["trainable_params"] == ok["trainable_params"]  # the estimator counts what PEFT trained
     assert bad["status"] == "failed" and "no_such_module" in bad["error"] and bad["returncode"] != 0
     assert out["best"] == ok["run"]
+    # the base alone on the same validation rows, as `qtune eval` computes it
+    from qtune.evaluate.perplexity import evaluate_run
+
+    again = evaluate_run(ok["config"]["train"]["output_dir"], ("val",))
+    assert ok["base_val_loss"] == pytest.approx(again["base"]["val"]["loss"], rel=1e-5)
+    assert ok["val_loss"] == pytest.approx(again["adapter"]["val"]["loss"], rel=1e-4)
+    # 8 new tokens from a random model pass nothing; the samples were generated and scored
+    assert ok["humaneval_pass@1"] == 0.0 and ok["base_humaneval_pass@1"] == 0.0 and ok["humaneval_limit"] == 2
+    he = Path(ok["config"]["train"]["output_dir"]) / "humaneval"
+    assert len((he / "adapter_results.jsonl").read_text().splitlines()) == 2 and (he / "base.json").is_file()
     table = (d / "results.md").read_text()
-    assert "| r4-target_modules=all-linear | ok |" in table and "failed" in table
+    assert "| r4-target_modules=all-linear | ok |" in table and "failed" in table and "HumanEval pass@1" in table
     assert (d / "results.csv").read_text().count("\n") == 3
 
 
@@ -163,27 +196,41 @@ def test_loraplus_optimizer_gives_b_a_higher_learning_rate(tiny_model_dir):
     assert loraplus_optimizer(model, LoraSettings(r=4), 1e-3, 0.0) is None
 
 
-def test_loftq_needs_a_4bit_base_and_on_cpu_says_it_needs_cuda(tiny_model_dir):
+def test_loftq_needs_a_4bit_base(tiny_model_dir):
     with pytest.raises(ValueError, match="lora.init=loftq needs quant.quant nf4 or fp4"):
         RunConfig.model_validate({"quant": {"quant": "int8"}, "lora": {"init": "loftq"}})
-    if torch.cuda.is_available():
-        pytest.skip("CPU-only check")
-    model = load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="nf4"))
-    with pytest.raises(QtuneError, match="needs a CUDA device"):
-        attach_lora(model, LoraSettings(r=4, init="loftq"), True, False)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="PEFT's LoftQ replacement computes on CUDA")
-def test_loftq_starts_closer_to_the_full_precision_model(tiny_model_dir):
-    x = torch.randint(0, 1000, (2, 16), device="cuda")
+def test_loftq_adapter_is_the_rank_r_svd_of_the_quantization_error(tiny_model_dir):
+    """scaling * B @ A equals the best rank-r approximation of W - dequantize(Q), layer by layer, so the
+    model at step 0 is closer to the full-precision one than NF4 alone."""
+    from safetensors.torch import load_file
+
+    from qtune.model.loftq import _dequantized
+
+    x = torch.randint(0, 1000, (2, 16))
     ref = load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="none"))
     with torch.no_grad():
         target = ref(input_ids=x).logits.float()
+    weights = load_file(f"{tiny_model_dir}/model.safetensors")
     err = {}
     for init in ("default", "loftq"):
         m = load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="nf4", compute_dtype="float32"))
-        m = attach_lora(m, LoraSettings(r=8, init=init, lora_dropout=0.0), True, False).eval()
+        m = attach_lora(m, LoraSettings(r=8, lora_alpha=16, init=init), True, False, model_path=tiny_model_dir).eval()
+        if init == "loftq":
+            layer = m.base_model.model.model.layers[1].mlp.down_proj
+            e = weights["model.layers.1.mlp.down_proj.weight"].float() - _dequantized(layer.base_layer)
+            u, s, vh = torch.linalg.svd(e, full_matrices=False)
+            best = (u[:, :8] * s[:8]) @ vh[:8]
+            got = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+            assert layer.scaling["default"] == 2.0
+            torch.testing.assert_close(got, best, atol=1e-5, rtol=1e-4)
         with torch.no_grad():
             err[init] = (m(input_ids=x).logits.float() - target).pow(2).mean().item()
-    assert err["loftq"] < err["default"]
+    assert err["loftq"] < 0.9 * err["default"]
+
+
+def test_loftq_without_original_weights_is_one_line(tiny_model_dir, tmp_path):
+    m = load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="nf4"))
+    with pytest.raises(QtuneError, match="holds no .safetensors weights"):
+        attach_lora(m, LoraSettings(r=4, init="loftq"), True, False, model_path=str(tmp_path))

@@ -248,3 +248,14 @@ def test_only_out_of_memory_errors_are_rewritten(tiny_model_dir):
     with pytest.raises(RuntimeError, match="shape mismatch"):
         with explain_out_of_memory(model, cfg, total_bytes=2 * 1024**3):
             raise RuntimeError("shape mismatch")
+
+
+def test_target_modules_naming_nothing_is_one_line(tiny_model_dir, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, tmp_path)
+    result = CliRunner().invoke(app, ["train", "--set", f"model.name={tiny_model_dir}", "--set",
+                                      f"data.path={cfg.data.path}", "--set", "data.max_rows=50",
+                                      "--set", f"train.output_dir={tmp_path / 'run'}",
+                                      "--set", "lora.target_modules=[no_such_proj]"])
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1].startswith("error: lora.target_modules=['no_such_proj']: Target modules")
+    assert "Traceback" not in result.output

@@ -68,6 +68,11 @@ class QuantConfig(_Strict):
         description="4-bit only: dtype of the tensors that hold the packed 4-bit weights. FSDP needs it equal to "
         "the dtype of the other parameters (bfloat16) to shard them; uint8 otherwise.",
     )
+    skip_modules: list[str] = Field(
+        default_factory=list,
+        description="Linear layers left unquantized (compute dtype), by name or name suffix as in transformers' "
+        "llm_int8_skip_modules, e.g. [down_proj]; the LM head is always left unquantized.",
+    )
     compute_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto",
         description="dtype of the matmuls against dequantized 4-bit weights. auto: bfloat16 on a GPU that "
@@ -103,7 +108,7 @@ class LoraSettings(_Strict):
     )
     init: Literal["default", "loftq"] = Field(
         "default", description="Adapter initialisation: default (B = 0) or loftq (Li et al. 2023: A, B from the 4-bit "
-        "quantization error, PEFT's replace_lora_weights_loftq; nf4/fp4 bases only)."
+        "quantization error by SVD, qtune.model.loftq; nf4/fp4 bases only)."
     )
 
 

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training, replace_lora_weights_loftq
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
 from qtune.config import LoraSettings
 from qtune.errors import QtuneError
@@ -30,6 +30,20 @@ def lora_config(lora: LoraSettings) -> LoraConfig:
     )
 
 
+def peft_model(model, lora: LoraSettings):
+    """``get_peft_model`` with PEFT's complaint about target modules as one :class:`QtuneError` line.
+
+    Raises:
+        QtuneError: ``lora.target_modules`` names no module of the model.
+    """
+    try:
+        return get_peft_model(model, lora_config(lora), adapter_name=lora.adapter_name)
+    except ValueError as e:
+        if "target" not in str(e).lower():
+            raise
+        raise QtuneError(f"lora.target_modules={lora.target_modules}: {str(e).splitlines()[0]}") from None
+
+
 def attach_lora(
     model,
     lora: LoraSettings,
@@ -37,6 +51,7 @@ def attach_lora(
     gradient_checkpointing: bool,
     upcast_frozen: bool = True,
     offload_activations: bool = False,
+    model_path: str | None = None,
 ):
     """Wrap a frozen base in a trainable LoRA ``PeftModel``.
 
@@ -48,6 +63,11 @@ def attach_lora(
             non-quantized parameter (embeddings, norms, LM head) to float32. Off, they keep the compute dtype.
         offload_activations: with checkpointing, keep the saved layer inputs in CPU memory
             (``activation_checkpointing_enable(offload=True)`` of transformers).
+        model_path: where the base's original weights are, for ``lora.init = "loftq"``
+            (:func:`qtune.model.loftq.loftq_init`); default: the base's ``config._name_or_path``.
+
+    Raises:
+        QtuneError: LoftQ without a 4-bit base layer under LoRA or without the original weights.
     """
     gc_kwargs = {"use_reentrant": False}
     if quantized and upcast_frozen:
@@ -58,14 +78,13 @@ def attach_lora(
         else:  # transformers before activation_checkpointing_enable
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     model.config.use_cache = False
-    if lora.init == "loftq" and not torch.cuda.is_available():
-        raise QtuneError("lora.init=loftq needs a CUDA device (PEFT's replace_lora_weights_loftq computes on the GPU)")
-    model = get_peft_model(model, lora_config(lora), adapter_name=lora.adapter_name)
+    model = peft_model(model, lora)
     if lora.init == "loftq":
-        # LoftQ on an already-quantized base: PEFT reads the original weights from the model's safetensors
-        # (a local directory is passed as is; a hub id is looked up in the local hub cache).
-        source = model.get_base_model().config._name_or_path
-        replace_lora_weights_loftq(model, model_path=source if Path(source).is_dir() else None)
+        from qtune.model.loftq import loftq_init
+
+        # the original weights: the directory (or cached hub id) the quantized base was loaded from
+        source = model_path or model.get_base_model().config._name_or_path
+        print(loftq_init(model, source, lora.adapter_name).line())
     return model
 
 

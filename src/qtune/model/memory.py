@@ -68,6 +68,10 @@ class TrainShape:
         world_size: data-parallel processes (GPUs); the estimate is per GPU.
         strategy: ddp (every GPU holds the whole model, plus DDP's gradient buckets) or fsdp (weights, gradients
             and optimizer states sharded over ``world_size``, one decoder layer gathered at a time).
+        upcast_frozen: on a quantized base, PEFT's ``prepare_model_for_kbit_training`` casts the 16-bit
+            embeddings, norms and LM head to fp32 (qtune's ``train.upcast_frozen``; off by default in qtune).
+        logit_fraction: share of the b x s positions whose LM-head logits are computed (1.0: all). qtune's
+            ``train.response_logits_only`` computes them only where a label is supervised.
     """
 
     quant: str = "nf4"
@@ -84,6 +88,8 @@ class TrainShape:
     compute_dtype: str = "auto"
     world_size: int = 1
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    upcast_frozen: bool = True
+    logit_fraction: float = 1.0
 
     def compute_bytes(self) -> int:
         """Bytes per element of activations and of the non-quantized weights as loaded."""
@@ -171,8 +177,10 @@ def _meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def count_model(config) -> ModelCounts:
+def count_model(config, skip_modules: tuple[str, ...] = ()) -> ModelCounts:
     """Count parameters of ``config``'s causal LM on the meta device (no storage).
+
+    ``skip_modules``: names or name suffixes of linear layers also left unquantized (``quant.skip_modules``).
 
     The linear layers bitsandbytes quantizes are every ``nn.Linear`` except the modules transformers keeps in
     full precision (``get_keys_to_not_convert``: the output embedding / lm_head, tied weights and the last
@@ -183,7 +191,7 @@ def count_model(config) -> ModelCounts:
     from transformers.quantizers.base import get_keys_to_not_convert
 
     model = _meta_model(config)
-    skip = set(get_keys_to_not_convert(model))
+    skip = set(get_keys_to_not_convert(model)) | set(skip_modules)
     quantizable, q_bias, seen = [], 0, set()
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip):
@@ -223,7 +231,13 @@ def peft_trainable(counts: ModelCounts, shape: TrainShape) -> int:
 
         conf = LoraConfig(r=shape.r, lora_alpha=2 * shape.r, target_modules=list(target) if isinstance(target, tuple) else target,
                           use_dora=shape.use_dora, bias="none", task_type="CAUSAL_LM")
-        model = get_peft_model(_meta_model(counts.config), conf)
+        try:
+            model = get_peft_model(_meta_model(counts.config), conf)
+        except ValueError as e:
+            from qtune.errors import QtuneError
+
+            raise QtuneError(f"target modules {list(target) if isinstance(target, tuple) else target}: "
+                             f"{str(e).splitlines()[0]}") from None
         counts.trainable[key] = model.get_nb_trainable_parameters()[0]
     return counts.trainable[key]
 
@@ -345,7 +359,7 @@ def estimate(counts: ModelCounts, s: TrainShape) -> MemoryEstimate:
         Term("quant_constants", constants, "bitsandbytes QuantState: absmax per 64 weights, fp32 or 8-bit + fp32 "
              "per 256 with double quantization (QLoRA sec. 3); int8: fp32 per row (LLM.int8())"),
     ]
-    upcast = kept * (4 - load) if s.quantized and load < 4 else 0
+    upcast = kept * (4 - load) if s.quantized and load < 4 and s.upcast_frozen else 0
     terms.append(Term("kbit_fp32_upcast", upcast, "PEFT prepare_model_for_kbit_training casts the non-quantized "
                       "16-bit parameters (embeddings, lm_head, norms) to fp32"))
 
@@ -358,7 +372,7 @@ def estimate(counts: ModelCounts, s: TrainShape) -> MemoryEstimate:
     terms.append(Term("optimizer_states", opt, "AdamW: exp_avg and exp_avg_sq per trainable parameter "
                       "(Loshchilov & Hutter 2019; 4 x 28 GB = 112 GB for 7B fp32 full fine-tuning with grads)"))
 
-    er = 4 if (s.quantized and load < 4) or load == 4 else e  # residual stream dtype follows the embedding's
+    er = 4 if (s.quantized and load < 4 and s.upcast_frozen) or load == 4 else e  # follows the embedding's dtype
     layer = _layer_activation_bytes(counts, s, e, er) * tokens
     if s.gradient_checkpointing:
         saved = counts.layers * er * counts.hidden * tokens
@@ -383,9 +397,10 @@ def estimate(counts: ModelCounts, s: TrainShape) -> MemoryEstimate:
     terms.append(Term("autocast_copies", casts, "torch.autocast keeps 16-bit copies of fp32 weights used in "
                       "matmuls for the backward pass (PyTorch AMP docs)"))
 
-    logits = 12 * tokens * counts.vocab
+    logits = int(12 * min(1.0, s.logit_fraction) * tokens * counts.vocab)
     logit_src = ("logits + fp32 upcast + log-softmax in forward, then saved log-softmax, its gradient and the "
-                 "logits' gradient in fp32 (transformers ForCausalLMLoss): 12 bytes x b x s x V")
+                 "logits' gradient in fp32 (transformers ForCausalLMLoss): 12 bytes x positions x V, positions = "
+                 + ("b x s" if s.logit_fraction >= 1 else "supervised tokens only (response-only logits)"))
     terms.append(Term("logits_loss", logits, logit_src, in_peak=logits >= workspace))
     terms.append(Term("layer_workspace", workspace, "backward of one decoder layer: recomputed activations under "
                       "checkpointing, activation gradients, one dequantized 4-bit weight (QLoRA)",
@@ -461,9 +476,15 @@ def fit(counts: ModelCounts, s: TrainShape, budget_gib: float, max_seq_len: int 
     return {"budget_gib": budget_gib, "seq_len": s.seq_len, "max_batch_size": b, "peak_gib": round(p, 3), "table": table}
 
 
-def run_config_inputs(cfg, seq_len: int | None = None, device: str | None = None) -> tuple[ModelCounts, TrainShape]:
+def run_config_inputs(cfg, seq_len: int | None = None, device: str | None = None,
+                      supervised_len: int | None = None) -> tuple[ModelCounts, TrainShape]:
     """Model counts and training shape of a :class:`qtune.config.RunConfig` (micro-batch ``train.batch_size``,
-    ``seq_len`` defaulting to ``data.max_length``) on ``device`` (default: cuda when visible)."""
+    ``seq_len`` defaulting to ``data.max_length``) on ``device`` (default: cuda when visible).
+
+    ``supervised_len``: most supervised (response) tokens in one sample; with ``train.response_logits_only`` the
+    logits term counts ``batch_size x supervised_len`` positions (a bound; default: all positions)."""
+    from dataclasses import replace
+
     import torch
     from transformers import AutoConfig
 
@@ -477,10 +498,14 @@ def run_config_inputs(cfg, seq_len: int | None = None, device: str | None = None
         lora_dropout=cfg.lora.lora_dropout, batch_size=cfg.train.batch_size, seq_len=seq_len or cfg.data.max_length,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         device=device or ("cuda" if torch.cuda.is_available() else "cpu"), compute_dtype=cfg.quant.compute_dtype,
+        upcast_frozen=cfg.train.upcast_frozen,
     )
-    return count_model(conf), shape
+    if cfg.train.response_logits_only and supervised_len:
+        shape = replace(shape, logit_fraction=min(1.0, supervised_len / shape.seq_len))
+    return count_model(conf, tuple(cfg.quant.skip_modules)), shape
 
 
-def estimate_run_config(cfg, seq_len: int | None = None, device: str | None = None) -> MemoryEstimate:
+def estimate_run_config(cfg, seq_len: int | None = None, device: str | None = None,
+                        supervised_len: int | None = None) -> MemoryEstimate:
     """Estimate for a :class:`qtune.config.RunConfig`; see :func:`run_config_inputs`."""
-    return estimate(*run_config_inputs(cfg, seq_len, device))
+    return estimate(*run_config_inputs(cfg, seq_len, device, supervised_len))

@@ -40,8 +40,10 @@ def compute_dtype(q: QuantConfig, cuda: bool | None = None) -> torch.dtype:
 def load_kwargs(q: QuantConfig) -> dict:
     """Keyword arguments for ``from_pretrained``: ``dtype`` and, for bitsandbytes formats, ``quantization_config``."""
     dtype = compute_dtype(q)
+    # an explicit skip list replaces transformers' default (the LM head), so the LM head is named again
+    skip = {"llm_int8_skip_modules": ["lm_head", *q.skip_modules]} if q.skip_modules else {}
     if q.quant == "int8":
-        return {"dtype": dtype, "quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+        return {"dtype": dtype, "quantization_config": BitsAndBytesConfig(load_in_8bit=True, **skip)}
     if q.quant in ("nf4", "fp4"):
         bnb = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -49,6 +51,7 @@ def load_kwargs(q: QuantConfig) -> dict:
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=torch.uint8 if q.quant_storage == "uint8" else _DTYPES[q.quant_storage],
+            **skip,
         )
         return {"dtype": dtype, "quantization_config": bnb}
     return {"dtype": dtype}

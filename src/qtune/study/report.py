@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from qtune.errors import QtuneError
-from qtune.study.sweep import best_run, load_results, md_table, table_rows
+from qtune.study.sweep import best_run, load_results, md_table, read_metrics, table_rows
 
 FIGURES = ("memory", "memory_over_time", "loss", "lr", "pareto")
 
@@ -33,9 +33,7 @@ def _metrics(sweep_dir: Path, result: dict) -> list[dict]:
     path = Path(cfg.get("train", {}).get("output_dir", sweep_dir / "runs" / result["run"])) / "metrics.jsonl"
     if not path.is_file():
         path = sweep_dir / "runs" / result["run"] / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return read_metrics(path)
 
 
 def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:

@@ -12,10 +12,15 @@ A sweep file (YAML)::
       learning_rate: [2.0e-4]   # train.learning_rate
       batch_size: [4]           # train.batch_size
       variant: [lora, dora]     # lora, dora, rslora, loraplus, loftq (loftq only on nf4/fp4; other pairs skipped)
+    runs:                       # optional named configurations, each crossed with the axes (an ablation list)
+      fp32: {quant.quant: none}
+      nf4-lr5e-4: {train.learning_rate: 5.0e-4}
+    humaneval_limit: 20         # optional: greedy HumanEval pass@1 on the first N problems for each run
 
 Each run executes in its own process, so its peak memory is its own. A rerun skips runs whose result file exists
 (``retry_failed`` reruns failures). A failed run (exception, out of memory, NaN loss) is recorded with its error
-and the sweep goes on.
+and the sweep goes on. Each finished run also gets the validation loss of its base alone (the quantization-only
+setup: same weights, adapter disabled), computed once per distinct base.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,6 +70,11 @@ class SweepSpec(BaseModel):
     output_dir: str = Field("runs/sweep", description="Sweep directory (relative to the working directory).")
     set: dict[str, Any] = Field(default_factory=dict, description="Dotted overrides applied to every run.")
     axes: dict[str, list[Any]] = Field(default_factory=dict, description="Grid axes: name -> values.")
+    runs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Named configurations (name -> dotted overrides), each crossed with the axes.")
+    humaneval_limit: int | None = Field(
+        None, gt=0, description="Greedy HumanEval pass@1 on the first N problems after each finished run.")
+    humaneval_max_new_tokens: int = Field(384, gt=0, description="Most new tokens per HumanEval answer.")
     alpha_per_r: float | None = Field(2.0, description="lora_alpha = alpha_per_r x r per run; None keeps the base's.")
     timeout_s: float | None = Field(None, gt=0, description="Per-run wall-clock limit; a run over it is failed.")
     retry_failed: bool = Field(False, description="Rerun runs whose result says failed.")
@@ -105,6 +116,9 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Path | None]:
     for v in spec.axes.get("variant", []):
         if v not in VARIANTS:
             problems.append(f"{path}: axes.variant: unknown variant {v!r} (expected one of {', '.join(VARIANTS)})")
+    for name, over in spec.runs.items():
+        if not isinstance(over, dict):
+            problems.append(f"{path}: runs.{name}: expected a mapping of dotted config keys to values")
     base = None
     if spec.base:
         base = (path.parent / spec.base).resolve()
@@ -123,8 +137,16 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def run_name(parts: list[str]) -> str:
+    """A run name safe as a file name: the parts joined by "-", anything but letters, digits and ``._=+-``
+    replaced by "_" (an axis value such as ``org/model`` must not make a subdirectory)."""
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", "-".join(p for p in parts if p)) or "base"
+
+
 def expand(spec: SweepSpec, base: Path | None) -> tuple[list[Run], list[str]]:
     """The grid as runs, in file order, plus a note for each skipped combination (loftq on a non-4-bit base).
+
+    With ``runs``, every named configuration is crossed with the axes; its name leads the run name.
 
     Every run's config is validated (``load_config``) before anything trains.
 
@@ -133,9 +155,10 @@ def expand(spec: SweepSpec, base: Path | None) -> tuple[list[Run], list[str]]:
     """
     axes = list(spec.axes.items())
     runs, notes, problems = [], [], []
-    for combo in itertools.product(*(values for _, values in axes)):
-        overrides = dict(spec.set)
-        labels, parts = {}, []
+    named = list(spec.runs.items()) or [("", {})]
+    for (rname, rover), combo in itertools.product(named, itertools.product(*(values for _, values in axes))):
+        overrides = dict(spec.set) | rover
+        labels, parts = ({"run": rname} if rname else {}), [rname]
         for (axis, _), value in zip(axes, combo):
             labels[axis] = value
             if axis == "variant":
@@ -149,7 +172,7 @@ def expand(spec: SweepSpec, base: Path | None) -> tuple[list[Run], list[str]]:
             parts.append(f"{prefix}{_fmt(value)}")
         if "lora.lora_alpha" not in overrides and spec.alpha_per_r is not None and "lora.r" in overrides:
             overrides["lora.lora_alpha"] = spec.alpha_per_r * overrides["lora.r"]
-        name = "-".join(parts) or "base"
+        name = run_name(parts)
         try:
             cfg = load_config(base, set_args(overrides))
         except QtuneError as e:
@@ -162,6 +185,8 @@ def expand(spec: SweepSpec, base: Path | None) -> tuple[list[Run], list[str]]:
         labels.setdefault("quant", cfg.quant.quant)
         labels.setdefault("r", cfg.lora.r)
         runs.append(Run(name, overrides, labels))
+    seen = [r.name for r in runs]
+    problems += [f"run name {n!r} occurs twice (rename a runs: entry)" for n in sorted({n for n in seen if seen.count(n) > 1})]
     if problems:
         raise QtuneError("\n".join(problems))
     return runs, notes
@@ -187,14 +212,31 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _longest_train_sample(rd: RunDir) -> int | None:
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a line that is not a JSON object (a run killed mid-write leaves a
+    truncated last line) is skipped."""
+    out = []
+    if Path(path).is_file():
+        for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
+
+
+def _longest_train_sample(rd: RunDir) -> tuple[int | None, int | None]:
+    """(most tokens, most supervised tokens) of one training sample; (None, None) without the split."""
     try:
         from qtune.data.prepare import load_splits
 
         train = load_splits(rd.data)["train"]
-        return max(len(x) for x in train["input_ids"])
+        return (max(len(x) for x in train["input_ids"]),
+                max(sum(1 for t in lab if t != -100) for lab in train["labels"]))
     except Exception:  # noqa: BLE001 - the estimate is optional; a missing split only drops it
-        return None
+        return None, None
 
 
 def collect_result(run: Run, rd: RunDir, rc: int, wall: float, log: str, base: Path | None) -> dict:
@@ -203,10 +245,7 @@ def collect_result(run: Run, rd: RunDir, rc: int, wall: float, log: str, base: P
     status, error = "ok", None
     if rc != 0 or not summary:
         status, error = "failed", _last_error(log) if rc != 0 else "no train_summary.json"
-    losses = []
-    if rd.metrics.is_file():
-        losses = [json.loads(x).get("loss") for x in rd.metrics.read_text().splitlines() if x.strip()]
-        losses = [x for x in losses if x is not None]
+    losses = [rec["loss"] for rec in read_metrics(rd.metrics) if rec.get("loss") is not None]
     if status == "ok" and any(isinstance(x, float) and not math.isfinite(x) for x in losses + [summary.get("val_loss")] if x is not None):
         status, error = "failed", "NaN or infinite loss"
     result = {
@@ -226,9 +265,10 @@ def collect_result(run: Run, rd: RunDir, rc: int, wall: float, log: str, base: P
         try:
             from qtune.model.memory import estimate_run_config
 
-            seq = _longest_train_sample(rd)
+            seq, supervised = _longest_train_sample(rd)
             device = "cuda" if result["peak_allocated_gib"] is not None else "cpu"
-            est = estimate_run_config(load_config(rd.config, saved_run=True), seq_len=seq, device=device)
+            est = estimate_run_config(load_config(rd.config, saved_run=True), seq_len=seq, device=device,
+                                      supervised_len=supervised)
             result["estimate_gib"] = round(est.peak_gib, 4)
             result["estimate"] = est.to_dict()
         except Exception as e:  # noqa: BLE001 - an estimate failure must not lose a finished run
@@ -283,6 +323,57 @@ def run_one(run: Run, sweep_dir: Path, base: Path | None, timeout_s: float | Non
     return result
 
 
+def qtune_eval(args: list[str], timeout_s: float | None = None) -> dict:
+    """Run ``qtune eval ARGS --json`` in a fresh process (the qtune this process runs) and return its JSON.
+
+    Raises:
+        QtuneError: the evaluation failed or timed out (its last error line).
+    """
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "qtune.cli", "eval", *args, "--json"], capture_output=True,
+                              text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        raise QtuneError(f"qtune eval {' '.join(args)}: timed out after {timeout_s} s") from None
+    if proc.returncode != 0:
+        raise QtuneError(_last_error(proc.stderr + proc.stdout))
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def base_key(result: dict) -> str:
+    """What the base model of a run depends on: model, quantization and data (the same key, the same base loss)."""
+    cfg = result.get("config") or {}
+    return json.dumps([cfg.get("model"), cfg.get("quant"), cfg.get("data")], sort_keys=True)
+
+
+def add_evaluations(res: dict, spec: SweepSpec, earlier: list[dict], echo=print) -> None:
+    """Add to a finished run's record the validation loss of its base alone (``base_val_loss``, reused from an
+    earlier run with the same base) and, with ``spec.humaneval_limit``, greedy HumanEval pass@1 of the run and of
+    its base (``humaneval_pass@1``, ``base_humaneval_pass@1``). A failed evaluation is recorded in
+    ``eval_error``; the run stays finished."""
+    rd = (res.get("config") or {}).get("train", {}).get("output_dir")
+    same = [r for r in earlier if r.get("status") == "ok" and base_key(r) == base_key(res) and r["run"] != res["run"]]
+    try:
+        prev = next((r for r in same if r.get("base_val_loss") is not None), None)
+        res["base_val_loss"] = (prev["base_val_loss"] if prev else
+                                qtune_eval(["--run", rd, "--splits", "val"], spec.timeout_s)["base"]["val"]["loss"])
+        if spec.humaneval_limit:
+            he = ["--run", rd, "--humaneval", "--limit", str(spec.humaneval_limit),
+                  "--max-new-tokens", str(spec.humaneval_max_new_tokens)]
+            echo(f"    HumanEval, first {spec.humaneval_limit} problems ...")
+            res["humaneval_limit"] = spec.humaneval_limit
+            res["humaneval_pass@1"] = qtune_eval(he, spec.timeout_s)["pass@1"]
+            prev = next((r for r in same if r.get("base_humaneval_pass@1") is not None
+                         and r.get("humaneval_limit") == spec.humaneval_limit), None)
+            res["base_humaneval_pass@1"] = (prev["base_humaneval_pass@1"] if prev else
+                                            qtune_eval(he + ["--base"], spec.timeout_s)["pass@1"])
+    except (QtuneError, KeyError, ValueError) as e:
+        res["eval_error"] = str(e)
+        echo(f"    evaluation failed: {e}")
+
+
 def results_dir(sweep_dir: Path) -> Path:
     return Path(sweep_dir) / "results"
 
@@ -311,7 +402,9 @@ COLUMNS = [("run", "run"), ("status", "status"), ("quant", "quant"), ("r", "r"),
            ("learning_rate", "lr"), ("batch_size", "batch"), ("peak_gib", "peak GiB"),
            ("estimate_gib", "estimate GiB"), ("wall_time_s", "train s"), ("tokens_per_s", "tokens/s"),
            ("trainable_params", "trainable"), ("final_train_loss", "final train loss"), ("val_loss", "val loss"),
-           ("val_perplexity", "val ppl"), ("error", "error")]
+           ("val_perplexity", "val ppl"), ("base_val_loss", "base val loss"),
+           ("humaneval_pass@1", "HumanEval pass@1"), ("base_humaneval_pass@1", "base HumanEval pass@1"),
+           ("error", "error")]
 
 
 def table_rows(results: list[dict]) -> list[dict]:
@@ -359,7 +452,8 @@ def write_table(sweep_dir: str | Path, results: list[dict]) -> tuple[Path, Path]
 
 def md_table(rows: list[dict]) -> str:
     """The rows as a GitHub Markdown table (error column only when some run failed)."""
-    cols = [(k, h) for k, h in COLUMNS if k != "error" or any(r.get("error") for r in rows)]
+    optional = {"error", "humaneval_pass@1", "base_humaneval_pass@1"}  # shown only when some run has them
+    cols = [(k, h) for k, h in COLUMNS if k not in optional or any(r.get(k) is not None for r in rows)]
     out = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     out += ["| " + " | ".join(_cell(r.get(k)) for k, _ in cols) + " |" for r in rows]
     return "\n".join(out)
@@ -389,10 +483,14 @@ def run_sweep(path: str | Path, final: bool = False, echo=print) -> dict:
             continue
         echo(f"[{i}/{len(runs)}] {run.name}: training ...")
         res = run_one(run, sweep_dir, base, spec.timeout_s)
+        if res["status"] == "ok":
+            earlier = [r for r in (_read_json(f) for f in results_dir(sweep_dir).glob("*.json")) if r]
+            add_evaluations(res, spec, earlier, echo)
         out.write_text(json.dumps(res, indent=2), encoding="utf-8")
         if res["status"] == "ok":
+            he = f", HumanEval pass@1 {res['humaneval_pass@1']}" if res.get("humaneval_pass@1") is not None else ""
             echo(f"[{i}/{len(runs)}] {run.name}: ok, {res['wall_time_s']} s, peak {res['peak_gib']} GiB "
-                 f"(estimate {res['estimate_gib']}), val loss {res['val_loss']}")
+                 f"(estimate {res['estimate_gib']}), val loss {res['val_loss']} (base {res.get('base_val_loss')}){he}")
         else:
             echo(f"[{i}/{len(runs)}] {run.name}: FAILED: {res['error']}")
     names = {r.name for r in runs}
@@ -415,16 +513,12 @@ def run_final(sweep_dir: Path, run: Run, base: Path | None, timeout_s: float | N
     res = run_one(run, sweep_dir, base, timeout_s, run_root="final")
     if res["status"] == "ok":
         rd = sweep_dir / "final" / run.name
-        proc = subprocess.run([sys.executable, "-m", "qtune.cli", "eval", "--run", str(rd), "--splits", "test", "--json"],
-                              capture_output=True, text=True, timeout=timeout_s,
-                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])
-                                       + os.pathsep + os.environ.get("PYTHONPATH", "")))
-        if proc.returncode == 0:
-            res["test"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        try:
+            res["test"] = qtune_eval(["--run", str(rd), "--splits", "test"], timeout_s)
             t = res["test"]["adapter"].get("test")
             if t:
                 echo(f"final: test loss {t['loss']:.4f} (perplexity {t['perplexity']:.3f}); base {res['test']['base']['test']['loss']:.4f}")
-        else:
-            res["status"], res["error"] = "failed", _last_error(proc.stderr + proc.stdout)
+        except QtuneError as e:
+            res["status"], res["error"] = "failed", str(e)
     (sweep_dir / "final.json").write_text(json.dumps(res, indent=2), encoding="utf-8")
     return res

@@ -134,7 +134,8 @@ def build_trainer(cfg: RunConfig, model_path: str, tokenizer, train_dataset, eva
     set_seed(cfg.train.seed)
     model = load_model(model_path, cfg.model, cfg.quant)
     model = attach_lora(model, cfg.lora, is_quantized(cfg.quant), cfg.train.gradient_checkpointing,
-                        upcast_frozen=cfg.train.upcast_frozen, offload_activations=cfg.train.offload_activations)
+                        upcast_frozen=cfg.train.upcast_frozen, offload_activations=cfg.train.offload_activations,
+                        model_path=model_path)
     trainer = Trainer(
         model=model,
         args=args or training_arguments(cfg, output_dir),
