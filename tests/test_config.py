@@ -74,3 +74,20 @@ def test_launch_files_are_valid_accelerate_configs(path):
 
     cfg = ClusterConfig.from_yaml_file(path)
     assert cfg.num_processes >= 2 and cfg.mixed_precision == "bf16"
+
+
+def test_gguf_cache_key_follows_the_content_not_the_path(tmp_path, monkeypatch):
+    import os
+
+    from qtune.model.load import gguf_cache_dir
+
+    monkeypatch.setenv("QTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    body = bytes(range(256)) * (3 * 4096 + 7)  # 3 MiB and a bit: head and tail are different MiBs
+    a, b = tmp_path / "venv1" / "m.gguf", tmp_path / "venv2" / "m.gguf"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_bytes(body)
+    os.utime(b, ns=(1, 1))
+    assert gguf_cache_dir(a) == gguf_cache_dir(b) and gguf_cache_dir(a).parent == tmp_path / "cache" / "gguf"
+    b.write_bytes(body[:-1] + b"\x00")  # same name and size, another last byte
+    assert gguf_cache_dir(a) != gguf_cache_dir(b)

@@ -198,3 +198,17 @@ def test_every_row_becomes_a_sample_or_a_counted_rejection(tokenizer, tmp_path_f
         first = next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
         assert labels[first:] == ids[first:] and set(labels[:first]) == {IGNORE_INDEX} and ids[-1] == tokenizer.eos_token_id
         assert len(ids) <= 96
+
+
+def test_rows_too_few_for_a_training_split_and_zero_budget_are_one_line(tmp_path, tiny_model_dir):
+    src = tmp_path / "rows.json"
+    src.write_text(json.dumps([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(2)]))
+    out = tmp_path / "d"
+    result = runner.invoke(app, ["data", "prepare", "--data", str(src), "--out", str(out),
+                                 "--set", f"model.name={tiny_model_dir}", "--set", "data.split=[0.2, 0.4, 0.4]"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: {src}: 2 usable rows leave no training rows")
+    assert not (out / "splits").exists()
+    result = runner.invoke(app, ["data", "prepare", "--data", str(src), "--out", str(out),
+                                 "--set", f"model.name={tiny_model_dir}", "--max-length", "0"])
+    assert result.exit_code == 2 and result.output.startswith("error:") and "data.max_length" in result.output

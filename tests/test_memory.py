@@ -117,6 +117,12 @@ def test_skip_modules_are_counted_unquantized_as_loaded(tiny_model_dir):
     est = estimate(counts, TrainShape(quant="nf4", device="cpu"))
     assert est.term("frozen_weights").bytes == model.get_memory_footprint()
     assert est.term("quant_constants").bytes == _quant_state_bytes(model)
+    with pytest.raises(QtuneError, match="quant.skip_modules: 'down_prj' names no linear layer"):
+        load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="nf4", skip_modules=["down_prj"]))
+    from qtune.config import RunConfig
+
+    with pytest.raises(ValueError, match="quant.skip_modules needs a quantized base"):
+        RunConfig.model_validate({"quant": {"quant": "fp16", "skip_modules": ["down_proj"]}})
 
 
 def test_qtune_switches_remove_the_upcast_and_shrink_the_logits(llama7b):
@@ -124,6 +130,7 @@ def test_qtune_switches_remove_the_upcast_and_shrink_the_logits(llama7b):
     est = estimate(llama7b, stock)
     no_upcast = estimate(llama7b, replace(stock, upcast_frozen=False))
     assert est.term("kbit_fp32_upcast").bytes == 2 * llama7b.kept_params and no_upcast.term("kbit_fp32_upcast").bytes == 0
+    assert est.term("autocast_copies").bytes == 2 * llama7b.lm_head_params and no_upcast.term("autocast_copies").bytes == 0
     # the residual stream stays bf16: each layer input saved under checkpointing halves
     assert no_upcast.term("activations").bytes == est.term("activations").bytes // 2
     quarter = estimate(llama7b, replace(stock, logit_fraction=0.25))
@@ -169,7 +176,9 @@ def test_estimate_cli_json_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     for args, msg in [(["--model", str(tmp_path / "empty")], "not a model directory"),
                       (["--model", str(LLAMA2_7B), "--quant", "nf4", "--r", "0"], "full fine-tuning"),
-                      (["--model", str(LLAMA2_7B), "--target-modules", "foo"], "Target modules {'foo'} not found")]:
+                      (["--model", str(LLAMA2_7B), "--target-modules", "foo"], "Target modules {'foo'} not found"),
+                      (["--model", str(LLAMA2_7B), "--skip-modules", "down_prj"], "'down_prj' names no linear layer"),
+                      (["--model", str(LLAMA2_7B), "--strategy", "fsdp"], "--world-size 2 or more")]:
         res = runner.invoke(app, ["estimate", *args])
         assert res.exit_code == 2 and msg in res.output and len(res.output.strip().splitlines()) == 1
 

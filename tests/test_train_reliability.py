@@ -132,13 +132,15 @@ class PoisonAfter(TrainerCallback):
                 next(p for n, p in model.named_parameters() if "lora_A" in n).view(-1)[0] = float("nan")
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, capsys):
     cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", quant={"quant": "none"},
                           train={**FAST, "max_steps": 10, "save_steps": 2})
     with pytest.raises(QtuneError) as err:
         train(cfg, callbacks=(PoisonAfter(5),))
     rd = RunDir(tmp_path / "run")
     assert "loss is nan at step 6" in str(err.value) and "checkpoint-4" in str(err.value)
+    bar = capsys.readouterr().err
+    assert "train:" in bar and bar.endswith("\n")  # the progress bar was closed, so the error starts a new line
     names = sorted(p.name for p in rd.checkpoints.iterdir())
     assert names == ["checkpoint-2", "checkpoint-4"]  # step 6 (NaN) saved nothing
     saved = load_file(rd.checkpoints / "checkpoint-4" / "adapter_model.safetensors")
@@ -257,5 +259,6 @@ def test_target_modules_naming_nothing_is_one_line(tiny_model_dir, tmp_path):
                                       "--set", f"train.output_dir={tmp_path / 'run'}",
                                       "--set", "lora.target_modules=[no_such_proj]"])
     assert result.exit_code == 2
-    assert result.output.splitlines()[-1].startswith("error: lora.target_modules=['no_such_proj']: Target modules")
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: lora.target_modules=['no_such_proj']: Target modules")
     assert "Traceback" not in result.output

@@ -91,7 +91,7 @@ def data_prepare(
         overrides.append(f"model.name={json.dumps(model)}")
     if template:
         overrides.append(f"data.template={template}")
-    if max_length:
+    if max_length is not None:  # 0 or a negative value reaches the config's check (one error line)
         overrides.append(f"data.max_length={max_length}")
     try:
         if columns:
@@ -292,6 +292,13 @@ def estimate(
     compute_dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
     world_size: Annotated[int, typer.Option(min=1, help="Data-parallel GPUs; the estimate is per GPU.")] = 1,
     strategy: Annotated[str, typer.Option(help="ddp or fsdp (with --world-size > 1).")] = "ddp",
+    upcast_frozen: Annotated[bool, typer.Option(
+        help="PEFT's fp32 upcast of embeddings, norms and LM head on a quantized base (the stock recipe; qtune's "
+        "train.upcast_frozen is off).")] = True,
+    logit_fraction: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Share of positions whose logits are computed (qtune's response-only logits: the "
+        "supervised share, e.g. 0.4).")] = 1.0,
+    skip_modules: Annotated[str, typer.Option(help="Comma-separated linear layers left unquantized (quant.skip_modules).")] = "",
     fit_gib: Annotated[Optional[float], typer.Option("--fit", min=0.0, help="Also answer the largest batch that fits GIB.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object; peak_gib is the predicted peak.")] = False,
 ) -> None:
@@ -306,13 +313,16 @@ def estimate(
         for opt, (value, allowed) in checks.items():
             if value not in allowed:
                 raise QtuneError(f"--{opt} {value!r}: expected one of {', '.join(allowed)}")
+        if strategy == "fsdp" and world_size < 2:
+            raise QtuneError("--strategy fsdp shards over GPUs: pass --world-size 2 or more")
         tm = target_modules if target_modules == "all-linear" else tuple(t.strip() for t in target_modules.split(",") if t.strip())
         shape = TrainShape(quant=quant, double_quant=double_quant, r=r, target_modules=tm, use_dora=dora,
                            lora_dropout=lora_dropout, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
                            gradient_checkpointing=gradient_checkpointing, device=device, compute_dtype=compute_dtype,
-                           world_size=world_size, strategy=strategy)
+                           world_size=world_size, strategy=strategy, upcast_frozen=upcast_frozen,
+                           logit_fraction=logit_fraction)
         conf = load_model_config(model)
-        counts = count_model(conf)
+        counts = count_model(conf, tuple(m.strip() for m in skip_modules.split(",") if m.strip()))
         est = run_estimate(counts, shape)
         fitted = None
         if fit_gib is not None:

@@ -230,15 +230,22 @@ class RunConfig(_Strict):
     def _loftq_needs_4bit(self) -> "RunConfig":
         if self.lora.init == "loftq" and self.quant.quant not in ("nf4", "fp4"):
             raise ValueError(f"lora.init=loftq needs quant.quant nf4 or fp4 (got {self.quant.quant})")
+        if self.quant.skip_modules and self.quant.quant not in ("int8", "nf4", "fp4"):
+            raise ValueError(f"quant.skip_modules needs a quantized base (quant.quant int8, nf4 or fp4; got "
+                             f"{self.quant.quant})")
         return self
 
 
 def is_local_path(value: str) -> bool:
     """True when ``value`` names a local file or folder rather than a hub id.
 
-    A value is local if it exists, ends with a data/model file suffix, or starts with ``.``, ``/`` or ``~``.
+    A value is local if it exists, ends with a data/model file suffix (or another file suffix such as ``.csv``:
+    hub ids have none), or starts with ``.``, ``/`` or ``~``.
     """
+    suffix = Path(value).suffix.lower()
     if value.endswith(DATA_FILE_SUFFIXES + (".gguf",)) or value.startswith((".", "/", "~")):
+        return True
+    if suffix in (".csv", ".tsv", ".txt", ".gz", ".zip", ".bin", ".pt", ".safetensors", ".arrow", ".yaml", ".yml"):
         return True
     return Path(value).exists()
 
@@ -273,10 +280,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
-        got = "" if e["type"] in ("missing",) else f" (got {e.get('input')!r})"
+        # a model-level check names its own values; its input would be the whole config
+        got = "" if e["type"] in ("missing",) or not e["loc"] else f" (got {e.get('input')!r})"
         if e["type"] == "extra_forbidden":
             msg, got = "unknown key", ""
-        lines.append(f"{source}: {loc}: {msg}{got}")
+        lines.append(f"{source}: {loc}: {msg}{got}" if e["loc"] else f"{source}: {msg}")
     return "\n".join(lines)
 
 

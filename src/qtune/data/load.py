@@ -43,6 +43,8 @@ def _read_json(path: Path) -> list[tuple[int, object]]:
         raise QtuneError(f"{path}: top level is an object; expected a JSON array of rows (use .jsonl for one object per line)")
     if not isinstance(data, list):
         raise QtuneError(f"{path}: top level is {type(data).__name__}; expected a JSON array of rows")
+    if not data:
+        raise QtuneError(f"{path}: file is empty (an empty JSON array); expected a JSON array of objects")
     return list(enumerate(data))
 
 

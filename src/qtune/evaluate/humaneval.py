@@ -31,7 +31,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -39,6 +39,8 @@ def _read_jsonl(path: Path) -> list[dict]:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise QtuneError(f"{path}:{n}:{e.colno}: invalid JSON: {e.msg}") from None
+                except RecursionError:
+                    raise QtuneError(f"{path}:{n}: invalid JSON: nested too deeply") from None
                 if not isinstance(row, dict):
                     raise QtuneError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
                 rows.append((n, row))
@@ -75,8 +77,10 @@ def load_samples(path: str | Path, problems: dict[str, dict]) -> list[dict]:
     p = Path(path)
     samples = []
     for n, row in _read_jsonl(p):
-        if not isinstance(row.get("task_id"), str) or not isinstance(row.get("completion"), str):
-            raise QtuneError(f"{p}:{n}: expected string fields task_id and completion")
+        bad = [k for k in ("task_id", "completion") if not isinstance(row.get(k), str)]
+        if bad:
+            raise QtuneError(f"{p}:{n}: expected string fields task_id and completion ({', '.join(bad)} "
+                             f"{'is' if len(bad) == 1 else 'are'} missing or not a string)")
         if row["task_id"] not in problems:
             raise QtuneError(f"{p}:{n}: unknown task_id {row['task_id']!r}")
         samples.append({"task_id": row["task_id"], "completion": row["completion"]})
@@ -243,10 +247,12 @@ def problem_prompt(problem: dict, template: str, tokenizer=None) -> str:
 
 def generate_answers(model, tokenizer, prompts: list[str], samples: int = 1, max_new_tokens: int = 384,
                      temperature: float = 0.0, top_p: float = 0.95, batch_size: int = 8,
-                     seed: int = 0, progress=None) -> list[list[str]]:
+                     seed: int = 0, progress=None, stops: tuple[str, ...] = ()) -> list[list[str]]:
     """``samples`` answers per prompt, batched with left padding; greedy when ``temperature`` is 0.
 
-    Generation stops at the EOS token or after ``max_new_tokens`` tokens. Returns one list of answers (decoded,
+    Generation stops at the EOS token, at any of ``stops`` (the template's section headers, which a model writes
+    when it runs past its answer; the answer is cut before it) or after ``max_new_tokens`` tokens; a batch ends
+    when its last row does. Returns one list of answers (decoded,
     special tokens dropped) per prompt. ``progress(done, total)`` is called after each batch.
     """
     import torch
@@ -274,9 +280,12 @@ def generate_answers(model, tokenizer, prompts: list[str], samples: int = 1, max
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=sample,
                 temperature=temperature if sample else None, top_p=top_p if sample else None,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+                **({"stop_strings": list(stops), "tokenizer": tokenizer} if stops else {}),
             )
             for row, j in enumerate(order[b:b + batch_size]):
-                out_by_job[j] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+                text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+                cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+                out_by_job[j] = text[:min(cuts)] if cuts else text
             if progress:
                 progress(min(b + batch_size, len(order)), len(order))
     for j, (i, _) in enumerate(jobs):
@@ -315,8 +324,11 @@ def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: 
     if next(model.parameters()).device.type == "cpu":
         dequantize_for_inference(model)  # same weights, ~4x faster generation on CPU (measured on SmolLM2 NF4)
     prompts = [problem_prompt(p, cfg.data.template, tokenizer) for p in chosen]
+    from qtune.data.templates import ALPACA_STOP
+
     kwargs = dict(samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                  batch_size=batch_size, seed=cfg.train.seed, progress=progress)
+                  batch_size=batch_size, seed=cfg.train.seed, progress=progress,
+                  stops=ALPACA_STOP if cfg.data.template == "alpaca" else ())
     if base:
         with model.disable_adapter():
             answers = generate_answers(model, tokenizer, prompts, **kwargs)

@@ -49,15 +49,26 @@ def wheel_gguf() -> Path:
     raise QtuneError(f"the {SMOLLM2_WHEEL} wheel holds no .gguf file")
 
 
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Where :func:`convert_gguf` keeps the conversion of ``gguf``: keyed by the file's name, size and a SHA-1 of
+    its first and last MiB, so the same file installed in another environment (another path, another
+    modification time) reuses the conversion, and a different file of the same name does not."""
+    size = gguf.stat().st_size
+    digest = hashlib.sha1(f"{gguf.name}:{size}:".encode())
+    with gguf.open("rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    return cache_root() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF checkpoint to a cached HF directory (safetensors + tokenizer); reuse it afterwards.
 
-    The cache key covers the file's name, size and modification time. The directory is written to a temporary
-    name and renamed, so an interrupted conversion is never picked up.
+    The cache directory is :func:`gguf_cache_dir`. It is written under a temporary name and renamed, so an
+    interrupted conversion is never picked up.
     """
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    target = gguf_cache_dir(gguf)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +109,10 @@ def resolve_model(cfg: ModelConfig, require_weights: bool = True) -> str:
         if name.endswith(".gguf"):
             if not path.is_file():
                 raise QtuneError(f"{name}: GGUF file not found")
-            return str(convert_gguf(path))
+            try:
+                return str(convert_gguf(path))
+            except ValueError as e:  # transformers' GGUF reader: not a GGUF file, unsupported architecture
+                raise QtuneError(f"{name}: cannot read as GGUF ({str(e).splitlines()[0]})") from None
         if not (path / "config.json").is_file():
             raise QtuneError(f"{name}: not a model directory (no config.json)")
         if require_weights and not any(path.glob("*.safetensors")):
@@ -157,7 +171,8 @@ def load_model(model_path: str, cfg: ModelConfig, quant: QuantConfig):
         A ``PreTrainedModel`` whose parameters all have ``requires_grad=False``.
 
     Raises:
-        QtuneError: no safetensors weights could be loaded (pickled weights are never loaded).
+        QtuneError: no safetensors weights could be loaded (pickled weights are never loaded), or a name in
+            ``quant.skip_modules`` matches no linear layer.
     """
     for message in precision_warnings(quant):
         warnings.warn(message, QtuneWarning, stacklevel=2)
@@ -174,4 +189,9 @@ def load_model(model_path: str, cfg: ModelConfig, quant: QuantConfig):
         raise QtuneError(f"{model_path}: cannot load safetensors weights ({str(e).splitlines()[0]})") from None
     for p in model.parameters():
         p.requires_grad_(False)
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    unmatched = [k for k in quant.skip_modules if not any(n == k or n.endswith("." + k) for n in linear)]
+    if unmatched:
+        raise QtuneError(f"quant.skip_modules: {', '.join(map(repr, unmatched))} names no linear layer of "
+                         f"{model_path} (e.g. {linear[-2].rsplit('.', 1)[-1]!r})")
     return model

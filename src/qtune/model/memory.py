@@ -191,6 +191,12 @@ def count_model(config, skip_modules: tuple[str, ...] = ()) -> ModelCounts:
     from transformers.quantizers.base import get_keys_to_not_convert
 
     model = _meta_model(config)
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    unmatched = [k for k in skip_modules if not any(n == k or n.endswith("." + k) for n in linear)]
+    if unmatched:
+        from qtune.errors import QtuneError
+
+        raise QtuneError(f"skip modules: {', '.join(map(repr, unmatched))} names no linear layer of the model")
     skip = set(get_keys_to_not_convert(model)) | set(skip_modules)
     quantizable, q_bias, seen = [], 0, set()
     for name, mod in model.named_modules():
@@ -390,7 +396,7 @@ def estimate(counts: ModelCounts, s: TrainShape) -> MemoryEstimate:
 
     casts = 0
     if e < 4 and s.device == "cuda":
-        if s.quantized and load < 4:  # lm_head upcast to fp32 is cast back to 16-bit by autocast, kept for backward
+        if s.quantized and load < 4 and s.upcast_frozen:  # lm_head upcast to fp32, cast back to 16-bit by autocast
             casts = counts.lm_head_params * e
         elif s.quant == "none" and s.r == 0:  # autocast caches a 16-bit copy of each trainable fp32 weight
             casts = (lin + kept) * e

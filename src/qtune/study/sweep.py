@@ -75,6 +75,7 @@ class SweepSpec(BaseModel):
     humaneval_limit: int | None = Field(
         None, gt=0, description="Greedy HumanEval pass@1 on the first N problems after each finished run.")
     humaneval_max_new_tokens: int = Field(384, gt=0, description="Most new tokens per HumanEval answer.")
+    humaneval_base: bool = Field(True, description="Also HumanEval each distinct base alone (adapter disabled).")
     alpha_per_r: float | None = Field(2.0, description="lora_alpha = alpha_per_r x r per run; None keeps the base's.")
     timeout_s: float | None = Field(None, gt=0, description="Per-run wall-clock limit; a run over it is failed.")
     retry_failed: bool = Field(False, description="Rerun runs whose result says failed.")
@@ -89,6 +90,20 @@ class Run:
     labels: dict[str, Any] = field(default_factory=dict)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key repeated in one mapping is an error (PyYAML keeps the last one,
+    which would silently drop a named run)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_sweep(path: str | Path) -> tuple[SweepSpec, Path | None]:
     """Read and validate a sweep file; returns the spec and the resolved base config path.
 
@@ -97,11 +112,19 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Path | None]:
     """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise QtuneError(f"{path}: sweep file not found") from None
+    except IsADirectoryError:
+        raise QtuneError(f"{path}: is a directory, not a sweep file") from None
+    except UnicodeDecodeError as e:
+        raise QtuneError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise QtuneError(f"{path}: cannot read: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise QtuneError(f"{path}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise QtuneError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as e:
@@ -116,9 +139,20 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Path | None]:
     for v in spec.axes.get("variant", []):
         if v not in VARIANTS:
             problems.append(f"{path}: axes.variant: unknown variant {v!r} (expected one of {', '.join(VARIANTS)})")
+    axis_keys = {AXIS_KEYS.get(a, a) for a in spec.axes if a != "variant"}
     for name, over in spec.runs.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", str(name)):
+            problems.append(f"{path}: runs.{name}: a run name starts with a letter or digit and holds only letters, "
+                            "digits and . _ = + -")
         if not isinstance(over, dict):
             problems.append(f"{path}: runs.{name}: expected a mapping of dotted config keys to values")
+            continue
+        for key in over:
+            if "." not in str(key):
+                problems.append(f"{path}: runs.{name}.{key}: expected a dotted config key such as "
+                                f"{AXIS_KEYS.get(key, 'quant.quant')} (short axis names belong under axes)")
+            elif key in axis_keys:
+                problems.append(f"{path}: runs.{name}.{key}: also an axis; the axis would override it")
     base = None
     if spec.base:
         base = (path.parent / spec.base).resolve()
@@ -177,10 +211,10 @@ def expand(spec: SweepSpec, base: Path | None) -> tuple[list[Run], list[str]]:
             cfg = load_config(base, set_args(overrides))
         except QtuneError as e:
             msg = str(e)
-            if "lora.init=loftq needs" in msg:
+            if "lora.init=loftq needs" in msg and labels.get("variant") == "loftq":
                 notes.append(f"{name}: skipped (LoftQ needs a 4-bit base)")
                 continue
-            problems.append(f"{name}: {msg}")
+            problems += [f"{name}: {line}" for line in msg.splitlines()]
             continue
         labels.setdefault("quant", cfg.quant.quant)
         labels.setdefault("r", cfg.lora.r)
@@ -351,7 +385,7 @@ def base_key(result: dict) -> str:
 def add_evaluations(res: dict, spec: SweepSpec, earlier: list[dict], echo=print) -> None:
     """Add to a finished run's record the validation loss of its base alone (``base_val_loss``, reused from an
     earlier run with the same base) and, with ``spec.humaneval_limit``, greedy HumanEval pass@1 of the run and of
-    its base (``humaneval_pass@1``, ``base_humaneval_pass@1``). A failed evaluation is recorded in
+    its base unless ``spec.humaneval_base`` is off (``humaneval_pass@1``, ``base_humaneval_pass@1``). A failed evaluation is recorded in
     ``eval_error``; the run stays finished."""
     rd = (res.get("config") or {}).get("train", {}).get("output_dir")
     same = [r for r in earlier if r.get("status") == "ok" and base_key(r) == base_key(res) and r["run"] != res["run"]]
@@ -367,8 +401,10 @@ def add_evaluations(res: dict, spec: SweepSpec, earlier: list[dict], echo=print)
             res["humaneval_pass@1"] = qtune_eval(he, spec.timeout_s)["pass@1"]
             prev = next((r for r in same if r.get("base_humaneval_pass@1") is not None
                          and r.get("humaneval_limit") == spec.humaneval_limit), None)
-            res["base_humaneval_pass@1"] = (prev["base_humaneval_pass@1"] if prev else
-                                            qtune_eval(he + ["--base"], spec.timeout_s)["pass@1"])
+            if prev:
+                res["base_humaneval_pass@1"] = prev["base_humaneval_pass@1"]
+            elif spec.humaneval_base:
+                res["base_humaneval_pass@1"] = qtune_eval(he + ["--base"], spec.timeout_s)["pass@1"]
     except (QtuneError, KeyError, ValueError) as e:
         res["eval_error"] = str(e)
         echo(f"    evaluation failed: {e}")

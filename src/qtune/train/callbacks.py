@@ -101,5 +101,10 @@ class ProgressBar(TrainerCallback):
             self.bar.write(f"step {state.global_step}: val loss {logs['eval_loss']:.4f}")
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Close the bar (idempotent)."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None

@@ -204,14 +204,18 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume
 
     recorder = MetricsRecorder(rd.metrics)
     recorder.records = done
+    bar = ProgressBar(recorder)
     trainer = build_trainer(cfg, model_path, tokenizer, splits["train"], splits.get("val"), rd.checkpoints,
-                            callbacks=(recorder, ProgressBar(recorder), NonFiniteLossGuard(), *callbacks), args=args)
+                            callbacks=(recorder, bar, NonFiniteLossGuard(), *callbacks), args=args)
     make_checkpoints_atomic(trainer)
     model = trainer.model
     trainable, total = model.get_nb_trainable_parameters()
     start = time.perf_counter()
-    with explain_out_of_memory(model, cfg):
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        with explain_out_of_memory(model, cfg):
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        bar.close()  # a stopped run (NaN guard, out of memory) ends the bar's line before the error line
     wall = time.perf_counter() - start
     val = trainer.evaluate() if "val" in splits and cfg.train.eval_at_end else {}
 
