@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -47,7 +48,7 @@ def main() -> None:
     from qtune.model.load import load_tokenizer, resolve_model
     from qtune.rundir import RunDir
 
-    rd = RunDir(args.run)
+    rd = RunDir(Path(args.run))
     cfg = load_config(rd.config, saved_run=True)
     path = resolve_model(cfg.model)
     collate = padding_collator(load_tokenizer(path, cfg.model))

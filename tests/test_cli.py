@@ -69,3 +69,26 @@ def test_bad_jsonl_line_is_named(tmp_path, tiny_model_dir):
     src.write_text('{"instruction": "a", "output": "b"}\nnot json\n')
     code, output = run("data", "prepare", "--data", src, "--model", tiny_model_dir, "--out", tmp_path / "out")
     assert code == 2 and f"error: {src}:2:1: invalid JSON" in output
+
+
+@pytest.mark.parametrize("argv, code, first", [
+    (["estimate", "--logit-fraction", "1.5"], 2,
+     "error: Invalid value for '--logit-fraction': Input should be less than or equal to 1 (see 'qtune estimate --help')"),
+    (["estimate", "--bogus"], 2, "error: No such option: --bogus (see 'qtune estimate --help')"),
+    (["nosuch"], 2, "error: No such command 'nosuch'. (see 'qtune --help')"),
+    (["data"], 0, None),
+])
+def test_console_entry_point_turns_usage_errors_into_one_line(monkeypatch, capsys, argv, code, first):
+    import sys
+
+    from qtune.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["qtune", *argv])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    assert e.value.code == code
+    if first is None:  # a group without a command shows its help
+        assert "prepare" in out.out and out.err == ""
+    else:
+        assert out.err == first + "\n"

@@ -511,12 +511,29 @@ def export(
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point. A command-line usage error (unknown option, value out of range) prints one
+    ``error:`` line naming the command's --help and exits with status 2, like qtune's other errors."""
+    from typer import _click  # the click copy typer parses with; its exceptions are what reach here
+
     try:
-        app()
+        rv = app(prog_name="qtune", standalone_mode=False)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except _click.exceptions.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `qtune` or `qtune data` alone: show the help
+            typer.echo(e.ctx.get_help() if e.ctx else e.format_message())
+            sys.exit(0)
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+        typer.echo(f"error: {' '.join(e.format_message().split())}{where}", err=True)
+        sys.exit(2)
+    except _click.exceptions.ClickException as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except _click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

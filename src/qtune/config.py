@@ -155,7 +155,10 @@ class DataConfig(_Strict):
         if (info.context or {}).get("saved_run"):  # a finished run's config: its data may have moved since
             return v
         if is_local_path(v) and not Path(v).expanduser().is_file():
-            raise ValueError(f"data file not found: {v}")
+            hint = ""
+            if Path(v).expanduser().resolve().is_relative_to(shared_data_dir().resolve()):
+                hint = " (the shared data directory; set QTUNE_DATA_DIR to the folder holding codealpaca/ and humaneval/)"
+            raise ValueError(f"data file not found: {v}{hint}")
         return v
 
 
