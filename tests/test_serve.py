@@ -296,6 +296,21 @@ def test_chat_cli_run_without_adapter(tmp_path):
 
 # ---- export -------------------------------------------------------------------------------------------------------
 
+def test_loftq_run_is_not_merged_into_a_16_bit_base(tiny_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "loftq-run"
+    shutil.copytree(tiny_run.root, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["quant"]["quant"], cfg["lora"]["init"] = "nf4", "loftq"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    result = runner.invoke(app, ["export", "--run", str(run), "--merged", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "a LoftQ adapter starts from the NF4 quantization error" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_merged_export_matches_base_plus_adapter(tiny_run, tiny_model_dir, tmp_path):
     from peft import PeftModel
     from safetensors import safe_open

@@ -26,7 +26,8 @@ def merge_run(run_dir: str | Path, dtype: str = "fp16"):
     """(merged model in eval mode, tokenizer, RunConfig): the base loaded in ``dtype`` + the adapter, merged.
 
     Raises:
-        QtuneError: no adapter in ``run_dir``.
+        QtuneError: no adapter in ``run_dir``, or a LoftQ adapter (it holds the NF4 quantization error, so merged
+            into the unquantized base it would add that error a second time).
     """
     from peft import PeftModel
 
@@ -37,6 +38,9 @@ def merge_run(run_dir: str | Path, dtype: str = "fp16"):
     rd = RunDir(Path(run_dir)).require_adapter()
     cfg = load_config(rd.config, saved_run=True)
     cfg.model.trust_remote_code = False  # as for load_trained: never from a run's config alone
+    if cfg.lora.init == "loftq":
+        raise QtuneError(f"{run_dir}: a LoftQ adapter starts from the NF4 quantization error and only fits the NF4 "
+                         "base; merging it into a 16-bit base would add that error again (serve the run instead)")
     base = load_model(resolve_model(cfg.model), cfg.model, QuantConfig(quant=dtype))
     merged = PeftModel.from_pretrained(base, str(rd.adapter)).merge_and_unload()
     merged.eval()
