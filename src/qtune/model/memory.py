@@ -483,12 +483,13 @@ def fit(counts: ModelCounts, s: TrainShape, budget_gib: float, max_seq_len: int 
 
 
 def run_config_inputs(cfg, seq_len: int | None = None, device: str | None = None,
-                      supervised_len: int | None = None) -> tuple[ModelCounts, TrainShape]:
+                      supervised_share: float | None = None) -> tuple[ModelCounts, TrainShape]:
     """Model counts and training shape of a :class:`qtune.config.RunConfig` (micro-batch ``train.batch_size``,
     ``seq_len`` defaulting to ``data.max_length``) on ``device`` (default: cuda when visible).
 
-    ``supervised_len``: most supervised (response) tokens in one sample; with ``train.response_logits_only`` the
-    logits term counts ``batch_size x supervised_len`` positions (a bound; default: all positions)."""
+    ``supervised_share``: supervised (response) tokens / all tokens of the training split; with
+    ``train.response_logits_only`` the logits term counts that share of the ``batch_size x seq_len`` positions
+    (default: all positions, a bound)."""
     from dataclasses import replace
 
     import torch
@@ -506,12 +507,12 @@ def run_config_inputs(cfg, seq_len: int | None = None, device: str | None = None
         device=device or ("cuda" if torch.cuda.is_available() else "cpu"), compute_dtype=cfg.quant.compute_dtype,
         upcast_frozen=cfg.train.upcast_frozen,
     )
-    if cfg.train.response_logits_only and supervised_len:
-        shape = replace(shape, logit_fraction=min(1.0, supervised_len / shape.seq_len))
+    if cfg.train.response_logits_only and supervised_share:
+        shape = replace(shape, logit_fraction=min(1.0, supervised_share))
     return count_model(conf, tuple(cfg.quant.skip_modules)), shape
 
 
 def estimate_run_config(cfg, seq_len: int | None = None, device: str | None = None,
-                        supervised_len: int | None = None) -> MemoryEstimate:
+                        supervised_share: float | None = None) -> MemoryEstimate:
     """Estimate for a :class:`qtune.config.RunConfig`; see :func:`run_config_inputs`."""
-    return estimate(*run_config_inputs(cfg, seq_len, device, supervised_len))
+    return estimate(*run_config_inputs(cfg, seq_len, device, supervised_share))

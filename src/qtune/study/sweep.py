@@ -261,14 +261,16 @@ def read_metrics(path: Path) -> list[dict]:
     return out
 
 
-def _longest_train_sample(rd: RunDir) -> tuple[int | None, int | None]:
-    """(most tokens, most supervised tokens) of one training sample; (None, None) without the split."""
+def _longest_train_sample(rd: RunDir) -> tuple[int | None, float | None]:
+    """(most tokens of one training sample, supervised share of all training tokens); (None, None) without
+    the split."""
     try:
         from qtune.data.prepare import load_splits
 
         train = load_splits(rd.data)["train"]
-        return (max(len(x) for x in train["input_ids"]),
-                max(sum(1 for t in lab if t != -100) for lab in train["labels"]))
+        total = sum(len(x) for x in train["input_ids"])
+        supervised = sum(sum(1 for t in lab if t != -100) for lab in train["labels"])
+        return max(len(x) for x in train["input_ids"]), supervised / max(total, 1)
     except Exception:  # noqa: BLE001 - the estimate is optional; a missing split only drops it
         return None, None
 
@@ -299,10 +301,10 @@ def collect_result(run: Run, rd: RunDir, rc: int, wall: float, log: str, base: P
         try:
             from qtune.model.memory import estimate_run_config
 
-            seq, supervised = _longest_train_sample(rd)
+            seq, share = _longest_train_sample(rd)
             device = "cuda" if result["peak_allocated_gib"] is not None else "cpu"
             est = estimate_run_config(load_config(rd.config, saved_run=True), seq_len=seq, device=device,
-                                      supervised_len=supervised)
+                                      supervised_share=share)
             result["estimate_gib"] = round(est.peak_gib, 4)
             result["estimate"] = est.to_dict()
         except Exception as e:  # noqa: BLE001 - an estimate failure must not lose a finished run
