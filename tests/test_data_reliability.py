@@ -56,6 +56,7 @@ def test_json_array_with_bom_and_crlf_loads(tmp_path):
         ("rows.json", b"[" * 100_000 + b"]" * 100_000, "rows.json: JSON nested too deeply"),
         ("rows.json", b'"just a string"', "rows.json: top level is str; expected a JSON array of rows"),
         ("rows.csv", b"instruction,output\na,b\n", "unsupported file type '.csv'"),
+        ("rows.json", b" [ ] ", "rows.json: file is empty (an empty JSON array)"),
     ],
 )
 def test_more_malformed_files(tmp_path, name, content, expected):
@@ -64,6 +65,12 @@ def test_more_malformed_files(tmp_path, name, content, expected):
     with pytest.raises(QtuneError) as err:
         load_rows(str(path))
     assert expected in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_a_missing_file_with_a_file_suffix_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(QtuneError, match="nope.csv: data file not found"):
+        load_rows("nope.csv")
 
 
 def test_unreadable_file_is_one_line(tmp_path, monkeypatch):
