@@ -309,6 +309,10 @@ def test_loftq_run_is_not_merged_into_a_16_bit_base(tiny_run, tmp_path):
     result = runner.invoke(app, ["export", "--run", str(run), "--merged", str(tmp_path / "out")])
     assert result.exit_code == 2 and "a LoftQ adapter starts from the NF4 quantization error" in result.output
     assert not (tmp_path / "out").exists()
+    from qtune.errors import QtuneError
+
+    with pytest.raises(QtuneError, match="serve it with the run's own quantization, not fp16"):
+        Engine(str(run), quant="fp16")
 
 
 def test_merged_export_matches_base_plus_adapter(tiny_run, tiny_model_dir, tmp_path):

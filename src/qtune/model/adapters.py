@@ -132,13 +132,18 @@ def load_trained(run_dir: str | Path, trust_remote_code: bool = False, quant: st
         (PeftModel in eval mode, tokenizer, RunConfig); with ``quant`` given, ``cfg.quant.quant`` is ``quant``.
 
     Raises:
-        QtuneError: ``run_dir`` is not a run directory or holds no adapter, or ``quant`` is not a known format.
+        QtuneError: ``run_dir`` is not a run directory or holds no adapter, ``quant`` is not a known format, or
+            ``quant`` differs from a LoftQ run's own.
     """
     from qtune.config import load_config
     from qtune.model.load import load_model, load_tokenizer, resolve_model
     from qtune.rundir import RunDir
 
     rd = RunDir(Path(run_dir)).require_adapter()
+    cfg = load_config(rd.config, saved_run=True)
+    if quant and cfg.lora.init == "loftq" and quant != cfg.quant.quant:
+        raise QtuneError(f"{run_dir}: a LoftQ adapter corrects the {cfg.quant.quant} weights it was trained on; "
+                         f"serve it with the run's own quantization, not {quant}")
     cfg = load_config(rd.config, [f"quant.quant={quant}"] if quant else None, saved_run=True)
     cfg.model.trust_remote_code = trust_remote_code
     tokenizer = load_tokenizer(str(rd.adapter), cfg.model)

@@ -73,7 +73,7 @@ class SweepSpec(BaseModel):
     runs: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Named configurations (name -> dotted overrides), each crossed with the axes.")
     humaneval_limit: int | None = Field(
-        None, gt=0, description="Greedy HumanEval pass@1 on the first N problems after each finished run.")
+        None, gt=0, strict=True, description="Greedy HumanEval pass@1 on the first N problems after each finished run.")
     humaneval_max_new_tokens: int = Field(384, gt=0, description="Most new tokens per HumanEval answer.")
     humaneval_base: bool = Field(True, description="Also HumanEval each distinct base alone (adapter disabled).")
     alpha_per_r: float | None = Field(2.0, description="lora_alpha = alpha_per_r x r per run; None keeps the base's.")
