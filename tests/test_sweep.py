@@ -224,7 +224,7 @@ def test_loftq_adapter_is_the_rank_r_svd_of_the_quantization_error(tiny_model_di
     model at step 0 is closer to the full-precision one than NF4 alone."""
     from safetensors.torch import load_file
 
-    from qtune.model.loftq import _dequantized
+    from qtune.model.quantize import dequantized_weight
 
     x = torch.randint(0, 1000, (2, 16))
     ref = load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="none"))
@@ -237,7 +237,7 @@ def test_loftq_adapter_is_the_rank_r_svd_of_the_quantization_error(tiny_model_di
         m = attach_lora(m, LoraSettings(r=8, lora_alpha=16, init=init), True, False, model_path=tiny_model_dir).eval()
         if init == "loftq":
             layer = m.base_model.model.model.layers[1].mlp.down_proj
-            e = weights["model.layers.1.mlp.down_proj.weight"].float() - _dequantized(layer.base_layer)
+            e = weights["model.layers.1.mlp.down_proj.weight"].float() - dequantized_weight(layer.base_layer)
             u, s, vh = torch.linalg.svd(e, full_matrices=False)
             best = (u[:, :8] * s[:8]) @ vh[:8]
             got = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight

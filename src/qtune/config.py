@@ -291,6 +291,45 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key repeated in one mapping is an error (PyYAML keeps the last one,
+    which would silently drop a section or a named sweep run)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path, what: str = "config file"):
+    """The YAML document in ``path`` (None for an empty file); ``what`` names the file in messages.
+
+    Raises:
+        QtuneError: missing file, a directory, unreadable or non-UTF-8 file, YAML syntax error or a duplicate key
+            (with the line where the parser stopped).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QtuneError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise QtuneError(f"{path}: is a directory, not a {what}") from None
+    except UnicodeDecodeError as e:
+        raise QtuneError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise QtuneError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise QtuneError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, saved_run: bool = False) -> RunConfig:
     """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate.
 
@@ -304,20 +343,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     source = "config"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise QtuneError(f"{path}: config file not found") from None
-        except IsADirectoryError:
-            raise QtuneError(f"{path}: is a directory; expected a YAML config file") from None
-        except UnicodeDecodeError as e:
-            raise QtuneError(f"{path}: not UTF-8 text (byte {e.start})") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise QtuneError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise QtuneError(f"{path}: expected a mapping of sections (model, quant, lora, data, train)")
     data = apply_overrides(data, overrides or [])

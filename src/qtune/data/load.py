@@ -7,6 +7,7 @@ can point at the source. Type checks and cleaning happen in :mod:`qtune.data.cle
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -20,8 +21,10 @@ REQUIRED = ("instruction", "output")
 def _read_text(path: Path) -> str:
     try:
         raw = path.read_bytes()
-    except OSError as e:
-        raise QtuneError(f"{path}: cannot read file ({e.strerror or e})") from None
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+        raise QtuneError(f"{path}: cannot read file ({getattr(e, 'strerror', None) or e})") from None
     try:
         return raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is accepted and removed
     except UnicodeDecodeError as e:
@@ -48,7 +51,13 @@ def _read_json(path: Path) -> list[tuple[int, object]]:
     return list(enumerate(data))
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, object]]:
+def read_jsonl(path: Path) -> list[tuple[int, object]]:
+    """(1-based line number, parsed value) for every non-blank line of a JSON Lines file (``.gz`` too; a UTF-8
+    byte-order mark is accepted); an empty file gives [].
+
+    Raises:
+        QtuneError: unreadable or non-UTF-8 file, or a line that is not JSON (file:line:column).
+    """
     text = _read_text(path)
     items = []
     # split on \n only: str.splitlines() also breaks at U+2028/U+0085, which JSON strings may hold raw
@@ -61,7 +70,12 @@ def _read_jsonl(path: Path) -> list[tuple[int, object]]:
         except json.JSONDecodeError as e:
             raise QtuneError(f"{path}:{lineno}:{e.colno}: invalid JSON: {e.msg}") from None
         except RecursionError:
-            raise QtuneError(f"{path}:{lineno}: JSON nested too deeply; expected one flat object per line") from None
+            raise QtuneError(f"{path}:{lineno}: invalid JSON: nested too deeply") from None
+    return items
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, object]]:
+    items = read_jsonl(path)
     if not items:
         raise QtuneError(f"{path}: file is empty; expected one JSON object per line")
     return items

@@ -8,12 +8,12 @@ inside the sandbox (:mod:`qtune.evaluate.sandbox`).
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import textwrap
 from pathlib import Path
 
+from qtune.data.load import read_jsonl
 from qtune.errors import QtuneError
 from qtune.evaluate.sandbox import SandboxLimits, run_programs
 
@@ -28,24 +28,10 @@ def default_humaneval_path() -> Path:
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise QtuneError(f"{path}: file not found")
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    try:
-        with opener(path, "rt", encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise QtuneError(f"{path}:{n}:{e.colno}: invalid JSON: {e.msg}") from None
-                except RecursionError:
-                    raise QtuneError(f"{path}:{n}: invalid JSON: nested too deeply") from None
-                if not isinstance(row, dict):
-                    raise QtuneError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                rows.append((n, row))
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise QtuneError(f"{path}: cannot read: {e}") from None
+    rows = read_jsonl(path)
+    for n, row in rows:
+        if not isinstance(row, dict):
+            raise QtuneError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
     return rows
 
 
@@ -362,14 +348,13 @@ def dequantize_for_inference(model) -> int:
     import bitsandbytes as bnb
     import torch
 
+    from qtune.model.quantize import dequantized_weight
+
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, bnb.nn.Linear4bit):
-                data, state = child.weight.data, child.weight.quant_state
-                if getattr(state, "packing_format_for_cpu", False):  # repacked by a CPU forward pass
-                    data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
-                w = bnb.functional.dequantize_4bit(data, state)
+                w = dequantized_weight(child)
                 dtype = child.compute_dtype or torch.float32
                 linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                          device=w.device, dtype=dtype)

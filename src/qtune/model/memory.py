@@ -22,7 +22,6 @@ dynamic threshold the heap keeps freed activations and peak RSS is higher.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -191,8 +190,9 @@ def count_model(config, skip_modules: tuple[str, ...] = ()) -> ModelCounts:
     from transformers.quantizers.base import get_keys_to_not_convert
 
     model = _meta_model(config)
-    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    unmatched = [k for k in skip_modules if not any(n == k or n.endswith("." + k) for n in linear)]
+    from qtune.model.quantize import unmatched_skip_modules
+
+    unmatched = unmatched_skip_modules(model, skip_modules)
     if unmatched:
         from qtune.errors import QtuneError
 

@@ -70,3 +70,23 @@ def precision_warnings(q: QuantConfig, cuda: bool | None = None) -> list[str]:
         out.append(f"quant.compute_dtype float16 with {q.quant} weights: fp16 activations can overflow to inf "
                    f"and the loss to NaN; use {better}")
     return out
+
+
+def unmatched_skip_modules(model, patterns) -> list[str]:
+    """The names in ``patterns`` (``quant.skip_modules``) that match no ``nn.Linear`` of ``model``, by full name
+    or name suffix (``down_proj`` matches ``model.layers.0.mlp.down_proj``)."""
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return [k for k in patterns if not any(n == k or n.endswith("." + k) for n in linear)]
+
+
+def dequantized_weight(layer) -> torch.Tensor:
+    """The float32 weight [out_features, in_features] a bitsandbytes ``Linear4bit`` computes with.
+
+    On a CPU with AVX512-BF16, bitsandbytes' first forward pass repacks the weight for its bf16 kernel; that
+    packing is undone first (not exact: the repacked scales are bf16)."""
+    import bitsandbytes.functional as F
+
+    data, state = layer.weight.data, layer.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        data, state = F._convert_weight_packed_for_cpu_inverse(data, state)
+    return F.dequantize_4bit(data, state).float()

@@ -160,7 +160,7 @@ def write_report(sweep_dir: str | Path) -> Path:
              f"Pareto front (no other run has both lower validation loss and lower peak memory): {', '.join(front)}.", ""]
     failed = [r for r in results if r.get("status") != "ok"]
     if failed:
-        lines += [f"Failed runs: " + "; ".join(f"{r['run']}: {r.get('error')}" for r in failed), ""]
+        lines += ["Failed runs: " + "; ".join(f"{r['run']}: {r.get('error')}" for r in failed), ""]
     est = [(r["run"], r["peak_gib"], r["estimate_gib"]) for r in ok if r.get("estimate_gib") and r.get("peak_gib")]
     if est:
         lines += ["Estimate vs measured: " + ", ".join(f"{n} {e / m - 1:+.0%}" for n, m, e in est)

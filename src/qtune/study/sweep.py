@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from qtune.config import format_validation_error, load_config
+from qtune.config import format_validation_error, load_config, read_yaml
 from qtune.errors import QtuneError
 from qtune.rundir import RunDir
 
@@ -90,20 +90,6 @@ class Run:
     labels: dict[str, Any] = field(default_factory=dict)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key repeated in one mapping is an error (PyYAML keeps the last one,
-    which would silently drop a named run)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
 def load_sweep(path: str | Path) -> tuple[SweepSpec, Path | None]:
     """Read and validate a sweep file; returns the spec and the resolved base config path.
 
@@ -111,20 +97,7 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Path | None]:
         QtuneError: missing file, YAML error, unknown key, empty or unknown axis, unknown variant, missing base.
     """
     path = Path(path)
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
-    except FileNotFoundError:
-        raise QtuneError(f"{path}: sweep file not found") from None
-    except IsADirectoryError:
-        raise QtuneError(f"{path}: is a directory, not a sweep file") from None
-    except UnicodeDecodeError as e:
-        raise QtuneError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise QtuneError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise QtuneError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    data = read_yaml(path, "sweep file") or {}
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as e:
@@ -318,6 +291,15 @@ tensors above it go back to the OS and peak RSS tracks live memory (like CUDA's 
 heap retains (mallopt(3)). Measured on SmolLM2-135M, NF4, 4 x 252 tokens: peak RSS 1.77 GiB with it, 3.28 without."""
 
 
+def qtune_env() -> dict[str, str]:
+    """This process's environment with the qtune it runs first on PYTHONPATH, so a child ``python -m qtune.cli``
+    runs the same code."""
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def child_env() -> dict[str, str]:
     """Environment additions for each run's process: the fixed glibc mmap threshold on Linux CPU runs, unless the
     caller already set ``MALLOC_MMAP_THRESHOLD_``."""
@@ -340,9 +322,7 @@ def run_one(run: Run, sweep_dir: Path, base: Path | None, timeout_s: float | Non
         cmd += ["--set", s]
     log_path = sweep_dir / "logs" / f"{run.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[2])  # the qtune this process runs, also in the child
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = qtune_env()
     env.update(child_env())
     start = time.perf_counter()
     with log_path.open("w", encoding="utf-8") as log:
@@ -365,9 +345,7 @@ def qtune_eval(args: list[str], timeout_s: float | None = None) -> dict:
     Raises:
         QtuneError: the evaluation failed or timed out (its last error line).
     """
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = qtune_env()
     try:
         proc = subprocess.run([sys.executable, "-m", "qtune.cli", "eval", *args, "--json"], capture_output=True,
                               text=True, timeout=timeout_s, env=env)

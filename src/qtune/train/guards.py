@@ -16,7 +16,6 @@ from transformers import TrainerCallback
 
 from qtune.config import RunConfig
 from qtune.errors import QtuneError
-from qtune.model.quantize import compute_dtype
 
 GIB = 1024**3
 
