@@ -59,6 +59,7 @@ def test_named_runs_cross_the_axes_and_names_are_safe_file_names(tmp_path):
     ("runs:\n  a: {lora.r: 4}\naxes:\n  r: [8]\n", "runs.a.lora.r: also an axis; the axis would override it"),
     ("runs:\n  a: {quant: nf4}\n", "runs.a.quant: expected a dotted config key such as quant.quant"),
     ("humaneval_limit: true\n", "humaneval_limit: Input should be a valid integer"),
+    ("", "no axes and no runs: nothing to sweep"),
     ("runs:\n  a: {lora.init: loftq, quant.quant: int8}\n", "a: config: lora.init=loftq needs quant.quant nf4 or fp4 (got int8)"),
 ])
 def test_bad_named_runs_are_errors_not_skips(tmp_path, text, message):

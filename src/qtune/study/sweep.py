@@ -103,6 +103,8 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Path | None]:
     except ValidationError as e:
         raise QtuneError(format_validation_error(e, str(path))) from None
     problems = []
+    if not spec.axes and not spec.runs:
+        problems.append(f"{path}: no axes and no runs: nothing to sweep (e.g. axes: {{quant: [nf4, int8], r: [4, 16]}})")
     for axis, values in spec.axes.items():
         if not values:
             problems.append(f"{path}: axes.{axis}: empty list")
