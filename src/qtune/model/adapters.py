@@ -37,11 +37,37 @@ def peft_model(model, lora: LoraSettings):
         QtuneError: ``lora.target_modules`` names no module of the model.
     """
     try:
-        return get_peft_model(model, lora_config(lora), adapter_name=lora.adapter_name)
+        wrapped = get_peft_model(model, lora_config(lora), adapter_name=lora.adapter_name)
     except ValueError as e:
         if "target" not in str(e).lower():
             raise
         raise QtuneError(f"lora.target_modules={lora.target_modules}: {str(e).splitlines()[0]}") from None
+    check_tied_targets(wrapped, lora)
+    return wrapped
+
+
+def check_tied_targets(model, lora: LoraSettings) -> None:
+    """Refuse LoRA on the output projection of a model whose input and output embeddings are tied.
+
+    With ``tie_word_embeddings`` the LM head *is* the embedding matrix: merging a LoRA update into it changes the
+    input embeddings too, so the merged model computes something else than base + adapter (measured on SmolLM2:
+    logits off by 1.72 where the adapter's own effect is 1.76), and PEFT then saves the whole tied matrix with
+    the adapter. Untying would double the embedding's memory on small models, where it is a large share.
+
+    Raises:
+        QtuneError: ``model`` (a ``PeftModel``) has tied embeddings and a LoRA layer on its output embeddings.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    if not getattr(base.config, "tie_word_embeddings", False):
+        return
+    head = base.get_output_embeddings()
+    if isinstance(head, LoraLayer):
+        name = next(n for n, m in base.named_modules() if m is head)
+        raise QtuneError(f"lora.target_modules={lora.target_modules}: {name!r} is tied to the input embeddings "
+                         f"in this model (tie_word_embeddings); LoRA on it cannot be merged or exported correctly; "
+                         "leave it out (all-linear already does)")
 
 
 def attach_lora(

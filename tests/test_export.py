@@ -1,0 +1,80 @@
+"""Export edges: GGUF metadata as llama.cpp's converter writes it, LoRA on a tied LM head refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qtune.cli import app
+from qtune.config import DEFAULT_MODEL, LoraSettings, save_config
+from qtune.errors import QtuneError
+from qtune.model.adapters import lora_config, peft_model
+from qtune.rundir import RunDir
+
+from conftest import tiny_run_config
+
+runner = CliRunner()
+
+
+def test_lora_on_a_tied_lm_head_is_refused_in_one_line(tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    for targets in (["lm_head"], ["q_proj", "lm_head"]):
+        with pytest.raises(QtuneError) as e:
+            peft_model(LlamaForCausalLM(config), LoraSettings(r=4, lora_alpha=8, target_modules=targets))
+        assert "'lm_head' is tied to the input embeddings" in str(e.value) and "\n" not in str(e.value)
+    # untied models and all-linear (which leaves lm_head out) are fine
+    peft_model(LlamaForCausalLM(config), LoraSettings(r=4, lora_alpha=8, target_modules="all-linear"))
+    config.tie_word_embeddings = False
+    peft_model(LlamaForCausalLM(config), LoraSettings(r=4, lora_alpha=8, target_modules=["lm_head"]))
+
+
+@pytest.fixture(scope="module")
+def smol_run(smol_dir, tmp_path_factory) -> RunDir:
+    """A SmolLM2 run directory (model name: the wheel alias) with a small random adapter on q_proj."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rd = RunDir(tmp_path_factory.mktemp("smol-run"))
+    cfg = tiny_run_config(DEFAULT_MODEL, rd.root, lora={"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})
+    save_config(cfg, rd.config)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(smol_dir), lora_config(cfg.lora))
+    model.save_pretrained(str(rd.adapter))
+    AutoTokenizer.from_pretrained(smol_dir).save_pretrained(str(rd.adapter))
+    return rd
+
+
+@pytest.mark.slow
+def test_gguf_metadata_matches_the_shipped_smollm2_gguf_key_by_key(smol_run, tmp_path):
+    import gguf
+
+    from qtune.model.load import wheel_gguf
+
+    out = tmp_path / "smol.gguf"
+    result = runner.invoke(app, ["export", "--run", str(smol_run.root), "--gguf", str(out)])
+    assert result.exit_code == 0, result.output
+
+    def fields(path: Path) -> dict:
+        skip = ("GGUF.",)
+        return {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if not k.startswith(skip)}
+
+    shipped, ours = fields(wheel_gguf()), fields(out)
+    must_differ = {
+        "general.file_type": (3, 1),  # MOSTLY_Q4_1 in the wheel, MOSTLY_F16 here
+    }
+    absent_here = {"general.quantization_version"}  # only quantized files carry it
+    assert ours["tokenizer.ggml.pre"] == "smollm"
+    for key, value in shipped.items():
+        if key in absent_here:
+            assert key not in ours
+        elif key in must_differ:
+            assert (value, ours[key]) == must_differ[key], key
+        else:
+            assert ours.get(key) == value, key
+    assert set(ours) - set(shipped) == set()
