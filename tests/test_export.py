@@ -78,3 +78,30 @@ def test_gguf_metadata_matches_the_shipped_smollm2_gguf_key_by_key(smol_run, tmp
         else:
             assert ours.get(key) == value, key
     assert set(ours) - set(shipped) == set()
+
+
+def test_adapter_records_the_public_base_and_a_model_card(tiny_model_dir, tmp_path):
+    import json
+
+    from serve_fixtures import make_tiny_run
+
+    from qtune.config import load_config
+    from qtune.model.adapters import SMOLLM2_HUB_ID, finish_adapter
+
+    rd = make_tiny_run(tiny_model_dir, tmp_path / "run")
+    cfg = load_config(rd.config, [f"model.name={DEFAULT_MODEL}"], saved_run=True)
+    card = {"rows_in": 300, "rows_kept": 298, "dropped": {"empty_output": 2, "duplicate": 0},
+            "splits": {"train": 268, "val": 15, "test": 15}}
+    finish_adapter(rd.adapter, cfg, {"steps": 20, "val_loss": 1.2345, "trainable_params": 1234}, card)
+    conf = json.loads((rd.adapter / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == SMOLLM2_HUB_ID
+    readme = (rd.adapter / "README.md").read_text()
+    assert readme.startswith(f"---\nbase_model: {SMOLLM2_HUB_ID}\n")
+    for expected in ("Q4_1.gguf", "| LoRA | r 8, lora_alpha 16.0,", "300 rows in, 298 kept (dropped: empty_output 2)",
+                     "| validation loss (token-weighted) | 1.2345 |", "### Instruction:\n{instruction}"):
+        assert expected in readme, expected
+    # the adapter still loads onto its base
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(rd.adapter))

