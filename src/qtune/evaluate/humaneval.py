@@ -116,11 +116,12 @@ def extract_code(answer: str, problem: dict) -> str:
       before it on, appended after the prompt as a new definition that replaces the prompt's stub, at the
       indentation of the prompt's ``def``. Top-level lines after it that are neither definitions, imports,
       assignments nor comments (prose, example calls such as ``print(f(3))``) end the code.
-    - Otherwise raw code: a function body, placed at the indentation of the prompt's body. Prose after an
-      indented body (a line that starts at column 0 and is not code) is cut. When the body's first line is
-      not indented but later ones are, the first line is read as having lost its indentation if the body does
-      not parse otherwise; an unindented body that does not parse is cut before the last column-0 line that
-      makes it parse (prose after it).
+    - Otherwise raw code: a function body, placed at the indentation of the prompt's body (read from the
+      prompt, not assumed). Prose or top-level code after an indented body (a statement starting at column 0;
+      comments, continuation lines and lines inside strings do not count) is cut. When the body's first line
+      is not indented but later ones are, the first line is read as having lost its indentation if the body
+      does not parse otherwise; an unindented body that does not parse is cut before the last column-0
+      statement that makes it parse (prose after it).
 
     Both kinds of code are re-indented by their structure, whatever the answer's indentation (2, 3, 4 or 8
     spaces, tabs, counted as 4 columns, or a mix): each logical line's block depth is kept and written with
@@ -129,8 +130,8 @@ def extract_code(answer: str, problem: dict) -> str:
     """
     entry = problem["entry_point"]
     def_indent, body_indent = _prompt_indents(problem["prompt"], entry)
-    unit = body_indent[len(def_indent):] if body_indent.startswith(def_indent) and body_indent != def_indent \
-        else "    "
+    nested = body_indent.startswith(def_indent) and body_indent != def_indent
+    unit = body_indent[len(def_indent):] if nested else "    "  # the prompt's indentation step
     code = answer
     blocks = _FENCE.findall(answer)
     if blocks:
@@ -176,7 +177,7 @@ class _Lines:
 
     def __init__(self, lines: list[str]):
         self.lines = lines
-        self.widths = [len(line[: len(line) - len(line.lstrip(" \t"))].expandtabs(_TAB)) for line in lines]
+        self.widths = [len(_lead(line).expandtabs(_TAB)) for line in lines]
         kinds: list[str | None] = [None if line.strip() else "blank" for line in lines]
         feed = iter([line.lstrip(" \t") + "\n" for line in lines])
         at_start = True  # the next token begins a logical line
@@ -257,8 +258,9 @@ def _prompt_indents(prompt: str, entry: str) -> tuple[str, str]:
     heads = [line for line in lines if re.match(rf"[ \t]*(async\s+)?def\s+{re.escape(entry)}\s*\(", line)]
     head = _lead(heads[-1]) if heads else ""
     last = next((line for line in reversed(lines) if line.strip()), "")
-    deeper = _lead(last) if not last.rstrip().endswith(":") and len(_lead(last).expandtabs(_TAB)) > len(head.expandtabs(_TAB)) else ""
-    return head, deeper or head + "    "
+    if not last.rstrip().endswith(":") and len(_lead(last).expandtabs(_TAB)) > len(head.expandtabs(_TAB)):
+        return head, _lead(last)
+    return head, head + "    "
 
 
 def _lead(line: str) -> str:
