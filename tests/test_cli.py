@@ -51,7 +51,7 @@ def test_run_dir_without_adapter(tmp_path):
 def test_data_prepare_prints_card_and_maps_columns(tmp_path, tiny_model_dir):
     src = tmp_path / "rows.jsonl"
     lines = [{"prompt": f"Task {i}", "completion": f"print({i})"} for i in range(20)]
-    lines.append({"prompt": "Task 0", "completion": "PRINT(0)"})  # duplicate after case folding
+    lines.append({"prompt": "Task 0", "completion": "print(0)  \r\n"})  # duplicate: trailing whitespace ignored
     src.write_text("\n".join(json.dumps(x) for x in lines))
     code, output = run("data", "prepare", "--data", src, "--model", tiny_model_dir, "--out", tmp_path / "out")
     assert code == 2 and "found ['completion', 'prompt']" in output and "--columns" in output

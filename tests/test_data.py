@@ -17,12 +17,12 @@ from conftest import CODEALPACA
 FAULTY_ROWS = [
     {"instruction": "Add two numbers.", "input": None, "output": "def add(a, b):\n    return a + b"},  # kept, null input
     {"instruction": "Reverse a list.", "input": "", "output": "xs[::-1]"},  # kept
-    {"instruction": "  reverse a   LIST. ", "input": "", "output": "XS[::-1]"},  # duplicate of row 1
+    {"instruction": "Reverse a list.\n", "input": None, "output": "xs[::-1]  \r\n\n"},  # duplicate of row 1
     {"instruction": "Print hello.", "input": "", "output": ""},  # empty output
     {"instruction": "   ", "input": "", "output": "print(1)"},  # empty instruction (whitespace only)
     {"instruction": "Write a long essay.", "input": "", "output": "word " * 3000},  # over the token budget
     {"instruction": "Square a number.", "input": "", "output": 42},  # not text
-    {"instruction": "Cafe\u0301 sign.", "input": "", "output": "print('Caf\u00e9')"},  # kept, NFC-normalised
+    {"instruction": "Cafe\u0301 sign.", "input": "", "output": "print('Cafe\u0301')"},  # kept exactly as given
 ]
 
 
@@ -37,7 +37,8 @@ def test_cleaning_counts_each_fault_kind(tmp_path, tokenizer):
     cfg = DataConfig(path=str(path), max_length=256, split=(1.0, 0.0, 0.0))
     splits, card = prepare_dataset(cfg, tokenizer, tmp_path / "out")
     assert card.rows_in == 8 and card.rows_kept == 3
-    assert card.dropped == {"not_text": 1, "empty_instruction": 1, "empty_output": 1, "duplicate": 1, "over_token_budget": 1}
+    assert card.dropped == {"not_text": 1, "empty_instruction": 1, "empty_output": 1, "duplicate": 1, "contaminated": 0,
+                            "over_token_budget": 1}
     assert card.examples["duplicate"] == [2] and card.examples["over_token_budget"] == [5]
     assert sorted(splits["train"]["row"]) == [0, 1, 7]
     saved = json.loads((tmp_path / "out" / "data_card.json").read_text())
@@ -46,10 +47,10 @@ def test_cleaning_counts_each_fault_kind(tmp_path, tokenizer):
     assert "dropped: duplicate" in card.table()
 
 
-def test_nfc_and_strip():
+def test_text_is_kept_exactly():
     card = DataCard(source="x", rows_in=1)
-    [row] = clean_rows([{"row": 0, "instruction": " Cafe\u0301 ", "input": None, "output": "ok\n"}], card)
-    assert row == {"row": 0, "instruction": "Caf\u00e9", "input": "", "output": "ok"}
+    [row] = clean_rows([{"row": 0, "instruction": " Cafe\u0301 ", "input": None, "output": "\tok\n"}], card)
+    assert row == {"row": 0, "instruction": " Cafe\u0301 ", "input": "", "output": "\tok\n"}
 
 
 def test_huge_row_dropped_without_tokenizing(tmp_path, tokenizer, monkeypatch):
@@ -138,9 +139,10 @@ def test_label_invariants_on_real_rows(tmp_path, tokenizer, template):
             assert supervised == list(range(first, len(ids))), "prompt masked, response fully supervised"
             assert labels[-1] == eos and [labels[i] for i in supervised].count(eos) == 1
             row = rows[sample["row"]]
-            prompt = format_prompt(row["instruction"].strip(), (row["input"] or "").strip(), template, tokenizer)
+            prompt = format_prompt(row["instruction"], row["input"] or "", template, tokenizer)
             assert first == len(encode_prompt(prompt, tokenizer))
-            assert labels[first] == tokenizer(row["output"].strip(), add_special_tokens=False)["input_ids"][0]
+            assert ids[:first] == encode_prompt(prompt, tokenizer)
+            assert tokenizer.decode(labels[first:-1]) == row["output"]  # the supervised text is the output, exactly
             assert ids[:2] != [bos, bos]
             n += 1
     assert n == card.rows_kept > 350

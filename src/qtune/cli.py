@@ -71,6 +71,14 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _column_pairs(columns: str) -> dict[str, str]:
+    """``--columns instruction=prompt,output=completion`` as a dict (the keys are checked by the config)."""
+    pairs = [c.split("=", 1) for c in columns.split(",")]
+    if any(len(p) != 2 for p in pairs):
+        raise QtuneError(f"--columns {columns!r}: expected field=column pairs separated by commas")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 @data_app.command("prepare")
 def data_prepare(
     data: Annotated[str, typer.Option(help="A .json/.jsonl/.parquet file or a hub dataset id.")],
@@ -79,6 +87,8 @@ def data_prepare(
     template: Annotated[Optional[str], typer.Option(help="alpaca (default) or chat.")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Token budget per sample.")] = None,
     columns: Annotated[Optional[str], typer.Option(help="Column mapping, e.g. instruction=prompt,output=completion.")] = None,
+    decontaminate: Annotated[Optional[list[str]], typer.Option(
+        help="Drop rows sharing a 13-gram with this benchmark's problems (humaneval); repeatable.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
@@ -87,6 +97,8 @@ def data_prepare(
     from qtune.config import load_config
 
     overrides = list(set_ or []) + [f"data.path={json.dumps(data)}"]
+    if decontaminate:
+        overrides.append(f"data.decontaminate={json.dumps(decontaminate)}")
     if model:
         overrides.append(f"model.name={json.dumps(model)}")
     if template:
@@ -95,10 +107,7 @@ def data_prepare(
         overrides.append(f"data.max_length={max_length}")
     try:
         if columns:
-            pairs = [c.split("=", 1) for c in columns.split(",")]
-            if any(len(p) != 2 for p in pairs):
-                raise QtuneError(f"--columns {columns!r}: expected field=column pairs separated by commas")
-            overrides.append("data.columns=" + json.dumps({k.strip(): v.strip() for k, v in pairs}))
+            overrides.append("data.columns=" + json.dumps(_column_pairs(columns)))
         cfg = load_config(config, overrides)
         _remote_code(cfg, trust_remote_code)
         _quiet_libraries()
@@ -112,6 +121,29 @@ def data_prepare(
         _fail(str(e))
     typer.echo(card.table())
     typer.echo(f"saved: {out}")
+
+
+@data_app.command("overlap")
+def data_overlap(
+    data: Annotated[str, typer.Option(help="A .json/.jsonl/.parquet file or a hub dataset id.")],
+    benchmark: Annotated[str, typer.Option(help="Benchmark whose problems to look for: humaneval.")] = "humaneval",
+    columns: Annotated[Optional[str], typer.Option(help="Column mapping, e.g. instruction=prompt,output=completion.")] = None,
+) -> None:
+    """Count the rows that share a 13-gram with a benchmark's problems (nothing is dropped or written)."""
+    from qtune.config import load_config
+    from qtune.data.decontaminate import find_overlap
+    from qtune.data.load import load_rows
+
+    overrides = [f"data.path={json.dumps(data)}", f"data.decontaminate={json.dumps([benchmark])}"]
+    try:
+        if columns:
+            overrides.append("data.columns=" + json.dumps(_column_pairs(columns)))
+        cfg = load_config(None, overrides).data  # the same checks of the path, columns and benchmark as prepare
+        rows, _ = load_rows(cfg.path, cfg.columns)
+        overlap = find_overlap(rows, benchmark)
+    except QtuneError as e:
+        _fail(str(e))
+    typer.echo(overlap.summary())
 
 
 @app.command()

@@ -133,6 +133,12 @@ class DataConfig(_Strict):
     )
     seed: int = Field(42, description="Seed of the split shuffle.")
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of the source (before cleaning).")
+    decontaminate: list[Literal["humaneval"]] = Field(
+        default_factory=list,
+        description="Benchmarks to decontaminate against: rows sharing a 13-gram (lowercased words) with one of "
+        "their problems are dropped and counted as 'contaminated' in the data card (qtune.data.decontaminate). "
+        "humaneval reads humaneval/HumanEval.jsonl.gz in the shared data directory. Empty: not checked.",
+    )
 
     @field_validator("split")
     @classmethod

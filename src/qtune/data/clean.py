@@ -1,15 +1,19 @@
 """Counted cleaning of instruction rows; every dropped row is counted under one reason (the data card).
 
-Steps, in order: type check (each field must be text; a null ``input`` means no input), Unicode NFC and strip,
-empty instruction or output, duplicates (key: instruction, input and output with whitespace collapsed and
-case folded), and a character pre-filter that drops rows certainly over the token budget without tokenizing them.
-The exact token budget is applied after tokenization (:mod:`qtune.data.tokenize`), counted here too.
+Steps, in order: type check (each field must be text; a null ``input`` means no input), empty instruction or
+output (whitespace only counts as empty), duplicates (see :func:`dedup_key`), and a character pre-filter that drops
+rows certainly over the token budget without tokenizing them. Benchmark decontamination
+(:mod:`qtune.data.decontaminate`) and the exact token budget (:mod:`qtune.data.tokenize`) follow in
+:mod:`qtune.data.prepare`, counted here too.
+
+Text is kept exactly as given: no strip, no Unicode normalisation. Leading indentation is part of code (an output
+``"    x = 1"`` is a different answer from ``"x = 1"``), and so are trailing newlines, case and the code points a
+string literal is made of. Whitespace is looked at only to decide whether a field is empty.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,11 +24,10 @@ REASONS = {
     "not_text": "a field is not text (number, list or object)",
     "empty_instruction": "instruction empty, whitespace only, null or missing",
     "empty_output": "output empty, whitespace only, null or missing",
-    "duplicate": "duplicate of an earlier row (case and whitespace ignored)",
+    "duplicate": "duplicate of an earlier row (line endings, trailing spaces and blank edge lines ignored)",
+    "contaminated": "shares a 13-gram with a benchmark problem (data.decontaminate)",
     "over_token_budget": "prompt + output + EOS longer than max_length tokens",
 }
-
-_WS = re.compile(r"\s+")
 
 
 @dataclass
@@ -39,6 +42,10 @@ class DataCard:
     template: str = "alpaca"
     max_length: int = 0
     tokens: dict[str, int] = field(default_factory=dict)
+    decontaminated: list[str] = field(default_factory=list)
+    """Benchmarks the rows were checked against (``data.decontaminate``); empty: not checked."""
+    contamination: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    """Per benchmark, per problem id (e.g. ``HumanEval/0``): the source rows dropped for sharing an n-gram with it."""
 
     @property
     def rows_kept(self) -> int:
@@ -59,24 +66,43 @@ class DataCard:
     def table(self) -> str:
         """Plain-text table: rows in, each drop reason, rows kept, split sizes."""
         lines = [f"data card: {self.source}", f"  {'rows in':<32}{self.rows_in:>8}"]
-        lines += [f"  {'dropped: ' + reason:<32}{n:>8}" for reason, n in self.dropped.items()]
+        for reason, n in self.dropped.items():
+            shown = n if reason != "contaminated" or self.decontaminated else "-"  # "-": not checked
+            lines.append(f"  {'dropped: ' + reason:<32}{shown:>8}")
         lines.append(f"  {'rows kept':<32}{self.rows_kept:>8}")
         lines += [f"  {'split ' + name:<32}{n:>8}" for name, n in self.splits.items()]
         return "\n".join(lines)
 
 
-def normalize_text(value: str) -> str:
-    """Unicode NFC, then strip surrounding whitespace."""
-    return unicodedata.normalize("NFC", value).strip()
+def is_blank(value: str) -> bool:
+    """True when ``value`` is empty or whitespace only: the one place where surrounding whitespace is ignored."""
+    return not value.strip()
+
+
+def text_key(value: str) -> str:
+    """One field's text as the duplicate key sees it: Unicode NFC, CRLF and CR as LF, trailing whitespace of each
+    line removed, blank lines at the start and the end removed. Leading indentation (spaces and tabs as they are),
+    blank lines inside the text and case are kept, so two snippets that differ in indentation or in case (both
+    change what code means: ``X`` and ``x`` are different names) stay different. NFC only makes canonically
+    equivalent spellings of the same characters equal (``e`` + combining acute and ``\u00e9``). The same key
+    serves all three fields: instructions and inputs hold code too."""
+    lines = unicodedata.normalize("NFC", value).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    lines = [line.rstrip() for line in lines]
+    while lines and not lines[0]:
+        lines.pop(0)
+    while lines and not lines[-1]:
+        lines.pop()
+    return "\n".join(lines)
 
 
 def dedup_key(row: dict) -> tuple[str, ...]:
-    """Duplicate key: each field with runs of whitespace collapsed to one space and case folded."""
-    return tuple(_WS.sub(" ", row[f]).casefold() for f in FIELDS)
+    """Duplicate key of a row: :func:`text_key` of instruction, input and output. Rows with equal keys differ only
+    in line endings, trailing whitespace or blank edge lines, which change neither the code nor the prose."""
+    return tuple(text_key(row[f]) for f in FIELDS)
 
 
 def clean_rows(rows: list[dict], card: DataCard, max_chars: int | None = None) -> list[dict]:
-    """Drop bad rows, counting each in ``card``; return the kept rows with normalized text fields.
+    """Drop bad rows, counting each in ``card``; return the kept rows with their text unchanged.
 
     Args:
         rows: dicts from :func:`qtune.data.load.load_rows` (``row`` plus the three fields, raw values).
@@ -85,7 +111,8 @@ def clean_rows(rows: list[dict], card: DataCard, max_chars: int | None = None) -
             ``over_token_budget`` without tokenizing (pass max_length x the longest token in characters).
 
     Returns:
-        Kept rows, in source order, with ``instruction``, ``input`` (``""`` when absent) and ``output`` as str.
+        Kept rows, in source order, with ``instruction``, ``input`` (``""`` when absent) and ``output`` as str,
+        each exactly as in the source.
     """
     kept, seen = [], set()
     for row in rows:
@@ -96,12 +123,12 @@ def clean_rows(rows: list[dict], card: DataCard, max_chars: int | None = None) -
                 v = ""
             if not isinstance(v, str):
                 break
-            values[f] = normalize_text(v)
+            values[f] = v
         else:
             clean = {"row": row["row"], **values}
-            if not clean["instruction"]:
+            if is_blank(clean["instruction"]):
                 card.drop("empty_instruction", row["row"])
-            elif not clean["output"]:
+            elif is_blank(clean["output"]):
                 card.drop("empty_output", row["row"])
             elif (key := dedup_key(clean)) in seen:
                 card.drop("duplicate", row["row"])

@@ -1,4 +1,5 @@
-"""The data stage end to end: load -> clean -> tokenize within the budget -> split -> save Arrow + data card."""
+"""The data stage end to end: load -> clean -> decontaminate (if asked) -> tokenize within the budget -> split ->
+save Arrow + data card."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from qtune.config import DataConfig
 from qtune.data.clean import DataCard, clean_rows
+from qtune.data.decontaminate import decontaminate
 from qtune.data.load import load_rows
 from qtune.data.split import split_indices
 from qtune.data.templates import format_prompt
@@ -26,7 +28,8 @@ def prepare_dataset(cfg: DataConfig, tokenizer, out_dir: str | Path):
     and ``out_dir/data_card.json``.
 
     Raises:
-        QtuneError: the source cannot be read (see :func:`qtune.data.load.load_rows`) or no row survives cleaning.
+        QtuneError: the source cannot be read (see :func:`qtune.data.load.load_rows`), a benchmark of
+            ``cfg.decontaminate`` cannot be read, or no row survives cleaning.
     """
     from datasets import Dataset, DatasetDict  # imported here: the training path runs without it (GPU bench)
 
@@ -38,6 +41,8 @@ def prepare_dataset(cfg: DataConfig, tokenizer, out_dir: str | Path):
     rows, unit = load_rows(cfg.path, cfg.columns, cfg.max_rows)
     card = DataCard(source=cfg.path, rows_in=len(rows), template=cfg.template, max_length=cfg.max_length)
     kept = clean_rows(rows, card, max_chars=cfg.max_length * longest_token_chars(tokenizer))
+    if cfg.decontaminate:
+        kept = decontaminate(kept, card, cfg.decontaminate)
 
     samples = []
     for row in kept:

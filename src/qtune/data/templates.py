@@ -8,6 +8,9 @@ input joined by a blank line as the user message.
 A conversation (a system prompt, then user/assistant turns ending with a user message) is rendered by
 :func:`format_conversation`; a one-turn conversation gives exactly the training prompt, because
 :func:`format_prompt` is built on it.
+
+Every text is placed exactly as given (no strip): an answer or an input that starts with indentation keeps it.
+Whitespace is looked at only to decide whether an input is empty (empty or whitespace only: no input).
 """
 
 from __future__ import annotations
@@ -57,9 +60,9 @@ def format_conversation(messages: Sequence[Message], template: Template = "alpac
 
     ``alpaca``: the system message (default: the Alpaca preamble the adapter was trained with), a blank line,
     then per turn ``### Instruction:`` / ``### Response:`` sections; earlier answers follow their
-    ``### Response:`` and are separated from the next turn by a blank line. ``chat``: the tokenizer's chat
-    template with a generation prompt. A single user message without a system message gives exactly the
-    training prompt (:func:`format_prompt` with no input).
+    ``### Response:`` exactly as given and are separated from the next turn by a blank line. ``chat``: the
+    tokenizer's chat template with a generation prompt. A single user message without a system message gives
+    exactly the training prompt (:func:`format_prompt` with no input).
 
     Args:
         messages: see :func:`check_messages`.
@@ -77,7 +80,7 @@ def format_conversation(messages: Sequence[Message], template: Template = "alpac
         for i in range(0, len(body), 2):
             parts.append(ALPACA_TURN.format(instruction=body[i]["content"]))
             if i + 1 < len(body):
-                parts.append(body[i + 1]["content"].strip() + "\n\n")
+                parts.append(body[i + 1]["content"] + "\n\n")
         return "".join(parts)
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -87,8 +90,9 @@ def format_conversation(messages: Sequence[Message], template: Template = "alpac
 
 
 def user_message(instruction: str, input: str = "") -> str:
-    """The user turn for chat templates: the instruction, then the input after a blank line if there is one."""
-    return f"{instruction}\n\n{input}" if input else instruction
+    """The user turn for chat templates: the instruction, then the input after a blank line if there is one (an
+    input that is empty or whitespace only is none)."""
+    return f"{instruction}\n\n{input}" if input.strip() else instruction
 
 
 def format_prompt(instruction: str, input: str = "", template: Template = "alpaca", tokenizer=None) -> str:
@@ -96,14 +100,14 @@ def format_prompt(instruction: str, input: str = "", template: Template = "alpac
 
     Args:
         instruction: the task.
-        input: optional context; selects Alpaca's with-input variant when non-empty.
+        input: optional context; selects Alpaca's with-input variant unless empty or whitespace only.
         template: "alpaca" or "chat".
         tokenizer: required for "chat" (its ``chat_template`` is applied with a generation prompt).
 
     Raises:
         ValueError: "chat" without a tokenizer that has a chat template, or an unknown template.
     """
-    if template == "alpaca" and input:
+    if template == "alpaca" and input.strip():
         return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
     if template not in ("alpaca", "chat"):
         raise ValueError(f"unknown template {template!r}; expected 'alpaca' or 'chat'")
