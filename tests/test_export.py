@@ -70,6 +70,10 @@ def test_gguf_metadata_matches_the_shipped_smollm2_gguf_key_by_key(smol_run, tmp
     }
     absent_here = {"general.quantization_version"}  # only quantized files carry it
     assert ours["tokenizer.ggml.pre"] == "smollm"
+    # the run was trained with the alpaca template, so the embedded template is that one, not SmolLM2's ChatML
+    assert "<|im_start|>" in shipped["tokenizer.chat_template"]
+    assert ours.pop("tokenizer.chat_template").startswith("{%- if messages[0]['role'] == 'system' -%}")
+    shipped.pop("tokenizer.chat_template")
     for key, value in shipped.items():
         if key in absent_here:
             assert key not in ours
@@ -105,3 +109,54 @@ def test_adapter_records_the_public_base_and_a_model_card(tiny_model_dir, tmp_pa
     from transformers import AutoModelForCausalLM
 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(rd.adapter))
+
+
+CONVERSATIONS = {
+    "one turn": [{"role": "user", "content": "Write a loop.\n  (indented note)"}],
+    "one turn, system": [{"role": "system", "content": "You write Python."},
+                         {"role": "user", "content": "Write a loop."}],
+    "three turns": [{"role": "user", "content": "Write a loop."},
+                    {"role": "assistant", "content": "    for i in range(3):\n        print(i)"},
+                    {"role": "user", "content": "Now a function."},
+                    {"role": "assistant", "content": "def f():\n    return 1"},
+                    {"role": "user", "content": "Call it."}],
+    "three turns, system": [{"role": "system", "content": "Be brief."},
+                            {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"},
+                            {"role": "user", "content": "e"}],
+}
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_prompt_token_ids_agree_across_training_merged_tokenizer_gguf_template_and_api(
+        template, tiny_model_dir, tmp_path):
+    import gguf
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from transformers import AutoTokenizer
+
+    from serve_fixtures import make_tiny_run
+
+    from qtune.data.templates import format_conversation
+    from qtune.data.tokenize import encode_prompt
+    from qtune.serve.engine import Engine, GenerationSettings
+    from qtune.serve.session import fit_messages
+
+    rd = make_tiny_run(tiny_model_dir, tmp_path / "run", data={"template": template})
+    merged, gguf_file = tmp_path / "merged", tmp_path / "model.gguf"
+    result = runner.invoke(app, ["export", "--run", str(rd.root), "--merged", str(merged), "--gguf", str(gguf_file)])
+    assert result.exit_code == 0, result.output
+    train_tok = AutoTokenizer.from_pretrained(str(rd.adapter))
+    merged_tok = AutoTokenizer.from_pretrained(str(merged))
+    gguf_template = gguf.GGUFReader(str(gguf_file)).fields["tokenizer.chat_template"].contents()
+    jinja = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(gguf_template)
+    engine = Engine(str(rd.root))
+    for name, messages in CONVERSATIONS.items():
+        training = encode_prompt(format_conversation(messages, template, train_tok), train_tok)
+        exported = merged_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+        text = jinja.render(messages=messages, add_generation_prompt=True, bos_token=train_tok.bos_token,
+                            eos_token=train_tok.eos_token)
+        from_gguf = train_tok(text, add_special_tokens=False)["input_ids"]
+        api = fit_messages(engine, messages, GenerationSettings(max_new_tokens=8)).prompt_ids
+        assert training == exported == from_gguf == api, (template, name)
+    if template == "alpaca":  # not the base's ChatML
+        assert "<|im_start|>" not in gguf_template and "### Instruction:" in gguf_template

@@ -112,3 +112,51 @@ def format_prompt(instruction: str, input: str = "", template: Template = "alpac
     if template not in ("alpaca", "chat"):
         raise ValueError(f"unknown template {template!r}; expected 'alpaca' or 'chat'")
     return format_conversation([{"role": "user", "content": user_message(instruction, input)}], template, tokenizer)
+
+
+def _jinja_literal(text: str) -> str:
+    """``text`` as a Jinja string expression that prints it verbatim."""
+    import json
+
+    return "{{ " + json.dumps(text) + " }}"
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether :func:`qtune.data.tokenize.encode_prompt` puts the tokenizer's BOS token before a prompt."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def export_chat_template(template: Template, tokenizer) -> str:
+    """A Jinja chat template (the ``chat_template`` format of transformers, llama.cpp, vLLM, Ollama) that renders a
+    conversation into exactly the text qtune trains and serves with, so a tool that uses an exported model's
+    embedded template prompts it as it was trained.
+
+    ``alpaca``: the tokenizer's BOS when :func:`adds_bos` (qtune's encoding adds it), then
+    :func:`format_conversation`'s text; a conversation that ends with an assistant message (a training sample)
+    ends with that answer and the EOS token, as in training. The ``### Response:`` header is part of each user
+    turn, so ``add_generation_prompt`` changes nothing. ``chat``: the tokenizer's own template, unchanged.
+
+    Raises:
+        ValueError: ``chat`` with a tokenizer without a chat template, or an unknown template.
+    """
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template 'chat' needs a tokenizer with a chat_template; use template 'alpaca'")
+        return tokenizer.chat_template
+    if template != "alpaca":
+        raise ValueError(f"unknown template {template!r}; expected 'alpaca' or 'chat'")
+    turn_head, turn_tail = ALPACA_TURN.split("{instruction}")
+    return "".join([
+        "{{- bos_token -}}" if adds_bos(tokenizer) else "",
+        "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] -}}"
+        "{%- set loop_messages = messages[1:] -%}",
+        "{%- else -%}", _jinja_literal(ALPACA_PREAMBLE), "{%- set loop_messages = messages -%}{%- endif -%}",
+        _jinja_literal("\n\n"),
+        "{%- for message in loop_messages -%}",
+        "{%- if message['role'] == 'user' -%}", _jinja_literal(turn_head), "{{- message['content'] -}}",
+        _jinja_literal(turn_tail),
+        "{%- elif loop.last -%}{{- message['content'] -}}{{- eos_token -}}",
+        "{%- else -%}{{- message['content'] -}}", _jinja_literal("\n\n"), "{%- endif -%}",
+        "{%- endfor -%}",
+    ])

@@ -2,7 +2,9 @@
 
 The base is loaded again in fp16 or bf16 (never the 4-bit or 8-bit weights the adapter may have been trained
 against: merging into quantized weights would round the update away), the adapter is loaded with PEFT and
-folded in with ``merge_and_unload``. The output directory loads with plain ``AutoModelForCausalLM`` and with
+folded in with ``merge_and_unload``. Both exports embed the chat template the adapter was trained with
+(:func:`qtune.data.templates.export_chat_template`), not the base's, so tools that prompt through the embedded
+template (vLLM, llama.cpp's server, Ollama, LM Studio) send the prompt qtune trained on. The output directory loads with plain ``AutoModelForCausalLM`` and with
 ``qtune chat/serve --run OUT`` (``qtune.json`` records the template).
 
 The GGUF file (LLaMA architecture only) is written with the ``gguf`` package's ``GGUFWriter``: fp16 matrices,
@@ -20,6 +22,7 @@ import json
 import shutil
 from pathlib import Path
 
+from qtune.data.templates import export_chat_template
 from qtune.errors import QtuneError
 from qtune.serve.engine import MERGED_META
 
@@ -78,6 +81,7 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "fp16", ove
             raise QtuneError(f"{out}: output directory exists and is not empty; pass --overwrite or choose another")
         shutil.rmtree(out)
     merged, tokenizer, cfg = merge_run(rd.root, dtype)
+    tokenizer.chat_template = export_chat_template(cfg.data.template, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
@@ -196,8 +200,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
         if getattr(tokenizer, name, None) is not None:
             setter(getattr(tokenizer, name))
     writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
+    writer.add_chat_template(export_chat_template(cfg.data.template, tokenizer))
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
     state = model.state_dict()
