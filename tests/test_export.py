@@ -160,3 +160,62 @@ def test_prompt_token_ids_agree_across_training_merged_tokenizer_gguf_template_a
         assert training == exported == from_gguf == api, (template, name)
     if template == "alpaca":  # not the base's ChatML
         assert "<|im_start|>" not in gguf_template and "### Instruction:" in gguf_template
+
+
+@pytest.fixture(scope="module")
+def run_with_data(tiny_model_dir, tokenizer, tmp_path_factory):
+    """A tiny run (random adapter) with its prepared data, as training leaves it."""
+    from serve_fixtures import make_tiny_run
+
+    from qtune.config import load_config
+    from qtune.data.prepare import prepare_dataset
+
+    rd = make_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("run") / "run")
+    prepare_dataset(load_config(rd.config, saved_run=True).data, tokenizer, rd.data)
+    return rd
+
+
+def _table_losses(output: str) -> dict[str, float]:
+    """{model form: loss} from the export check's table lines ("  NAME   LOSS  [drift +D]")."""
+    import re
+
+    return {m[1]: float(m[2]) for m in re.finditer(r"^  (\S.*?)\s{2,}(\d+\.\d+)", output, re.M)}
+
+
+def test_export_prints_the_parity_table_and_passes(run_with_data, tmp_path):
+    from qtune.evaluate.perplexity import evaluate_run
+
+    result = runner.invoke(app, ["export", "--run", str(run_with_data.root), "--merged", str(tmp_path / "m"),
+                                 "--gguf", str(tmp_path / "m.gguf"), "--check-rows", "8"])
+    assert result.exit_code == 0, result.output
+    assert "export check: 8 validation rows" in result.output
+    losses = _table_losses(result.output)
+    assert set(losses) == {"adapter on the nf4 base (as trained)", "adapter on the float32 base (not merged)",
+                           "merged model (read back)", "GGUF file (read back by transformers)"}
+    ref = losses["adapter on the float32 base (not merged)"]
+    assert abs(losses["merged model (read back)"] - ref) < 0.01
+    assert abs(losses["GGUF file (read back by transformers)"] - ref) < 0.01
+    assert ref != losses["adapter on the nf4 base (as trained)"]  # the quantization gap is real and shown
+
+
+def test_export_fails_when_the_merged_model_drifts(run_with_data, tmp_path, monkeypatch):
+    import torch
+
+    import qtune.serve.export as export
+
+    real = export.merge_run
+
+    def broken(*a, **k):  # a merge that gets one matrix wrong, as the tied lm_head merge did
+        model, tok, cfg = real(*a, **k)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(1.5)
+        return model, tok, cfg
+
+    monkeypatch.setattr(export, "merge_run", broken)
+    result = runner.invoke(app, ["export", "--run", str(run_with_data.root), "--merged", str(tmp_path / "m"),
+                                 "--check-rows", "8"])
+    assert result.exit_code == 2
+    assert "exceeds --max-drift 0.01" in result.output
+    skipped = runner.invoke(app, ["export", "--run", str(run_with_data.root), "--merged", str(tmp_path / "m2"),
+                                  "--no-check"])
+    assert skipped.exit_code == 0 and "export check" not in skipped.output

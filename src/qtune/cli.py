@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperCommand
 
 from qtune.errors import QtuneError
+from qtune.serve.export_check import DEFAULT_CHECK_ROWS, DEFAULT_MAX_DRIFT
 
 _default_showwarning = warnings.showwarning
 
@@ -523,23 +524,40 @@ def export(
     gguf: Annotated[Optional[Path], typer.Option(help="Write base + adapter merged as one fp16 GGUF file here.")] = None,
     dtype: Annotated[str, typer.Option(help="Merged safetensors weights: fp16 or bf16.")] = "fp16",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    check: Annotated[bool, typer.Option(help="Re-score validation rows with the trained model and each export; "
+                                        "fail on drift.")] = True,
+    max_drift: Annotated[float, typer.Option(help="Largest accepted loss drift of an export, nats per token.")] = 0.01,
+    check_rows: Annotated[int, typer.Option(help="Validation rows the check scores.", min=1)] = DEFAULT_CHECK_ROWS,
 ) -> None:
-    """Export a trained run: the adapter merged into a 16-bit copy of the base (safetensors and/or GGUF)."""
+    """Export a trained run: the adapter merged into a 16-bit copy of the base (safetensors and/or GGUF), then
+    checked: the validation loss of each export against the adapter's (see qtune.serve.export_check)."""
     try:
         if merged is None and gguf is None:
             raise QtuneError("nothing to export: pass --merged OUT and/or --gguf OUT.gguf")
+        if not max_drift >= 0:
+            raise QtuneError(f"--max-drift {max_drift}: expected a number >= 0")
         _quiet_libraries()
         from qtune.serve.export import export_gguf, export_merged
+        from qtune.serve.export_check import check_export
 
         outs = []
         if merged is not None:
             outs.append(export_merged(run, merged, dtype, overwrite))
         if gguf is not None:
             outs.append(export_gguf(run, gguf, overwrite))
+        for out in outs:
+            typer.echo(f"saved: {out}")
+        result = check_export(run, merged, gguf, check_rows, max_drift) if check else None
     except QtuneError as e:
         _fail(str(e))
-    for out in outs:
-        typer.echo(f"saved: {out}")
+    if check and result is None:
+        typer.echo(f"warning: {run} holds no prepared validation split; the export was not checked")
+    elif result is not None:
+        typer.echo(result.table())
+        if not result.ok:
+            worst = max(result.drift, key=result.drift.get)
+            _fail(f"export drift {result.drift[worst]:.5f} nats ({worst}) exceeds --max-drift {max_drift}: the "
+                  "export does not compute what the trained adapter does; the files are kept for inspection")
 
 
 def main() -> None:
