@@ -75,19 +75,25 @@ def plot_memory_over_time(sweep_dir: Path, best: dict, out: Path) -> None:
     """Peak memory so far (GiB) against training wall time (s) of the best run."""
     plt = _plt()
     recs = [r for r in _metrics(sweep_dir, best) if "time_s" in r]
+    steps = [r for r in recs if "loss" in r]  # training steps; the line ends where training ended
+    evals = [r for r in recs if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("peak_allocated_gib", "peak allocated"), ("peak_reserved_gib", "peak reserved"),
                        ("peak_rss_gib", "peak RSS")):
-        pts = [(r["time_s"], r[key]) for r in recs if r.get(key) is not None]
+        pts = [(r["time_s"], r[key]) for r in steps if r.get(key) is not None]
         if pts:
-            ax.plot(*zip(*pts), marker=".", label=label)
+            line, = ax.plot(*zip(*pts), marker=".", label=label)
+            ev = [(r["time_s"], r[key]) for r in evals if r.get(key) is not None]
+            if ev:
+                ax.scatter(*zip(*ev), marker="D", color=line.get_color(), zorder=3,
+                           label=f"{label}, during evaluation")
     if best.get("estimate_gib"):
         ax.axhline(best["estimate_gib"], linestyle="--", color="gray", label="estimate")
     ax.set_ylim(bottom=0)
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("GiB (peak so far at each logged step)")
     ax.set_title(f"Memory over time: {best['run']} (best)")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -103,12 +109,17 @@ def plot_curves(sweep_dir: Path, results: list[dict], key: str, ylabel: str, tit
         pts = [(m["step"], m[key]) for m in _metrics(sweep_dir, r) if m.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), label=r["run"])
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if key == "learning_rate":  # 2e-4 rather than 0.0002, no shared offset label
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1e}" if v else "0"))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes, never over a line
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -124,12 +135,12 @@ def plot_pareto(results: list[dict], out: Path) -> list[str]:
         for m, v, n in pts:
             ax.annotate(n, (m, v), fontsize=8, xytext=(3, 3), textcoords="offset points")
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="red", marker="x", label="Pareto front")
-        ax.legend()
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18))  # below the axes, never over a point
     ax.set_xlabel(_memory_label(results))
     ax.set_ylabel("validation loss (nats per token)")
     ax.set_title("Validation loss vs peak memory")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return [p[2] for p in front]
 
