@@ -291,11 +291,17 @@ class MemoryEstimate:
     def term(self, name: str) -> Term:
         return next(t for t in self.terms if t.name == name)
 
+    @property
+    def peak_reserved_gib(self) -> float:
+        """Predicted peak reserved by PyTorch's CUDA caching allocator: ``peak_gib`` plus
+        :data:`ALLOCATOR_OVERHEAD`; on a CPU (peak RSS, no caching allocator) equal to ``peak_gib``."""
+        return self.peak_gib * (1 + ALLOCATOR_OVERHEAD) if self.shape.device == "cuda" else self.peak_gib
+
     def to_dict(self) -> dict:
         """JSON-ready: ``peak_gib`` (predicted peak allocated, or peak RSS on CPU), each term in GiB, inputs."""
         return {
             "peak_gib": round(self.peak_gib, 4),
-            "peak_reserved_gib": round(self.peak_gib * (1 + ALLOCATOR_OVERHEAD), 4),
+            "peak_reserved_gib": round(self.peak_reserved_gib, 4),
             "terms_gib": {t.name: round(t.gib, 4) for t in self.terms},
             "not_in_peak": [t.name for t in self.terms if not t.in_peak],
             "trainable_params": self.trainable_params,
@@ -310,6 +316,9 @@ class MemoryEstimate:
             mark = "" if t.in_peak else " (not concurrent with the larger phase; not in peak)"
             rows.append(f"{t.name:<22} {t.gib:>9.3f}  {t.source}{mark}")
         rows.append(f"{'peak':<22} {self.peak_gib:>9.3f}  {'peak allocated' if self.shape.device == 'cuda' else 'peak RSS'}")
+        if self.shape.device == "cuda":
+            rows.append(f"{'peak reserved':<22} {self.peak_reserved_gib:>9.3f}  peak allocated + "
+                        f"{ALLOCATOR_OVERHEAD:.0%} caching-allocator overhead (heuristic); what nvidia-smi shows")
         return "\n".join(rows)
 
 
@@ -453,6 +462,9 @@ def _distribute(terms: list[Term], counts: ModelCounts, s: TrainShape, e: int, l
 def fit(counts: ModelCounts, s: TrainShape, budget_gib: float, max_seq_len: int | None = None) -> dict:
     """Largest micro-batch that fits ``budget_gib`` at ``s.seq_len``, and at each power-of-two sequence length.
 
+    "Fits" means the predicted peak *reserved* memory (:attr:`MemoryEstimate.peak_reserved_gib`: allocated plus the
+    caching allocator's overhead on CUDA) is at most ``budget_gib``, so the allocator's headroom is left.
+
     Returns:
         {"budget_gib", "seq_len", "max_batch_size" (0: not even batch 1 fits), "table": [{seq_len, max_batch_size,
         peak_gib}]}; the table stops at ``max_seq_len`` (the model's context) when given.
@@ -461,7 +473,7 @@ def fit(counts: ModelCounts, s: TrainShape, budget_gib: float, max_seq_len: int 
 
     def largest(seq: int) -> tuple[int, float]:
         def peak(b: int) -> float:
-            return estimate(counts, replace(s, batch_size=b, seq_len=seq)).peak_gib
+            return estimate(counts, replace(s, batch_size=b, seq_len=seq)).peak_reserved_gib
         if peak(1) > budget_gib:
             return 0, peak(1)
         lo, hi = 1, 2
