@@ -83,8 +83,9 @@ def test_a_program_that_ends_before_its_check_is_not_passed(body, tail, how):
         "import atexit, os\natexit.register(os._exit, 0)\nassert answer() == 1\n",  # no atexit handler runs
         "import os\nfor fd in range(3, 21):\n    try:\n        os.write(fd, b'passed\\n')\n    except OSError:\n"
         "        pass\n",  # bytes on the report pipe before the report
+        "import builtins\nbuiltins.eval = builtins.exec = builtins.compile = lambda *a, **k: None\n",  # boot keeps its own
     ],
-    ids=["atexit os._exit", "junk on fds"],
+    ids=["atexit os._exit", "junk on fds", "patched builtins"],
 )
 def test_only_the_check_decides(tail):
     r = run_program(WRONG + tail, SMALL, check="check(answer)")

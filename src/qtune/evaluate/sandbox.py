@@ -8,29 +8,32 @@ The evaluator counts a run as passed only when that line arrives and the process
 statuses and output count for nothing: ``sys.exit(0)``, ``raise SystemExit``, ``os._exit(0)``, an atexit handler,
 a signal the program sends itself, ``unittest.main()`` or any ``if __name__ == "__main__": sys.exit(...)`` block,
 a printed "passed" marker, or bytes written to inherited descriptors all end the run as not passed. The nonce is
-read by the boot only after the program returned, so it is in no variable while the program runs; a program
+read by the boot only once the program and its check are over, so it is in no variable while they run; a program
 written to attack this evaluator from inside its own interpreter (reading its descriptors or memory) is not
 what this defends against (the reference HumanEval harness runs candidates in-process as well).
 
 Containment of one program, in the order the child sets it up (see ``_BOOT``):
 
-- as root (the full sandbox): new mount, IPC and (``network="namespace"``) network namespaces, the network
-  holding only a loopback that is down (no connection leaves, not even to the host's 127.0.0.1); every mount
-  read-only (``mount_setattr(AT_RECURSIVE, MOUNT_ATTR_RDONLY)``, on kernels before 5.12 a read-only bind
-  remount of each mount); one tmpfs of ``disk_mb`` MiB on ``/tmp`` that holds everything the program can write:
-  its working directory ``/tmp/qtune-sandbox-*`` (also ``HOME`` and ``TMPDIR``) and the directories bound over
-  ``/var/tmp`` and ``/dev/shm``. So no file it writes survives the run, and all it writes together is bounded
-  by ``disk_mb``, not only each file by ``RLIMIT_FSIZE``; other world-writable host directories (``/run/lock``
-  ...) are read-only. A fresh ``/proc`` with ``hidepid=invisible`` (kernel 5.8 or later) shows only its own
-  processes, so it reads no other process's command line. Then it drops to an unprivileged user id of its own
-  (one per worker slot), so it can signal no other process and ``RLIMIT_NPROC`` counts only its own processes;
-- not root, where the kernel allows unprivileged user namespaces: the same user-namespace sandbox without the
-  fresh ``/proc`` (mounting one needs a PID namespace; other processes' command lines stay readable) and without
-  a user id of its own (it runs as the caller, capabilities dropped and ``no_new_privs`` set, so it cannot undo
-  the mounts, but it can signal the caller's other processes);
-- otherwise (no namespaces: not root and no user namespaces, or root without ``CAP_SYS_ADMIN``): the
-  ``socket`` module refuses to create sockets; files can be written wherever the user may (as root: as the
-  unprivileged user id, in the temporary working directory and world-writable directories);
+- as root (the full sandbox): new mount, IPC (its SysV and POSIX message queues, semaphores and shared memory
+  vanish with it) and (``network="namespace"``) network namespaces, the network holding only a loopback that is
+  down (no connection leaves, not even to the host's 127.0.0.1); every mount read-only
+  (``mount_setattr(AT_RECURSIVE, MOUNT_ATTR_RDONLY)``, on kernels before 5.12 a read-only bind remount of each
+  mount); one tmpfs of ``disk_mb`` MiB on ``/tmp`` that holds everything the program can write: its working
+  directory ``/tmp/qtune-sandbox-*`` (also ``HOME`` and ``TMPDIR``) and the directories bound over ``/var/tmp``
+  and ``/dev/shm``. So no file it writes survives the run, and all it writes together is bounded by ``disk_mb``
+  (and 16384 files), not only each file by ``RLIMIT_FSIZE``; other world-writable host directories
+  (``/run/lock`` ...) are read-only. A fresh ``/proc`` with ``hidepid=invisible`` (kernel 5.8 or later) shows
+  only its own processes, so it reads no other process's command line. Then it drops to an unprivileged user id
+  of its own (one per worker slot), so it can signal no other process and ``RLIMIT_NPROC`` counts only its own
+  processes;
+- not root (or root without ``CAP_SYS_ADMIN``, after dropping to its user id), where the kernel allows
+  unprivileged user namespaces: the same sandbox inside a user namespace, but without the fresh ``/proc``
+  (mounting one needs a PID namespace: other processes' command lines stay readable) and without a user id of
+  its own (it runs as the caller, every capability dropped and ``no_new_privs`` set, so it cannot undo the
+  mounts, but it can signal the caller's other processes);
+- no namespaces at all: the ``socket`` module refuses to create sockets, and files can be written wherever the
+  user may (as root: the unprivileged user id, so its temporary working directory and world-writable
+  directories);
 - rlimits: ``RLIMIT_AS`` (address space, bytes), ``RLIMIT_CPU`` (seconds of CPU), ``RLIMIT_NPROC`` (processes),
   ``RLIMIT_FSIZE`` (largest file written, bytes), ``RLIMIT_CORE`` 0;
 - a wall-clock timeout in the evaluator; afterwards every process left by the program is killed (as root: every
@@ -45,7 +48,7 @@ Status of a run (:class:`RunResult`):
   defined``, ``MemoryError``); ``program ended before check() completed (SystemExit: 0)`` for a
   ``SystemExit``, ``KeyboardInterrupt`` and other non-``Exception`` exceptions; ``program ended before check()
   completed (exit status 0)`` / ``(killed by signal SIGTERM)`` when the process ended without the boot's
-  report (``os._exit``, a signal, an atexit handler that exits); ``sandbox setup failed: ...``. Without a check
+  report (``os._exit``, ``os.exec*``, a signal); ``sandbox setup failed: ...``. Without a check
   expression the phrase is ``program ended early``.
 """
 
@@ -75,6 +78,7 @@ def _boot():
     sys.argv = ["program.py"]
     read, write, exit_now = os.read, os.write, os._exit
     Base, Exc, Assertion = BaseException, Exception, AssertionError
+    run, evaluate, compile_ = exec, eval, compile  # as they are before the program can replace builtins
     nonce_fd, report_fd, check = cfg["nonce_fd"], cfg["report_fd"], cfg["check"]
     ended = "program ended before check() completed" if check else "program ended early"
 
@@ -99,7 +103,7 @@ def _boot():
     NEWNS, NEWIPC, NEWUSER, NEWNET = 0x00020000, 0x08000000, 0x10000000, 0x40000000
     RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
     PER_MOUNT = {"nosuid": NOSUID, "nodev": NODEV, "noexec": NOEXEC, "noatime": 1024, "nodiratime": 2048,
-                 "relatime": 1 << 21}
+                 "relatime": 1 << 21, "nosymfollow": 256}
 
     def ok(rc, what):
         if rc != 0:
@@ -132,7 +136,7 @@ def _boot():
     def private_filesystem(owner):  # after unshare(CLONE_NEWNS): read-only, but for one tmpfs on /tmp
         mount(None, "/", None, REC | PRIVATE)
         read_only()
-        mount("tmpfs", "/tmp", "tmpfs", NOSUID | NODEV, f"size={cfg['disk_mb']}m,mode=1777")
+        mount("tmpfs", "/tmp", "tmpfs", NOSUID | NODEV, f"size={cfg['disk_mb']}m,nr_inodes=16k,mode=1777")
         work = "/tmp/" + cfg["workname"]
         os.mkdir(work, 0o700)
         for name, target in (("var-tmp", "/var/tmp"), ("dev-shm", "/dev/shm")):
@@ -147,7 +151,7 @@ def _boot():
         os.environ["HOME"] = os.environ["TMPDIR"] = work
 
     try:
-        with open("program.py", encoding="utf-8") as f:
+        with open("program.py", encoding="utf-8", errors="surrogatepass") as f:
             source = f.read()
         uid, net = cfg["uid"], NEWNET if cfg["network"] == "namespace" else 0
         contained = False
@@ -163,7 +167,8 @@ def _boot():
         if not contained:  # a user namespace as this user, where the kernel allows it
             me, group = os.getuid(), os.getgid()
             if libc.unshare(NEWUSER | NEWNS | NEWIPC | net) == 0:
-                for name, text in (("setgroups", "deny"), ("uid_map", f"{me} {me} 1"), ("gid_map", f"{group} {group} 1")):
+                maps = (("setgroups", "deny"), ("uid_map", f"{me} {me} 1"), ("gid_map", f"{group} {group} 1"))
+                for name, text in maps:
                     with open(f"/proc/self/{name}", "w") as f:
                         f.write(text)
                 private_filesystem(None)
@@ -171,7 +176,7 @@ def _boot():
                 header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
                 ok(libc.capset(header, data), "capset")
                 contained = True
-        with open("program.py", "w", encoding="utf-8") as f:  # tracebacks and programs that read themselves
+        with open("program.py", "w", encoding="utf-8", errors="surrogatepass") as f:  # for tracebacks
             f.write(source)
 
         def limit(which, value):
@@ -198,9 +203,9 @@ def _boot():
     except Base as e:
         report("error", "sandbox setup failed: " + describe(e))
     try:
-        exec(compile(source, "program.py", "exec"), main.__dict__)
+        run(compile_(source, "program.py", "exec"), main.__dict__)
         if check:
-            eval(compile(check, "<check>", "eval"), main.__dict__)
+            evaluate(compile_(check, "<check>", "eval"), main.__dict__)
     except Base as e:
         line = describe(e)
         if isinstance(e, Assertion):
@@ -417,6 +422,7 @@ def run_program(source: str, limits: SandboxLimits | None = None, slot: int = 0,
     nonce = secrets.token_hex(16).encode()
     report_r, report_w = os.pipe()
     nonce_r, nonce_w = os.pipe()
+    parent_ends = [report_r, report_w, nonce_r]  # closed at the end; the child's two as soon as it has them
     try:
         os.write(nonce_w, nonce)
         os.close(nonce_w)
@@ -444,8 +450,9 @@ def run_program(source: str, limits: SandboxLimits | None = None, slot: int = 0,
                     pass_fds=(nonce_r, report_w),
                 )
             finally:
-                os.close(report_w)
-                os.close(nonce_r)
+                for fd in (report_w, nonce_r):
+                    os.close(fd)
+                    parent_ends.remove(fd)
             timed_out = False
             try:
                 proc.wait(timeout=lim.timeout_s)
@@ -468,7 +475,8 @@ def run_program(source: str, limits: SandboxLimits | None = None, slot: int = 0,
         status, error = _classify(None if timed_out else proc.returncode, report, stderr, timed_out, ended)
         return RunResult(status, error, round(seconds, 3), None if timed_out else proc.returncode)
     finally:
-        os.close(report_r)
+        for fd in parent_ends:
+            os.close(fd)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(logs, ignore_errors=True)
 
