@@ -4,6 +4,7 @@ import gzip
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 from qtune.cli import app
 from qtune.evaluate.humaneval import (
     build_program,
+    check_call,
     default_humaneval_path,
     extract_code,
     load_problems,
@@ -23,6 +25,7 @@ from qtune.evaluate.sandbox import SandboxLimits
 runner = CliRunner()
 HUMANEVAL = default_humaneval_path()
 needs_data = pytest.mark.skipif(not HUMANEVAL.is_file(), reason="shared HumanEval file not present")
+CASES = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
 
 ADD = {
     "task_id": "Toy/0",
@@ -67,6 +70,7 @@ def passes(completion: str, problem=ADD) -> bool:
     namespace: dict = {}
     try:
         exec(build_program(problem, completion), namespace)  # trusted test code, so no sandbox needed
+        eval(check_call(problem), namespace)
     except AssertionError:
         return False
     return True
@@ -116,10 +120,88 @@ def test_score_samples_reports_each_status(tmp_path):
     assert [r["status"] for r in rows] == ["passed", "failed", "error", "timed out"]
     assert rows[2]["error"] == "NameError: name 'undefined_name' is not defined"
     assert rows[0]["passed"] is True and rows[1]["passed"] is False
+    assert summary["results"] == str(out) and "warning" not in summary
+
+
+def test_the_program_does_not_call_check_the_sandbox_does():
+    assert build_program(ADD, "    return a + b\n") == ADD["prompt"] + "    return a + b\n\n\n" + ADD["test"] + "\n"
+    assert check_call(ADD) == "check(add)"
+
+
+@pytest.mark.parametrize(
+    "tail, status, error",
+    [
+        ("\nimport sys\nsys.exit(0)\n", "error", "program ended before check() completed (SystemExit: 0)"),
+        ("\nimport os\nos._exit(0)\n", "error", "program ended before check() completed (exit status 0)"),
+        ("\nimport unittest\nclass T(unittest.TestCase):\n    def test_nothing(self):\n        pass\nunittest.main()\n",
+         "error", "program ended before check() completed (SystemExit: False)"),
+        ("\nif __name__ == '__main__':\n    import sys\n    sys.exit(0)\n", "error",
+         "program ended before check() completed (SystemExit: 0)"),
+        ("\nimport atexit, os\natexit.register(os._exit, 0)\n", "failed", "AssertionError"),
+        ("\nprint('passed')\n", "failed", "AssertionError"),
+    ],
+    ids=["sys.exit", "os._exit", "unittest.main", "__main__ block", "atexit", "printed marker"],
+)
+def test_a_wrong_answer_that_ends_early_scores_zero(tmp_path, tail, status, error):
+    samples = [{"task_id": "Toy/0", "completion": "    return a - b\n" + tail},
+               {"task_id": "Toy/0", "completion": "    return a + b\n" + tail}]  # right, but the same ending
+    out = tmp_path / "results.jsonl"
+    summary = score_samples({"Toy/0": ADD}, samples, (1,), SandboxLimits(timeout_s=5, memory_mb=256, nproc=8),
+                            results_path=out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (rows[0]["status"], rows[0]["error"]) == (status, error)
+    ends_early = status == "error"  # then the right answer never reaches check() either
+    assert (rows[1]["status"], rows[1]["error"]) == ((status, error) if ends_early else ("passed", ""))
+    assert summary["pass@1"] == (0.0 if ends_early else 0.5)
+
+
+EXIT_STATUS_CASE = CASES / "humaneval-exit-status" / "samples.jsonl"
+needs_case = pytest.mark.skipif(not EXIT_STATUS_CASE.is_file(), reason="shared case humaneval-exit-status missing")
 
 
 @needs_data
-def test_cli_canonical_solutions_score_one_and_wrong_answers_zero(tmp_path):
+@needs_case
+def test_cli_exit_status_case_scores_zero_and_writes_results_to_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the samples sit in a read-only folder; results go to the current directory
+    code, output = run("eval", "--humaneval-samples", EXIT_STATUS_CASE, "--json")
+    assert code == 0, output
+    summary = json.loads(output)
+    assert summary["pass@1"] == 0.0 and summary["counts"] == {"passed": 0, "failed": 1, "timed out": 0, "error": 1}
+    assert summary["results"] == "samples_results.jsonl"
+    rows = [json.loads(line) for line in (tmp_path / "samples_results.jsonl").read_text().splitlines()]
+    assert [(r["task_id"], r["status"], r["error"]) for r in rows] == [
+        ("HumanEval/0", "error", "program ended before check() completed (SystemExit: 0)"),
+        ("HumanEval/2", "failed", "AssertionError"),
+    ]
+    code, output = run("eval", "--humaneval-samples", EXIT_STATUS_CASE, "--out", tmp_path / "sub")
+    assert code == 0 and re.search(r"^pass@1 +0\.0000$", output, re.M), output
+    assert f"results: {tmp_path / 'sub' / 'samples_results.jsonl'}" in output
+    assert len((tmp_path / "sub" / "samples_results.jsonl").read_text().splitlines()) == 2
+
+
+@needs_data
+@needs_case
+def test_cli_unwritable_out_still_prints_the_score(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = runner.invoke(app, ["eval", "--humaneval-samples", str(EXIT_STATUS_CASE), "--out", str(blocker / "x"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["pass@1"] == 0.0 and summary["results"] is None
+    warning = f"{blocker / 'x' / 'samples_results.jsonl'}: cannot write: Not a directory"
+    assert summary["warning"] == warning
+    assert result.stderr == f"warning: {warning}\n"
+    result = runner.invoke(app, ["eval", "--humaneval-samples", str(EXIT_STATUS_CASE), "--out", str(blocker)])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^pass@1 +0\.0000$", result.stdout, re.M) and "results:" not in result.stdout
+    assert result.stderr.startswith("warning: ") and len(result.stderr.splitlines()) == 1
+
+
+@needs_data
+def test_cli_canonical_solutions_score_one_and_wrong_answers_zero(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the per-sample results go
     rows = [json.loads(line) for line in gzip.open(HUMANEVAL, "rt")]
     assert len(rows) == 164
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
@@ -164,7 +246,8 @@ def test_cli_bad_samples_are_one_line_and_exit_2(tmp_path, lines, extra, message
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["eval", "--humaneval-samples", "missing.jsonl"], "error: missing.jsonl: file not found"),
+        pytest.param(["eval", "--humaneval-samples", "missing.jsonl"], "error: missing.jsonl: file not found",
+                     marks=needs_data),  # the problems are read first
         (["eval", "--humaneval", "--limit", "2"], "error: --humaneval: pass --run DIR"),
         (["eval", "--run", "no/such/run", "--humaneval"], "error: no/such/run: not a qtune run directory"),
         (["eval", "--run", "no/such/run", "--humaneval", "x.jsonl"], "error: no/such/run: not a qtune run directory"),

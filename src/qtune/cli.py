@@ -220,7 +220,10 @@ def eval_(
     memory_mb: Annotated[int, typer.Option(min=16, help="Sandbox: address space per process, MiB.")] = 1024,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Sandbox: programs run at once.")] = 2,
     results: Annotated[Optional[Path], typer.Option(
-        help="--humaneval-samples: per-sample results JSONL (default: SAMPLES with _results.jsonl).")] = None,
+        help="--humaneval-samples: per-sample results JSONL (default: --out/STEM_results.jsonl, STEM the "
+        "samples file's name without .jsonl).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="--humaneval-samples: directory for the per-sample results (default: the current one).")] = None,
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Validation and test loss / perplexity of the base and of base + adapter (same quantization); or
@@ -228,7 +231,7 @@ def eval_(
     if humaneval is not None or humaneval_samples is not None:
         _eval_humaneval(run, humaneval, humaneval_samples, problems, limit, samples, k, base, temperature, top_p,
                         max_new_tokens, batch_size, timeout, memory_mb, workers, results, json_out,
-                        trust_remote_code)
+                        trust_remote_code, out)
         return
     try:
         if run is None:
@@ -255,7 +258,7 @@ def eval_(
 
 def _eval_humaneval(run, humaneval, humaneval_samples, problems, limit, samples, k, base, temperature, top_p,
                     max_new_tokens, batch_size, timeout, memory_mb, workers, results, json_out,
-                    trust_remote_code=False) -> None:
+                    trust_remote_code=False, out_dir=None) -> None:
     from qtune.evaluate import humaneval as he
     from qtune.evaluate.sandbox import SandboxLimits
 
@@ -267,7 +270,8 @@ def _eval_humaneval(run, humaneval, humaneval_samples, problems, limit, samples,
         if humaneval_samples is not None:
             table = he.load_problems(problems)
             rows = he.load_samples(humaneval_samples, table)
-            out = results or humaneval_samples.with_name(humaneval_samples.name.removesuffix(".jsonl") + "_results.jsonl")
+            stem = humaneval_samples.name.removesuffix(".gz").removesuffix(".jsonl")
+            out = results or (out_dir or Path(".")) / f"{stem}_results.jsonl"
             summary = he.score_samples(table, rows, ks, limits, workers, out)
         else:
             if run is None:
@@ -277,14 +281,16 @@ def _eval_humaneval(run, humaneval, humaneval_samples, problems, limit, samples,
                 str(run), humaneval or None, limit, samples, base, ks, temperature, top_p, max_new_tokens,
                 batch_size, limits, workers, trust_remote_code=trust_remote_code,
                 progress=None if json_out else lambda d, n: typer.echo(f"generated {d}/{n}", err=True))
-            out = Path(run) / "humaneval" / f"{'base' if base else 'adapter'}_results.jsonl"
     except QtuneError as e:
         _fail(str(e))
+    if summary.get("warning"):  # the score stands; only a results file is missing
+        typer.echo(f"warning: {summary['warning']}", err=True)
     if json_out:
         typer.echo(json.dumps(summary))
         return
     typer.echo(he.summary_table(summary))
-    typer.echo(f"results: {out}")
+    if summary.get("results"):
+        typer.echo(f"results: {summary['results']}")
 
 
 @app.command()

@@ -2,8 +2,12 @@
 from a model's answer, sandboxed scoring, and the unbiased pass@k estimator.
 
 A sample is (task_id, completion). The program that scores it is the problem's prompt (imports, signature,
-docstring), the completion, the problem's tests and ``check(entry_point)``; it passes when it exits with status 0
-inside the sandbox (:mod:`qtune.evaluate.sandbox`).
+docstring), the completion and the problem's tests (:func:`build_program`); the sandbox
+(:mod:`qtune.evaluate.sandbox`) runs it, then calls ``check(entry_point)`` itself (:func:`check_call`). The sample
+passes only when that call returned: its exit status and output count for nothing, so a program that ends early
+(``sys.exit(0)``, ``os._exit``, ``unittest.main()``, a signal to itself, ...) or prints a fake marker is not
+passed. Statuses: passed / failed (an ``AssertionError``) / timed out / error (anything else, e.g.
+``program ended before check() completed (SystemExit: 0)``).
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ def load_problems(path: str | Path | None = None) -> dict[str, dict]:
         missing = [k for k in ("task_id", "prompt", "test", "entry_point") if not isinstance(row.get(k), str)]
         if missing:
             raise QtuneError(f"{p}:{n}: not a HumanEval problem (no {', '.join(missing)})")
+        if not row["entry_point"].isidentifier():
+            raise QtuneError(f"{p}:{n}: entry_point {row['entry_point']!r} is not a Python name")
         problems[row["task_id"]] = row
     if not problems:
         raise QtuneError(f"{p}: no problems")
@@ -97,9 +103,17 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def build_program(problem: dict, completion: str) -> str:
-    """prompt + completion + tests + ``check(entry_point)``: the program whose exit status scores a sample."""
-    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
-            + f"check({problem['entry_point']})\n")
+    """prompt + completion + tests: the program that scores a sample, once :func:`check_call` returns after it.
+
+    The check call is not part of the text: the sandbox makes it itself after the program ran (see
+    :func:`score_samples`), so a program cannot end early and pass.
+    """
+    return problem["prompt"] + completion + "\n\n" + problem["test"] + "\n"
+
+
+def check_call(problem: dict) -> str:
+    """The expression that tests a sample after :func:`build_program`'s program ran: ``check(entry_point)``."""
+    return f"check({problem['entry_point']})"
 
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.S)
@@ -284,17 +298,33 @@ def _looks_like_code(line: str) -> bool:
     return bool(_CODE_START.match(line))
 
 
+def write_jsonl(path: str | Path, rows: list[dict]) -> str | None:
+    """Write ``rows`` as JSONL to ``path`` (its directory made if missing); None when written, else why not
+    (``PATH: cannot write: REASON``), so a caller can warn and keep what it computed."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        return f"{path}: cannot write: {e.strerror or e}"
+    return None
+
+
 def score_samples(problems: dict[str, dict], samples: list[dict], ks: tuple[int, ...] = (1,),
                   limits: SandboxLimits | None = None, workers: int = 2,
                   results_path: str | Path | None = None) -> dict:
     """Run every sample in the sandbox and compute pass@k per problem, averaged over the problems sampled.
 
-    Each problem's pass@k uses its own n (samples) and c (passed); a k above a problem's n is not reported.
-    Per-sample results (task_id, completion, status passed / failed / timed out / error, error's last line,
-    seconds) are written to ``results_path`` as JSONL, in the order of ``samples``.
+    A sample passes only when ``check(entry_point)``, called by the sandbox after the program
+    (:func:`build_program`), returned. Each problem's pass@k uses its own n (samples) and c (passed); a k above a
+    problem's n is not reported. Per-sample results (task_id, completion, status passed / failed / timed out /
+    error, error (why it did not pass), seconds) are written to ``results_path`` as JSONL, in the order of
+    ``samples``; when that write fails the score is still returned, with a ``warning``.
 
     Returns:
-        {"pass@k": mean over problems for each k, "problems": P, "samples": N, "counts": {status: N}}.
+        {"pass@k": mean over problems for each k, "problems": P, "samples": N, "counts": {status: N}}, and with
+        ``results_path``: "results" (the path, or None when it could not be written) and, then, "warning".
 
     Raises:
         QtuneError: a k below 1 or above the fewest samples any problem has.
@@ -307,7 +337,8 @@ def score_samples(problems: dict[str, dict], samples: list[dict], ks: tuple[int,
         if not 1 <= k <= fewest:
             raise QtuneError(f"--k {k}: expected 1 to {fewest} (the fewest samples of any problem)")
     programs = [build_program(problems[s["task_id"]], s["completion"]) for s in samples]
-    results = run_programs(programs, limits, workers)
+    checks = [check_call(problems[s["task_id"]]) for s in samples]
+    results = run_programs(programs, limits, workers, checks=checks)
     counts: dict[str, int] = {}
     rows = []
     for s, r in zip(samples, results):
@@ -315,20 +346,17 @@ def score_samples(problems: dict[str, dict], samples: list[dict], ks: tuple[int,
         counts[r.status] = counts.get(r.status, 0) + 1
         rows.append({"task_id": s["task_id"], "completion": s["completion"], "status": r.status,
                      "passed": r.status == "passed", "error": r.error, "seconds": r.seconds})
-    if results_path:
-        try:
-            Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-            with open(results_path, "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
-        except OSError as e:
-            raise QtuneError(f"{results_path}: cannot write results: {e.strerror}") from None
     summary: dict = {}
     for k in ks:
         vals = [pass_at_k(len(v), sum(v), k) for v in per_task.values()]
         summary[f"pass@{k}"] = sum(vals) / len(vals)
     summary.update({"problems": len(per_task), "samples": len(samples),
                     "counts": {st: counts.get(st, 0) for st in ("passed", "failed", "timed out", "error")}})
+    if results_path:
+        problem = write_jsonl(results_path, rows)
+        summary["results"] = None if problem else str(results_path)
+        if problem:
+            summary["warning"] = problem
     return summary
 
 
@@ -412,10 +440,12 @@ def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: 
     adapter disabled, with ``base``), extract the code, score it in the sandbox.
 
     Writes ``humaneval/{adapter|base}_samples.jsonl`` (task_id, completion, answer),
-    ``..._results.jsonl`` (per-sample status) and ``....json`` (the summary) in the run directory.
+    ``..._results.jsonl`` (per-sample status) and ``....json`` (the summary) in the run directory; a file that
+    cannot be written (after generating) is named in the summary's ``warning`` and the score is still returned.
 
     Raises:
-        QtuneError: no trained adapter in ``run_dir``, bad problems file, bad ``limit``/``samples``/``ks``.
+        QtuneError: no trained adapter in ``run_dir``, ``run_dir/humaneval`` cannot be made, bad problems file,
+            bad ``limit``/``samples``/``ks``.
     """
     from qtune.model.adapters import load_trained
     from qtune.rundir import RunDir
@@ -430,6 +460,11 @@ def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: 
         if not 1 <= k <= samples:
             raise QtuneError(f"--k {k}: expected 1 to --samples ({samples})")
     chosen = list(problems.values())[:limit]
+    out = rd.root / "humaneval"
+    try:  # before the model is loaded and answers generated
+        out.mkdir(exist_ok=True)
+    except OSError as e:
+        raise QtuneError(f"{out}: cannot write: {e.strerror or e}") from None
     model, tokenizer, cfg = load_trained(rd.root, trust_remote_code=trust_remote_code)
     if next(model.parameters()).device.type == "cpu":
         dequantize_for_inference(model)  # same weights, ~4x faster generation on CPU (measured on SmolLM2 NF4)
@@ -447,15 +482,17 @@ def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: 
     rows = [{"task_id": p["task_id"], "completion": extract_code(a, p), "answer": a}
             for p, many in zip(chosen, answers) for a in many]
     who = "base" if base else "adapter"
-    out = rd.root / "humaneval"
-    out.mkdir(exist_ok=True)
-    with open(out / f"{who}_samples.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    unwritten = [write_jsonl(out / f"{who}_samples.jsonl", rows)]
     summary = score_samples(problems, rows, ks, limits, workers, out / f"{who}_results.jsonl")
+    unwritten.append(summary.pop("warning", None))
     summary.update({"model": who, "temperature": temperature, "max_new_tokens": max_new_tokens,
                     "samples_per_problem": samples})
-    (out / f"{who}.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    try:
+        (out / f"{who}.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    except OSError as e:
+        unwritten.append(f"{out / f'{who}.json'}: cannot write: {e.strerror or e}")
+    if any(unwritten):
+        summary["warning"] = "; ".join(u for u in unwritten if u)
     return summary
 
 
