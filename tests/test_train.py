@@ -225,3 +225,24 @@ def load_splits_for_test(tokenizer):
     pairs = [("Add two numbers.", "def add(a, b):\n    return a + b"), ("Say hi.", "print('hi')"),
              ("Reverse a list in Python, explaining each step in detail.", "xs[::-1]  # slicing with step -1")]
     return [encode_example(format_prompt(q), a, tokenizer, 128) for q, a in pairs]
+
+
+def test_tensorboard_holds_every_training_step_and_the_validation_loss(nf4_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, rd = nf4_run
+    events = EventAccumulator(str(rd.root / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 21))
+    records = [json.loads(line) for line in rd.metrics.read_text().splitlines() if '"loss"' in line]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+    assert "train/learning_rate" in events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("eval/loss")] == [20]
+
+
+def test_report_to_none_writes_no_tensorboard(tiny_model_dir, tmp_path):
+    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", train={"max_steps": 2, "warmup_steps": 1,
+                                                                   "report_to": "none", "eval_at_end": False})
+    train(cfg)
+    assert not (tmp_path / "run" / "tensorboard").exists()

@@ -209,6 +209,10 @@ class TrainConfig(_Strict):
         "adamw_torch", description="Optimizer (transformers' names); the 8-bit ones are bitsandbytes' and need CUDA."
     )
     eval_steps: int = Field(0, ge=0, description="Validation loss every N optimizer steps; 0: only after the last step.")
+    report_to: Literal["auto", "tensorboard", "none"] = Field(
+        "auto", description="Also log to TensorBoard under RUN/tensorboard (besides metrics.jsonl). auto: when the "
+        "tensorboard package is installed; none: off.",
+    )
     eval_at_end: bool = Field(True, description="Validation loss after the last step, saved in train_summary.json.")
     eval_batch_size: int = Field(8, gt=0, description="Sequences per forward pass when evaluating.")
     seed: int = Field(42, description="Seed of LoRA initialisation and data order.")

@@ -29,6 +29,7 @@ from qtune.train.callbacks import MetricsRecorder, ProgressBar, peak_memory
 from qtune.train.checkpoints import (checkpoint_arguments, checkpoint_state, make_checkpoints_atomic, resume_point,
                                      resumed_summary, truncate_metrics)
 from qtune.train.guards import NonFiniteLossGuard, explain_out_of_memory
+from qtune.train.tensorboard import tensorboard_callback
 
 PACKAGES = ("qtune", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "gguf")
 
@@ -205,8 +206,10 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume
     recorder = MetricsRecorder(rd.metrics)
     recorder.records = done
     bar = ProgressBar(recorder)
+    board = tensorboard_callback(cfg.train.report_to, rd.root / "tensorboard") if main else None
     trainer = build_trainer(cfg, model_path, tokenizer, splits["train"], splits.get("val"), rd.checkpoints,
-                            callbacks=(recorder, bar, NonFiniteLossGuard(), *callbacks), args=args)
+                            callbacks=(recorder, bar, NonFiniteLossGuard(), *callbacks, *([board] if board else [])),
+                            args=args)
     make_checkpoints_atomic(trainer)
     model = trainer.model
     trainable, total = model.get_nb_trainable_parameters()
