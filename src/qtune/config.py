@@ -39,7 +39,10 @@ def default_data_path() -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Base of every config section: unknown keys are errors, assignments are validated, and no float field takes
+    nan, inf or -inf (YAML's .nan/.inf, or a value that overflows such as 1e400): "Input should be a finite number"."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):

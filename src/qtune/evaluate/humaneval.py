@@ -8,7 +8,6 @@ inside the sandbox (:mod:`qtune.evaluate.sandbox`).
 
 from __future__ import annotations
 
-import json
 import re
 import textwrap
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from qtune.data.load import read_jsonl
 from qtune.errors import QtuneError
 from qtune.evaluate.sandbox import SandboxLimits, run_programs
+from qtune.jsonio import dumps
 
 
 def default_humaneval_path() -> Path:
@@ -196,9 +196,9 @@ def score_samples(problems: dict[str, dict], samples: list[dict], ks: tuple[int,
             Path(results_path).parent.mkdir(parents=True, exist_ok=True)
             with open(results_path, "w", encoding="utf-8") as f:
                 for row in rows:
-                    f.write(json.dumps(row) + "\n")
+                    f.write(dumps(row) + "\n")
         except OSError as e:
-            raise QtuneError(f"{results_path}: cannot write results: {e.strerror}") from None
+            raise QtuneError(f"{results_path}: cannot write ({e.strerror})") from None
     summary: dict = {}
     for k in ks:
         vals = [pass_at_k(len(v), sum(v), k) for v in per_task.values()]
@@ -327,11 +327,11 @@ def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: 
     out.mkdir(exist_ok=True)
     with open(out / f"{who}_samples.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row) + "\n")
+            f.write(dumps(row) + "\n")
     summary = score_samples(problems, rows, ks, limits, workers, out / f"{who}_results.jsonl")
     summary.update({"model": who, "temperature": temperature, "max_new_tokens": max_new_tokens,
                     "samples_per_problem": samples})
-    (out / f"{who}.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    (out / f"{who}.json").write_text(dumps(summary, indent=2), encoding="utf-8")
     return summary
 
 
