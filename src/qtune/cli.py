@@ -133,7 +133,7 @@ def train(
 
     try:
         if resume is not None:
-            from qtune.train.checkpoints import check_resume_overrides
+            from qtune.config import check_resume_overrides
 
             if config is not None or overwrite:
                 raise QtuneError("--resume: continues the run with its saved config; drop --config and --overwrite")

@@ -267,6 +267,20 @@ def _parse_override(item: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+RESUME_SETTABLE = ("train.learning_rate", "train.max_grad_norm")
+"""Fields ``qtune train --resume RUN --set`` may change: they steer the remaining optimizer steps but change neither
+the model, the data, the batch nor the length of the schedule."""
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    """Raises QtuneError unless every ``key=value`` in ``overrides`` sets a field of :data:`RESUME_SETTABLE`."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key not in RESUME_SETTABLE:
+            raise QtuneError(f"--resume: continues the run with its saved config; --set {key} cannot change on resume "
+                             f"(allowed: {', '.join(RESUME_SETTABLE)}; anything else: a new run)")
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``section.field=value`` strings to a nested dict; values are parsed as YAML scalars/lists."""
     for item in overrides:

@@ -9,7 +9,7 @@ Resuming itself is Trainer's own ``train(resume_from_checkpoint=...)``.
 A complete checkpoint is not necessarily a good one: a diverging run saves non-finite (or finite but useless)
 weights before its loss turns NaN. :func:`checkpoint_problem` verifies one (finite adapter weights and optimizer
 state, finite losses at its step and at the step after it, which its weights computed); the NaN guard names and
-``--resume`` uses only a verified checkpoint. A resume may change the fields in :data:`RESUME_SETTABLE`
+``--resume`` uses only a verified checkpoint. A resume may change the fields in :data:`qtune.config.RESUME_SETTABLE`
 (:func:`record_resume`, :func:`keep_configured_learning_rate`).
 """
 
@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from qtune.config import RunConfig, TrainConfig, load_config, save_config
+from qtune.config import RESUME_SETTABLE, RunConfig, TrainConfig, load_config, save_config
 from qtune.errors import QtuneError, QtuneWarning
 from qtune.jsonio import dumps
 from qtune.rundir import RunDir
@@ -40,10 +40,6 @@ TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
 RESUMES_FILE = "resumes.jsonl"
 """In the run directory: one line per resume that changed a setting (step, then field: from, to)."""
-
-RESUME_SETTABLE = ("train.learning_rate", "train.max_grad_norm")
-"""Fields ``qtune train --resume RUN --set`` may change: they steer the remaining optimizer steps but change neither
-the model, the data, the batch nor the length of the schedule."""
 
 
 def checkpoint_arguments(t: TrainConfig) -> dict:
@@ -162,10 +158,10 @@ def _optimizer_tensors(state):
 def checkpoint_problem(checkpoint: Path, losses: dict[int, float | None] | None = None) -> str | None:
     """Why ``checkpoint`` (``checkpoint-N``) is not a good one to resume from, or None when it is verified good.
 
-    Good means: the logged training loss of step N and of step N + 1 are finite (step N + 1's loss is computed
-    with the weights saved at step N: when it is not finite, resuming from N, at any learning rate, meets it
-    again), every tensor of its adapter (``adapter_model.safetensors``, also in a PEFT adapter subfolder) and of its
-    optimizer state (``optimizer.pt``) is finite.
+    Good means: every tensor of its adapter (``adapter_model.safetensors``, also in a PEFT adapter subfolder) and
+    of its optimizer state (``optimizer.pt``) is finite, and so are the logged training losses of step N and of
+    step N + 1 (step N + 1's loss is computed with the weights saved at step N: when it is not finite, resuming
+    from N, at any learning rate, meets it again).
 
     Args:
         losses: optimizer step -> logged training loss, None for a loss that was not finite (``metrics.jsonl``
@@ -173,12 +169,6 @@ def checkpoint_problem(checkpoint: Path, losses: dict[int, float | None] | None 
     """
     checkpoint = Path(checkpoint)
     step = int(checkpoint.name.rsplit("-", 1)[1])
-    logged = {r["step"]: r["loss"] for r in checkpoint_state(checkpoint).get("log_history", []) if "loss" in r}
-    logged.update(losses or {})
-    for s in (step, step + 1):
-        if s in logged and (logged[s] is None or not math.isfinite(logged[s])):
-            value = "not finite" if logged[s] is None else f"{logged[s]}"
-            return f"loss of step {s} {value}" if s == step else f"its weights gave loss {value} at step {s}"
     files = sorted(checkpoint.rglob("adapter_model.safetensors"))
     if not files:
         return "no adapter_model.safetensors"
@@ -194,6 +184,12 @@ def checkpoint_problem(checkpoint: Path, losses: dict[int, float | None] | None 
         bad, total = _nonfinite(_optimizer_tensors(torch.load(optimizer, map_location="cpu", weights_only=True)))
         if bad:
             return f"{bad} of {total} optimizer state tensors not finite"
+    logged = {r["step"]: r["loss"] for r in checkpoint_state(checkpoint).get("log_history", []) if "loss" in r}
+    logged.update(losses or {})
+    for s in (step, step + 1):
+        if s in logged and (logged[s] is None or not math.isfinite(logged[s])):
+            value = "a non-finite loss" if logged[s] is None else f"loss {logged[s]}"
+            return f"{value} at step {s}" if s == step else f"its weights gave {value} at step {s}"
     return None
 
 
@@ -252,19 +248,10 @@ def resume_point(rd: RunDir) -> Path | None:
     return good
 
 
-def check_resume_overrides(overrides: list[str]) -> None:
-    """Raises QtuneError unless every ``key=value`` in ``overrides`` sets a field of :data:`RESUME_SETTABLE`."""
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if key not in RESUME_SETTABLE:
-            raise QtuneError(f"--resume: continues the run with its saved config; --set {key} cannot change on resume "
-                             f"(allowed: {', '.join(RESUME_SETTABLE)}; anything else: a new run)")
-
-
 def record_resume(rd: RunDir, cfg: RunConfig, step: int) -> dict[str, tuple]:
     """Compare ``cfg`` with the run's saved ``config.yaml`` before resuming it at optimizer step ``step``.
 
-    Changed fields of :data:`RESUME_SETTABLE` are saved: ``config.yaml`` is rewritten with ``cfg`` (atomically) and
+    Changed fields of :data:`qtune.config.RESUME_SETTABLE` are saved: ``config.yaml`` is rewritten with ``cfg`` (atomically) and
     one line ``{"step", "changes": {field: {"from", "to"}}}`` is appended to ``RUN/resumes.jsonl``.
 
     Returns:

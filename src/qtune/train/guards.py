@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from qtune.config import RunConfig
+from qtune.config import RESUME_SETTABLE, RunConfig
 from qtune.errors import QtuneError
 
 GIB = 1024**3
@@ -36,7 +36,7 @@ class NonFiniteLossGuard(TrainerCallback):
         loss = (logs or {}).get("loss")
         if loss is None or math.isfinite(loss):
             return
-        from qtune.train.checkpoints import RESUME_SETTABLE, last_good_checkpoint
+        from qtune.train.checkpoints import last_good_checkpoint
 
         losses = {r["step"]: r["loss"] for r in state.log_history if "loss" in r}
         good, rejected = last_good_checkpoint(args.output_dir, losses)
@@ -49,7 +49,8 @@ class NonFiniteLossGuard(TrainerCallback):
         raise QtuneError(
             f"training stopped: loss is {loss} at step {state.global_step}; {found}\n"
             f"lower the learning rate and resume {'from it' if good else 'from step 0'}: qtune train --resume {run} "
-            f"--set train.learning_rate={args.learning_rate / 10:g} (--set may change {', '.join(RESUME_SETTABLE)}); "
+            f"--set train.learning_rate={args.learning_rate / 10:g} (a tenth of now; --set may change "
+            f"{', '.join(RESUME_SETTABLE)}); "
             "or train anew (--overwrite) with quant.compute_dtype float32 or bfloat16"
         )
 
