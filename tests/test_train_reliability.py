@@ -270,6 +270,29 @@ def test_resume_refuses_other_settings_and_lists_the_allowed_ones(tmp_path):
                              "new run)\n")
 
 
+def test_checkpoint_verification_reads_weights_and_both_losses(tmp_path):
+    from safetensors.torch import save_file
+
+    from qtune.train.checkpoints import checkpoint_problem, last_good_checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        ckpt = root / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": step, "loss": 1.0}]}))
+        save_file({"a": torch.ones(3), "b": torch.zeros(2)}, ckpt / "adapter_model.safetensors")
+    (root / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"torn")
+    assert checkpoint_problem(root / "checkpoint-6").startswith("unreadable (")
+    assert checkpoint_problem(root / "checkpoint-4") is None
+    assert checkpoint_problem(root / "checkpoint-4", {5: None}) == "its weights gave a non-finite loss at step 5"
+    assert checkpoint_problem(root / "checkpoint-4", {4: math.inf}) == "loss inf at step 4"
+    good, rejected = last_good_checkpoint(root, {5: math.nan})
+    assert good == root / "checkpoint-2"
+    assert [(p.name, why[:10]) for p, why in rejected] == [("checkpoint-6", "unreadable"), ("checkpoint-4", "its weight")]
+    (root / "checkpoint-2" / "adapter_model.safetensors").unlink()  # FSDP's sharded checkpoints hold none
+    assert checkpoint_problem(root / "checkpoint-2") is None
+
+
 def test_out_of_memory_is_explained(tiny_model_dir, tmp_path, monkeypatch):
     """No GPU here: Trainer.train raises the error CUDA would; the message and the exit status are checked."""
     from transformers import Trainer

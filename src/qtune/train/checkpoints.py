@@ -161,7 +161,8 @@ def checkpoint_problem(checkpoint: Path, losses: dict[int, float | None] | None 
     Good means: every tensor of its adapter (``adapter_model.safetensors``, also in a PEFT adapter subfolder) and
     of its optimizer state (``optimizer.pt``) is finite, and so are the logged training losses of step N and of
     step N + 1 (step N + 1's loss is computed with the weights saved at step N: when it is not finite, resuming
-    from N, at any learning rate, meets it again).
+    from N, at any learning rate, meets it again). The shards of an FSDP ``SHARDED_STATE_DICT`` checkpoint
+    (``pytorch_model_fsdp_0/``, ``optimizer_0/``) are not read: there only the losses are checked.
 
     Args:
         losses: optimizer step -> logged training loss, None for a loss that was not finite (``metrics.jsonl``
@@ -169,21 +170,22 @@ def checkpoint_problem(checkpoint: Path, losses: dict[int, float | None] | None 
     """
     checkpoint = Path(checkpoint)
     step = int(checkpoint.name.rsplit("-", 1)[1])
-    files = sorted(checkpoint.rglob("adapter_model.safetensors"))
-    if not files:
-        return "no adapter_model.safetensors"
+    files = sorted(checkpoint.rglob("adapter_model.safetensors"))  # none under FSDP's sharded state dict
     bad = total = 0
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            b, t = _nonfinite(st.get_tensor(k) for k in st.keys())
-        bad, total = bad + b, total + t
-    if bad:
-        return f"{bad} of {total} adapter tensors not finite"
     optimizer = checkpoint / "optimizer.pt"
-    if optimizer.is_file():
-        bad, total = _nonfinite(_optimizer_tensors(torch.load(optimizer, map_location="cpu", weights_only=True)))
+    try:
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                b, t = _nonfinite(st.get_tensor(k) for k in st.keys())
+            bad, total = bad + b, total + t
         if bad:
-            return f"{bad} of {total} optimizer state tensors not finite"
+            return f"{bad} of {total} adapter tensors not finite"
+        if optimizer.is_file():
+            bad, total = _nonfinite(_optimizer_tensors(torch.load(optimizer, map_location="cpu", weights_only=True)))
+            if bad:
+                return f"{bad} of {total} optimizer state tensors not finite"
+    except Exception as e:  # noqa: BLE001 - a file that does not load makes the checkpoint unusable, whatever the error
+        return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
     logged = {r["step"]: r["loss"] for r in checkpoint_state(checkpoint).get("log_history", []) if "loss" in r}
     logged.update(losses or {})
     for s in (step, step + 1):
