@@ -91,3 +91,57 @@ def test_gguf_cache_key_follows_the_content_not_the_path(tmp_path, monkeypatch):
     assert gguf_cache_dir(a) == gguf_cache_dir(b) and gguf_cache_dir(a).parent == tmp_path / "cache" / "gguf"
     b.write_bytes(body[:-1] + b"\x00")  # same name and size, another last byte
     assert gguf_cache_dir(a) != gguf_cache_dir(b)
+
+
+def _float_fields():
+    """(dotted name, annotation) of every field that holds a float, in every section of RunConfig and in the sweep
+    file's spec, read from the pydantic models themselves."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from qtune.study.sweep import SweepSpec
+
+    def has_float(tp) -> bool:
+        return tp is float or any(has_float(a) for a in typing.get_args(tp))
+
+    out = []
+    for section, info in RunConfig.model_fields.items():
+        model = info.annotation
+        assert issubclass(model, BaseModel)
+        out += [(f"{section}.{name}", f.annotation) for name, f in model.model_fields.items() if has_float(f.annotation)]
+    out += [(f"sweep.{name}", f.annotation) for name, f in SweepSpec.model_fields.items() if has_float(f.annotation)]
+    return out
+
+
+FLOAT_FIELDS = _float_fields()
+
+
+def test_the_float_fields_are_found():
+    names = {n for n, _ in FLOAT_FIELDS}
+    assert {"train.learning_rate", "lora.lora_alpha", "train.max_grad_norm", "train.weight_decay", "data.split",
+            "lora.lora_dropout", "lora.loraplus_lr_ratio", "sweep.alpha_per_r", "sweep.timeout_s"} <= names
+
+
+@pytest.mark.parametrize("bad", [".inf", "-.inf", ".nan", "1e400"])
+@pytest.mark.parametrize("name, annotation", FLOAT_FIELDS, ids=[n for n, _ in FLOAT_FIELDS])
+def test_every_float_field_refuses_non_finite_numbers(tmp_path, name, annotation, bad):
+    import typing
+
+    section, field = name.split(".")
+    is_tuple = typing.get_origin(annotation) is tuple
+    value = f"[{bad}, 0.5, 0.5]" if is_tuple else bad  # a tuple field: its first element
+    where = f"{name}.0" if is_tuple else name
+    if section == "sweep":
+        from qtune.study.sweep import load_sweep
+
+        spec = tmp_path / "sweep.yaml"
+        spec.write_text(f"axes: {{lora.r: [4]}}\n{field}: {value}\n")
+        with pytest.raises(QtuneError) as err:
+            load_sweep(spec)
+        where = field
+    else:
+        with pytest.raises(QtuneError) as err:
+            load_config(None, [f"{name}={value}"])
+    [line] = str(err.value).splitlines()
+    assert f"{where}: Input should be a finite number (got " in line, line

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 from typer.testing import CliRunner
@@ -138,7 +139,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_di
     with pytest.raises(QtuneError) as err:
         train(cfg, callbacks=(PoisonAfter(5),))
     rd = RunDir(tmp_path / "run")
-    assert "loss is nan at step 6" in str(err.value) and "checkpoint-4" in str(err.value)
+    first = str(err.value).splitlines()[0]
+    assert first == f"training stopped: loss is nan at step 6; last good checkpoint {rd.checkpoints / 'checkpoint-4'}"
     bar = capsys.readouterr().err
     assert "train:" in bar and bar.endswith("\n")  # the progress bar was closed, so the error starts a new line
     names = sorted(p.name for p in rd.checkpoints.iterdir())
@@ -149,6 +151,146 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_di
     assert not rd.adapter.exists()
     steps = [json.loads(x)["step"] for x in rd.metrics.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN, Infinity and -Infinity (not JSON; Python's reader would accept them)."""
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def strict_records(rd: RunDir) -> list[dict]:
+    return [strict_json(line) for line in rd.metrics.read_text().splitlines()]
+
+
+def _finite_count(path):
+    saved = load_file(path)
+    return sum(bool(torch.isfinite(t).all()) for t in saved.values()), len(saved)
+
+
+def test_nan_guard_names_only_a_checkpoint_with_finite_weights(tiny_model_dir, tmp_path):
+    """Checkpoint every step: the one of step 5 holds the poisoned weight, so step 4's is the last good one."""
+    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", quant={"quant": "none"}, data={"max_rows": 100},
+                          train={**FAST, "max_steps": 10, "save_steps": 1})
+    with pytest.raises(QtuneError) as err:
+        train(cfg, callbacks=(PoisonAfter(5),))
+    rd = RunDir(tmp_path / "run")
+    assert sorted(p.name for p in rd.checkpoints.iterdir()) == ["checkpoint-4", "checkpoint-5"]
+    assert _finite_count(rd.checkpoints / "checkpoint-5" / "adapter_model.safetensors") == (27, 28)
+    assert _finite_count(rd.checkpoints / "checkpoint-4" / "adapter_model.safetensors") == (28, 28)
+    first, second = str(err.value).splitlines()
+    assert first == (f"training stopped: loss is nan at step 6; last good checkpoint {rd.checkpoints / 'checkpoint-4'} "
+                     "(not checkpoint-5: 1 of 28 adapter tensors not finite)")
+    assert second.startswith(f"lower the learning rate and resume from it: qtune train --resume {rd.root} "
+                             "--set train.learning_rate=0.001 (a tenth of now;")
+    records = strict_records(rd)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[-1]["loss"] is None and all(math.isfinite(r["loss"]) for r in records[:-1])
+
+
+def test_diverged_run_names_no_checkpoint_then_resumes_at_a_lower_rate(tiny_model_dir, tmp_path):
+    """A huge learning rate: step 1's update leaves finite but enormous weights in checkpoint-1, which give a NaN
+    loss at step 2; so checkpoint-1 is not good, and the resume with a sane rate starts over from step 0."""
+    run = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, run, quant={"quant": "none"}, data={"max_rows": 60},
+                          train={**FAST, "max_steps": 6, "save_steps": 1, "learning_rate": 1e30})
+    with pytest.raises(QtuneError) as err:
+        train(cfg)
+    rd = RunDir(run)
+    weights = torch.cat([t.flatten() for t in load_file(rd.checkpoints / "checkpoint-1" / "adapter_model.safetensors").values()])
+    assert torch.isfinite(weights).all() and weights.abs().max() > 1e20  # finite, and still no good
+    first, second = str(err.value).splitlines()
+    assert first == "training stopped: loss is nan at step 2; no good checkpoint (checkpoint-1: its weights gave loss nan at step 2)"
+    assert second.startswith(f"lower the learning rate and resume from step 0: qtune train --resume {run} "
+                             "--set train.learning_rate=1e+29 (a tenth of now; --set may change train.learning_rate, "
+                             "train.max_grad_norm)")
+    records = strict_records(rd)
+    assert [(r["step"], r["loss"] is None, r["grad_norm"] is None) for r in records] == [(1, False, False), (2, True, True)]
+
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--set", "train.learning_rate=0.01"])
+    assert result.exit_code == 0, result.output
+    assert (f"warning: {rd.checkpoints / 'checkpoint-1'}: not resumed from (its weights gave a non-finite loss at step 2); "
+            "deleted\n") in result.output
+    assert f"resuming {run} from step 0 (no good checkpoint)\n" in result.output
+    assert "resume changes train.learning_rate: 1e+30 -> 0.01 (saved in config.yaml and resumes.jsonl)\n" in result.output
+    records = strict_records(rd)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    lrs = [0.01 * 0.5 * (1 + math.cos(math.pi * (k - 1) / 6)) for k in range(1, 7)]
+    assert [r["learning_rate"] for r in records] == pytest.approx(lrs, rel=1e-9)
+    assert yaml.safe_load(rd.config.read_text())["train"]["learning_rate"] == 0.01
+    assert [strict_json(x) for x in (run / "resumes.jsonl").read_text().splitlines()] == [
+        {"step": 0, "changes": {"train.learning_rate": {"from": 1e30, "to": 0.01}}}]
+    strict_json(rd.summary.read_text())
+
+
+class CrashAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_with_a_new_learning_rate_runs_the_rest_of_the_schedule_at_it(tiny_model_dir, tmp_path):
+    """The checkpoint's optimizer and scheduler state carry the old rate; the resumed steps use the new one."""
+    from qtune.config import load_config
+
+    steps, old, new = 6, 1e-2, 1e-3
+    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", quant={"quant": "none"}, data={"max_rows": 60},
+                          train={**FAST, "max_steps": steps, "save_steps": 2, "learning_rate": old})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callbacks=(CrashAt(3),))
+    rd = RunDir(tmp_path / "run")
+    longer = load_config(rd.config, ["train.max_steps=8"])
+    with pytest.raises(QtuneError, match=r"resuming with train.max_steps changed from the saved config; only "
+                                         r"train.learning_rate, train.max_grad_norm may change on resume$"):
+        train(longer, resume=True)
+    probe = Grads()
+    summary = train(load_config(rd.config, [f"train.learning_rate={new}"]), resume=True, callbacks=(probe,))
+    assert summary["resumed_from_step"] == 2
+
+    def factor(s):  # cosine without warmup after s scheduler steps; optimizer step k uses factor(k - 1)
+        return 0.5 * (1 + math.cos(math.pi * s / steps))
+
+    assert probe.lrs == pytest.approx([new * factor(k - 1) for k in range(3, steps + 1)], rel=1e-9)
+    logged = [r["learning_rate"] for r in strict_records(rd)]
+    assert logged == pytest.approx([old * factor(0), old * factor(1)] + probe.lrs, rel=1e-9)
+    assert load_config(rd.config).train.learning_rate == new
+
+
+def test_resume_refuses_other_settings_and_lists_the_allowed_ones(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path), "--set", "train.max_steps=100"])
+    assert result.exit_code == 2
+    assert result.output == ("error: --resume: continues the run with its saved config; --set train.max_steps cannot "
+                             "change on resume (allowed: train.learning_rate, train.max_grad_norm; anything else: a "
+                             "new run)\n")
+
+
+def test_checkpoint_verification_reads_weights_and_both_losses(tmp_path):
+    from safetensors.torch import save_file
+
+    from qtune.train.checkpoints import checkpoint_problem, last_good_checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        ckpt = root / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": step, "loss": 1.0}]}))
+        save_file({"a": torch.ones(3), "b": torch.zeros(2)}, ckpt / "adapter_model.safetensors")
+    (root / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"torn")
+    assert checkpoint_problem(root / "checkpoint-6").startswith("unreadable (")
+    assert checkpoint_problem(root / "checkpoint-4") is None
+    assert checkpoint_problem(root / "checkpoint-4", {5: None}) == "its weights gave a non-finite loss at step 5"
+    assert checkpoint_problem(root / "checkpoint-4", {4: math.inf}) == "loss inf at step 4"
+    good, rejected = last_good_checkpoint(root, {5: math.nan})
+    assert good == root / "checkpoint-2"
+    assert [(p.name, why[:10]) for p, why in rejected] == [("checkpoint-6", "unreadable"), ("checkpoint-4", "its weight")]
+    (root / "checkpoint-2" / "adapter_model.safetensors").unlink()  # FSDP's sharded checkpoints hold none
+    assert checkpoint_problem(root / "checkpoint-2") is None
 
 
 def test_out_of_memory_is_explained(tiny_model_dir, tmp_path, monkeypatch):

@@ -1,10 +1,12 @@
 """The ``qtune`` command line: a thin layer over functions a user can call from Python.
 
-Problems a user can fix (QtuneError) print as one line each on stderr and exit with status 2.
+Problems a user can fix (QtuneError) print as one line each on stderr and exit with status 2; see :func:`main`
+for the other ways a command ends.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -16,6 +18,7 @@ import typer
 from typer.core import TyperCommand
 
 from qtune.errors import QtuneError
+from qtune.jsonio import dumps
 from qtune.serve.export_check import DEFAULT_CHECK_ROWS, DEFAULT_MAX_DRIFT
 
 _default_showwarning = warnings.showwarning
@@ -111,6 +114,7 @@ def data_prepare(
             overrides.append("data.columns=" + json.dumps(_column_pairs(columns)))
         cfg = load_config(config, overrides)
         _remote_code(cfg, trust_remote_code)
+        _writes_to(out)
         _quiet_libraries()
         from qtune.data.prepare import prepare_dataset
         from qtune.model.load import check_max_length, load_tokenizer, resolve_model
@@ -153,7 +157,8 @@ def train(
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
     resume: Annotated[Optional[Path], typer.Option(
-        help="Continue an interrupted run from its last checkpoint, with its saved config and data.")] = None,
+        help="Continue an interrupted run from its last good checkpoint, with its saved config and data; --set may "
+        "change train.learning_rate and train.max_grad_norm (recorded in the run's config.yaml and resumes.jsonl).")] = None,
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Fine-tune LoRA adapters on a (quantized) base model; prints the run directory."""
@@ -161,15 +166,19 @@ def train(
 
     try:
         if resume is not None:
-            if config is not None or set_ or overwrite:
-                raise QtuneError("--resume: continues the run with its saved config; drop --config, --set and --overwrite")
+            from qtune.config import check_resume_overrides
+
+            if config is not None or overwrite:
+                raise QtuneError("--resume: continues the run with its saved config; drop --config and --overwrite")
+            check_resume_overrides(set_ or [])
             if not (resume / "config.yaml").is_file():
                 raise QtuneError(f"{resume}: not a qtune run directory (no config.yaml); nothing to resume")
-            cfg = load_config(resume / "config.yaml")
+            cfg = load_config(resume / "config.yaml", set_)
             cfg.train.output_dir = str(resume)
         else:
             cfg = load_config(config, set_)
         _remote_code(cfg, trust_remote_code)
+        _writes_to(cfg.train.output_dir)
         _quiet_libraries()
         from qtune.train.trainer import train as run_training
 
@@ -178,7 +187,7 @@ def train(
         _fail(str(e))
     if "process_index" in summary:  # a non-main rank of a distributed run: the main process reports
         return
-    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(dumps(summary, indent=2))
     typer.echo(f"run directory: {summary['run_dir']}")
 
 
@@ -236,6 +245,7 @@ def eval_(
     try:
         if run is None:
             raise QtuneError("eval: pass --run DIR (or --humaneval-samples FILE)")
+        _writes_to(run / "eval.json")
         _quiet_libraries()
         from qtune.evaluate.perplexity import evaluate_run
 
@@ -246,7 +256,7 @@ def eval_(
     except QtuneError as e:
         _fail(str(e))
     if json_out:
-        typer.echo(json.dumps(result))
+        typer.echo(dumps(result))
         return
     typer.echo(f"{'split':<6} {'model':<8} {'loss':>8} {'perplexity':>11} {'tokens':>8}")
     for split in result["base"]:
@@ -272,10 +282,12 @@ def _eval_humaneval(run, humaneval, humaneval_samples, problems, limit, samples,
             rows = he.load_samples(humaneval_samples, table)
             stem = humaneval_samples.name.removesuffix(".gz").removesuffix(".jsonl")
             out = results or (out_dir or Path(".")) / f"{stem}_results.jsonl"
+            _writes_to(out)
             summary = he.score_samples(table, rows, ks, limits, workers, out)
         else:
             if run is None:
                 raise QtuneError("--humaneval: pass --run DIR (the model to generate with)")
+            _writes_to(Path(run) / "humaneval")
             _quiet_libraries()
             summary = he.evaluate_run_humaneval(
                 str(run), humaneval or None, limit, samples, base, ks, temperature, top_p, max_new_tokens,
@@ -286,7 +298,7 @@ def _eval_humaneval(run, humaneval, humaneval_samples, problems, limit, samples,
     if summary.get("warning"):  # the score stands; only a results file is missing
         typer.echo(f"warning: {summary['warning']}", err=True)
     if json_out:
-        typer.echo(json.dumps(summary))
+        typer.echo(dumps(summary))
         return
     typer.echo(he.summary_table(summary))
     if summary.get("results"):
@@ -370,7 +382,7 @@ def estimate(
         _fail(str(e))
     if json_out:
         out = est.to_dict() | ({"fit": fitted} if fitted else {})
-        typer.echo(json.dumps(out))
+        typer.echo(dumps(out))
         return
     typer.echo(est.table())
     typer.echo(f"trainable parameters: {est.trainable_params:,} of {est.total_params:,}")
@@ -388,8 +400,9 @@ def sweep(
     """Grid of quantization x LoRA rank (x lr, batch, variant): one training process per run, resumable."""
     try:
         _quiet_libraries()
-        from qtune.study.sweep import run_sweep
+        from qtune.study.sweep import load_sweep, run_sweep
 
+        _writes_to(load_sweep(config)[0].output_dir)
         out = run_sweep(config, final=final, echo=typer.echo)
     except QtuneError as e:
         _fail(str(e))
@@ -402,6 +415,7 @@ def report(
 ) -> None:
     """Figures (PNG) and report.md for a sweep: memory vs estimate, memory over time, loss, LR, Pareto front."""
     try:
+        _writes_to(sweep_dir)
         _quiet_libraries()
         from qtune.study.report import write_report
 
@@ -532,7 +546,7 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     check: Annotated[bool, typer.Option(help="Re-score validation rows with the trained model and each export; "
                                         "fail on drift.")] = True,
-    max_drift: Annotated[float, typer.Option(help="Largest accepted loss drift of an export, nats per token.")] = 0.01,
+    max_drift: Annotated[float, typer.Option(help="Largest accepted loss drift of an export, nats per token.")] = DEFAULT_MAX_DRIFT,
     check_rows: Annotated[int, typer.Option(help="Validation rows the check scores.", min=1)] = DEFAULT_CHECK_ROWS,
 ) -> None:
     """Export a trained run: the adapter merged into a 16-bit copy of the base (safetensors and/or GGUF), then
@@ -542,6 +556,7 @@ def export(
             raise QtuneError("nothing to export: pass --merged OUT and/or --gguf OUT.gguf")
         if not max_drift >= 0:
             raise QtuneError(f"--max-drift {max_drift}: expected a number >= 0")
+        _writes_to(merged, gguf)
         _quiet_libraries()
         from qtune.serve.export import export_gguf, export_merged
         from qtune.serve.export_check import check_export
@@ -566,11 +581,71 @@ def export(
                   "export does not compute what the trained adapter does; the files are kept for inspection")
 
 
+_WRITE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM}
+_OUTPUTS: list[Path] = []
+"""Where the running command writes (see :func:`_writes_to`); main() names it when a write fails."""
+
+
+def _writes_to(*paths) -> None:
+    """Record the files or folders the running command writes, so that a failed write that names no file (a full
+    disk fails in ``write()``, not ``open()``) or that is not an OSError (torch, safetensors) names one."""
+    _OUTPUTS.extend(Path(p) for p in paths if p not in (None, ""))
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why nothing can be written at ``path`` (read-only file system, or under 1 MiB free), else None."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        st = os.statvfs(existing)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    if st.f_bavail * st.f_frsize < 2**20:
+        return os.strerror(errno.ENOSPC)
+    return None
+
+
+def _os_failure(e: BaseException) -> str | None:
+    """One line for an exception that is an operating-system failure (see :func:`main`), else None."""
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, OSError):  # an OSError a library raised "from"
+        cause = cause.__cause__
+    if isinstance(cause, OSError) and cause.errno is not None:
+        # write() on a full disk names no file: name the output that is full (not stdout, say)
+        path = cause.filename or next((out for out in _OUTPUTS if _unwritable(out)), None)
+        writing = cause.errno in _WRITE_ERRNOS
+        what = f"cannot write ({cause.strerror})" if writing else cause.strerror
+        return f"{path}: {what}" if path else what
+    for out in _OUTPUTS:
+        reason = _unwritable(out)
+        if reason:
+            return f"{out}: cannot write ({reason})"
+    if isinstance(cause, OSError):  # no errno: a library's own message (its first line)
+        return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return None
+
+
 def main() -> None:
-    """Console entry point. A command-line usage error (unknown option, value out of range) prints one
-    ``error:`` line naming the command's --help and exits with status 2, like qtune's other errors."""
+    """Console entry point. Every way a command can fail ends in one ``error:`` line on stderr:
+
+    - a command-line usage error (unknown option, value out of range): the message and the command's --help,
+      status 2;
+    - a problem the user can fix (:class:`QtuneError`, printed by the command itself): status 2;
+    - an operating-system error (OSError: read-only file system, disk full, permission denied, ...), or any
+      failure while an output of the command lies on a read-only or full file system:
+      ``error: PATH: cannot write (reason)``, status 2;
+    - Ctrl-C: ``interrupted``, status 130;
+    - anything else is a bug in qtune: ``error: internal error: TYPE: MESSAGE (...rerun with QTUNE_DEBUG=1...)``,
+      status 1. With the environment variable ``QTUNE_DEBUG=1`` the traceback is shown instead (for a bug and
+      for an OSError alike).
+    """
     from typer import _click  # the click copy typer parses with; its exceptions are what reach here
 
+    _OUTPUTS.clear()
+    debug = os.environ.get("QTUNE_DEBUG", "") not in ("", "0")
     try:
         rv = app(prog_name="qtune", standalone_mode=False)
     except KeyboardInterrupt:
@@ -586,8 +661,19 @@ def main() -> None:
     except _click.exceptions.ClickException as e:
         typer.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
-    except _click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
+        sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        if debug:
+            raise
+        message = _os_failure(e)
+        if message is not None:
+            typer.echo(f"error: {message}", err=True)
+            sys.exit(2)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        typer.echo(f"error: internal error: {type(e).__name__}: {first} (a bug in qtune; rerun with QTUNE_DEBUG=1 "
+                   "for the traceback)", err=True)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
 

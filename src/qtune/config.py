@@ -39,7 +39,10 @@ def default_data_path() -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Base of every config section: unknown keys are errors, assignments are validated, and no float field takes
+    nan, inf or -inf (YAML's .nan/.inf, or a value that overflows such as 1e400): "Input should be a finite number"."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -272,6 +275,20 @@ def _parse_override(item: str) -> tuple[list[str], object]:
     except yaml.YAMLError:
         raise QtuneError(f"--set {item!r}: the value is not valid YAML (quote strings with brackets or colons)") from None
     return key.strip().split("."), value
+
+
+RESUME_SETTABLE = ("train.learning_rate", "train.max_grad_norm")
+"""Fields ``qtune train --resume RUN --set`` may change: they steer the remaining optimizer steps but change neither
+the model, the data, the batch nor the length of the schedule."""
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    """Raises QtuneError unless every ``key=value`` in ``overrides`` sets a field of :data:`RESUME_SETTABLE`."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key not in RESUME_SETTABLE:
+            raise QtuneError(f"--resume: continues the run with its saved config; --set {key} cannot change on resume "
+                             f"(allowed: {', '.join(RESUME_SETTABLE)}; anything else: a new run)")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

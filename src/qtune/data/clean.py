@@ -13,12 +13,12 @@ string literal is made of. Whitespace is looked at only to decide whether a fiel
 
 from __future__ import annotations
 
-import json
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qtune.data.load import FIELDS
+from qtune.jsonio import dumps
 
 REASONS = {
     "not_text": "a field is not text (number, list or object)",
@@ -61,7 +61,7 @@ class DataCard:
         return {**asdict(self), "rows_kept": self.rows_kept}
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json(), indent=2), encoding="utf-8")
+        path.write_text(dumps(self.to_json(), indent=2), encoding="utf-8")
 
     def table(self) -> str:
         """Plain-text table: rows in, each drop reason, rows kept, split sizes."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import json
 import re
 import tokenize
 import warnings
@@ -23,6 +22,7 @@ from pathlib import Path
 from qtune.data.load import read_jsonl
 from qtune.errors import QtuneError
 from qtune.evaluate.sandbox import SandboxLimits, run_programs
+from qtune.jsonio import dumps
 
 
 def default_humaneval_path() -> Path:
@@ -305,7 +305,7 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> str | None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             for row in rows:
-                f.write(json.dumps(row) + "\n")
+                f.write(dumps(row) + "\n")
     except OSError as e:
         return f"{path}: cannot write: {e.strerror or e}"
     return None
@@ -488,7 +488,7 @@ def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: 
     summary.update({"model": who, "temperature": temperature, "max_new_tokens": max_new_tokens,
                     "samples_per_problem": samples})
     try:
-        (out / f"{who}.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        (out / f"{who}.json").write_text(dumps(summary, indent=2), encoding="utf-8")
     except OSError as e:
         unwritten.append(f"{out / f'{who}.json'}: cannot write: {e.strerror or e}")
     if any(unwritten):

@@ -6,7 +6,6 @@ each token weighted equally whatever batch it falls in; perplexity = exp(loss).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from qtune.data.prepare import load_splits
 from qtune.data.tokenize import IGNORE_INDEX, ResponseLogitsCollator, padding_collator
+from qtune.jsonio import dumps
 from qtune.model.adapters import load_trained
 from qtune.rundir import RunDir
 
@@ -73,5 +73,5 @@ def evaluate_run(run_dir: str, splits: tuple[str, ...] = ("val", "test"), batch_
         with model.disable_adapter():
             result["base"][name] = split_loss(model, ds, collate, bs)
         result["adapter"][name] = split_loss(model, ds, collate, bs)
-    rd.eval.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    rd.eval.write_text(dumps(result, indent=2), encoding="utf-8")
     return result

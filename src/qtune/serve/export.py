@@ -24,6 +24,7 @@ from pathlib import Path
 
 from qtune.data.templates import export_chat_template
 from qtune.errors import QtuneError
+from qtune.jsonio import dumps
 from qtune.serve.engine import MERGED_META
 
 MERGE_DTYPES = ("fp16", "bf16")
@@ -88,7 +89,7 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "fp16", ove
     meta = {"template": cfg.data.template, "dtype": dtype, "source_run": str(rd.root.resolve()),
             "base_model": cfg.model.name, "trained_quant": cfg.quant.quant,
             "lora": {"r": cfg.lora.r, "lora_alpha": cfg.lora.lora_alpha}}
-    (out / MERGED_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    (out / MERGED_META).write_text(dumps(meta, indent=2), encoding="utf-8")
     return out
 
 

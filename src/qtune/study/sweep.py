@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qtune.config import format_validation_error, load_config, read_yaml
 from qtune.errors import QtuneError
+from qtune.jsonio import dumps
 from qtune.rundir import RunDir
 
 AXIS_KEYS = {"quant": "quant.quant", "r": "lora.r", "learning_rate": "train.learning_rate",
@@ -65,7 +66,7 @@ SHORT = {"quant.quant": "", "lora.r": "r", "train.learning_rate": "lr", "train.b
 class SweepSpec(BaseModel):
     """A validated sweep file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     base: str | None = Field(None, description="Run config the grid starts from, relative to the sweep file.")
     output_dir: str = Field("runs/sweep", description="Sweep directory (relative to the working directory).")
     set: dict[str, Any] = Field(default_factory=dict, description="Dotted overrides applied to every run.")
@@ -256,8 +257,11 @@ def collect_result(run: Run, rd: RunDir, rc: int, wall: float, log: str, base: P
     status, error = "ok", None
     if rc != 0 or not summary:
         status, error = "failed", _last_error(log) if rc != 0 else "no train_summary.json"
-    losses = [rec["loss"] for rec in read_metrics(rd.metrics) if rec.get("loss") is not None]
-    if status == "ok" and any(isinstance(x, float) and not math.isfinite(x) for x in losses + [summary.get("val_loss")] if x is not None):
+    # a logged loss is null when it was not finite (qtune.jsonio); older files may still hold NaN
+    losses = [rec[k] for rec in read_metrics(rd.metrics) for k in ("loss", "eval_loss") if k in rec]
+    val = summary.get("val_loss")
+    if status == "ok" and (any(x is None or not math.isfinite(x) for x in losses)
+                           or (isinstance(val, float) and not math.isfinite(val))):
         status, error = "failed", "NaN or infinite loss"
     result = {
         "run": run.name, "status": status, "error": error, "labels": run.labels, "overrides": run.overrides,
@@ -504,7 +508,7 @@ def run_sweep(path: str | Path, final: bool = False, echo=print) -> dict:
         if res["status"] == "ok":
             earlier = [r for r in (_read_json(f) for f in results_dir(sweep_dir).glob("*.json")) if r]
             add_evaluations(res, spec, earlier, echo)
-        out.write_text(json.dumps(res, indent=2), encoding="utf-8")
+        out.write_text(dumps(res, indent=2), encoding="utf-8")
         if res["status"] == "ok":
             he = f", HumanEval pass@1 {res['humaneval_pass@1']}" if res.get("humaneval_pass@1") is not None else ""
             echo(f"[{i}/{len(runs)}] {run.name}: ok, {res['wall_time_s']} s, peak {res['peak_gib']} GiB "
@@ -538,5 +542,5 @@ def run_final(sweep_dir: Path, run: Run, base: Path | None, timeout_s: float | N
                 echo(f"final: test loss {t['loss']:.4f} (perplexity {t['perplexity']:.3f}); base {res['test']['base']['test']['loss']:.4f}")
         except QtuneError as e:
             res["status"], res["error"] = "failed", str(e)
-    (sweep_dir / "final.json").write_text(json.dumps(res, indent=2), encoding="utf-8")
+    (sweep_dir / "final.json").write_text(dumps(res, indent=2), encoding="utf-8")
     return res

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import sys
@@ -12,6 +11,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
+
+from qtune.jsonio import dumps
 
 GIB = 1024**3
 
@@ -74,7 +75,7 @@ class MetricsRecorder(TrainerCallback):
         rec |= peak_memory()
         self.records.append(rec)
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(dumps(rec) + "\n")
 
 
 class ProgressBar(TrainerCallback):

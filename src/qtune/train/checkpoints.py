@@ -5,20 +5,32 @@ Trainer writes a checkpoint (adapter, optimizer, scheduler, RNG states, ``traine
 ``get_last_checkpoint`` picks up. :func:`make_checkpoints_atomic` makes Trainer write into a hidden temporary
 folder beside it and rename the finished folder to ``checkpoint-N``, so every ``checkpoint-N`` is complete.
 Resuming itself is Trainer's own ``train(resume_from_checkpoint=...)``.
+
+A complete checkpoint is not necessarily a good one: a diverging run saves non-finite (or finite but useless)
+weights before its loss turns NaN. :func:`checkpoint_problem` verifies one (finite adapter weights and optimizer
+state, finite losses at its step and at the step after it, which its weights computed); the NaN guard names and
+``--resume`` uses only a verified checkpoint. A resume may change the fields in :data:`qtune.config.RESUME_SETTABLE`
+(:func:`record_resume`, :func:`keep_configured_learning_rate`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from qtune.config import TrainConfig
-from qtune.errors import QtuneError
+from qtune.config import RESUME_SETTABLE, RunConfig, TrainConfig, load_config, save_config
+from qtune.errors import QtuneError, QtuneWarning
+from qtune.jsonio import dumps
 from qtune.rundir import RunDir
 
 KEEP_CHECKPOINTS = 2
@@ -26,6 +38,8 @@ KEEP_CHECKPOINTS = 2
 
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
+RESUMES_FILE = "resumes.jsonl"
+"""In the run directory: one line per resume that changed a setting (step, then field: from, to)."""
 
 
 def checkpoint_arguments(t: TrainConfig) -> dict:
@@ -117,12 +131,106 @@ def truncate_metrics(path: Path, step: int) -> list[dict]:
                 continue
             if isinstance(rec, dict) and rec.get("step", step + 1) <= step:
                 kept.append(rec)
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    path.write_text("".join(dumps(r) + "\n" for r in kept), encoding="utf-8")
     return kept
 
 
+def _nonfinite(tensors) -> tuple[int, int]:
+    """(how many of ``tensors`` hold a NaN or inf, how many there are)."""
+    bad = total = 0
+    for t in tensors:
+        total += 1
+        bad += bool(t.is_floating_point() and not torch.isfinite(t).all())
+    return bad, total
+
+
+def _optimizer_tensors(state):
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for v in state.values():
+            yield from _optimizer_tensors(v)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            yield from _optimizer_tensors(v)
+
+
+def checkpoint_problem(checkpoint: Path, losses: dict[int, float | None] | None = None) -> str | None:
+    """Why ``checkpoint`` (``checkpoint-N``) is not a good one to resume from, or None when it is verified good.
+
+    Good means: every tensor of its adapter (``adapter_model.safetensors``, also in a PEFT adapter subfolder) and
+    of its optimizer state (``optimizer.pt``) is finite, and so are the logged training losses of step N and of
+    step N + 1 (step N + 1's loss is computed with the weights saved at step N: when it is not finite, resuming
+    from N, at any learning rate, meets it again). The shards of an FSDP ``SHARDED_STATE_DICT`` checkpoint
+    (``pytorch_model_fsdp_0/``, ``optimizer_0/``) are not read: there only the losses are checked.
+
+    Args:
+        losses: optimizer step -> logged training loss, None for a loss that was not finite (``metrics.jsonl``
+            writes null for it); the checkpoint's own ``trainer_state.json`` log fills in the steps missing here.
+    """
+    checkpoint = Path(checkpoint)
+    step = int(checkpoint.name.rsplit("-", 1)[1])
+    files = sorted(checkpoint.rglob("adapter_model.safetensors"))  # none under FSDP's sharded state dict
+    bad = total = 0
+    optimizer = checkpoint / "optimizer.pt"
+    try:
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                b, t = _nonfinite(st.get_tensor(k) for k in st.keys())
+            bad, total = bad + b, total + t
+        if bad:
+            return f"{bad} of {total} adapter tensors not finite"
+        if optimizer.is_file():
+            bad, total = _nonfinite(_optimizer_tensors(torch.load(optimizer, map_location="cpu", weights_only=True)))
+            if bad:
+                return f"{bad} of {total} optimizer state tensors not finite"
+    except Exception as e:  # noqa: BLE001 - a file that does not load makes the checkpoint unusable, whatever the error
+        return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+    logged = {r["step"]: r["loss"] for r in checkpoint_state(checkpoint).get("log_history", []) if "loss" in r}
+    logged.update(losses or {})
+    for s in (step, step + 1):
+        if s in logged and (logged[s] is None or not math.isfinite(logged[s])):
+            value = "a non-finite loss" if logged[s] is None else f"loss {logged[s]}"
+            return f"{value} at step {s}" if s == step else f"its weights gave {value} at step {s}"
+    return None
+
+
+def last_good_checkpoint(checkpoints_dir: str | Path, losses: dict[int, float | None] | None = None
+                         ) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint in ``checkpoints_dir`` that :func:`checkpoint_problem` verifies, and the
+    newer ones it rejected, each with its reason: ``(checkpoint or None, [(checkpoint, reason), ...])``."""
+    root = Path(checkpoints_dir)
+    found = [p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", p.name) and (p / STATE_FILE).is_file()]
+    rejected = []
+    for ckpt in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True):
+        problem = checkpoint_problem(ckpt, losses)
+        if problem is None:
+            return ckpt, rejected
+        rejected.append((ckpt, problem))
+    return None, rejected
+
+
+def logged_losses(path: Path) -> dict[int, float | None]:
+    """Optimizer step -> training loss from a ``metrics.jsonl`` (None where it was not finite); torn lines skipped."""
+    out: dict[int, float | None] = {}
+    if Path(path).is_file():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "loss" in rec and isinstance(rec.get("step"), int):
+                out[rec["step"]] = rec["loss"]
+    return out
+
+
 def resume_point(rd: RunDir) -> Path | None:
-    """Checkpoint to resume the run in ``rd`` from (None: no checkpoint yet, start over from step 0).
+    """Checkpoint to resume the run in ``rd`` from (None: no good checkpoint, start over from step 0).
+
+    Only a checkpoint :func:`checkpoint_problem` verifies is used; newer ones that fail it (a diverged run's)
+    are deleted, each with a :class:`QtuneWarning` naming the reason, so that the resumed run's own checkpoints
+    replace them.
 
     Raises:
         QtuneError: ``rd`` is not a run directory, has no prepared data, or its training already finished.
@@ -133,4 +241,67 @@ def resume_point(rd: RunDir) -> Path | None:
         raise QtuneError(f"{rd.root}: training already finished (adapter saved); nothing to resume")
     if not (rd.data / "splits").is_dir():
         raise QtuneError(f"{rd.root}: run stopped before its data was prepared; train again with --overwrite")
-    return last_checkpoint(rd.checkpoints)
+    if last_checkpoint(rd.checkpoints) is None:
+        return None
+    good, rejected = last_good_checkpoint(rd.checkpoints, logged_losses(rd.metrics))
+    for ckpt, problem in rejected:
+        warnings.warn(f"{ckpt}: not resumed from ({problem}); deleted", QtuneWarning, stacklevel=2)
+        shutil.rmtree(ckpt)
+    return good
+
+
+def record_resume(rd: RunDir, cfg: RunConfig, step: int) -> dict[str, tuple]:
+    """Compare ``cfg`` with the run's saved ``config.yaml`` before resuming it at optimizer step ``step``.
+
+    Changed fields of :data:`qtune.config.RESUME_SETTABLE` are saved: ``config.yaml`` is rewritten with ``cfg`` (atomically) and
+    one line ``{"step", "changes": {field: {"from", "to"}}}`` is appended to ``RUN/resumes.jsonl``.
+
+    Returns:
+        {field: (old, new)} of the changed fields (empty when nothing changed).
+
+    Raises:
+        QtuneError: ``cfg`` differs from the saved config in another field (train.output_dir and
+            model.trust_remote_code, set per invocation, are not compared).
+    """
+    saved = load_config(rd.config, saved_run=True).model_dump(mode="json")
+    now = cfg.model_dump(mode="json")
+    changes = {f"{sec}.{key}": (saved[sec][key], value) for sec, fields in now.items() for key, value in fields.items()
+               if value != saved[sec][key] and f"{sec}.{key}" not in ("train.output_dir", "model.trust_remote_code")}
+    other = [k for k in changes if k not in RESUME_SETTABLE]
+    if other:
+        raise QtuneError(f"{rd.root}: resuming with {', '.join(other)} changed from the saved config; only "
+                         f"{', '.join(RESUME_SETTABLE)} may change on resume")
+    if changes:
+        for sec, key in (("train", "output_dir"), ("model", "trust_remote_code")):
+            now[sec][key] = saved[sec][key]
+        tmp = rd.config.with_name(rd.config.name + ".tmp")
+        save_config(RunConfig.model_validate(now, context={"saved_run": True}), tmp)
+        os.replace(tmp, rd.config)
+        with (rd.root / RESUMES_FILE).open("a", encoding="utf-8") as f:
+            f.write(dumps({"step": step, "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}) + "\n")
+    return changes
+
+
+def keep_configured_learning_rate(trainer) -> None:
+    """Make a resumed ``trainer`` continue at its own config's learning rate, not the checkpoint's.
+
+    Trainer builds the optimizer and scheduler from the config, then loads their states from the checkpoint, which
+    carry the old rate (the param groups' ``lr`` and ``initial_lr``, the scheduler's ``base_lrs``). Wraps the
+    instance's ``_load_optimizer_and_scheduler`` so that after the load each group's rate is scaled by new / old
+    base rate: the schedule continues at the same point, at the new peak (LoRA+ keeps its ratio between groups).
+    """
+    load = trainer._load_optimizer_and_scheduler
+
+    def load_keeping_rate(checkpoint):
+        sched = trainer.lr_scheduler
+        wanted = list(getattr(sched, "base_lrs", []))
+        load(checkpoint)
+        if checkpoint is None or not wanted or list(sched.base_lrs) == wanted:
+            return
+        for group, old, new in zip(trainer.optimizer.param_groups, sched.base_lrs, wanted):
+            group["lr"] = group["lr"] / old * new
+            group["initial_lr"] = new
+        sched.base_lrs = wanted
+        sched._last_lr = [group["lr"] for group in trainer.optimizer.param_groups]
+
+    trainer._load_optimizer_and_scheduler = load_keeping_rate

@@ -1,7 +1,7 @@
 """Failures during training turned into one clear message: non-finite loss, out of memory, risky precision.
 
 - :class:`NonFiniteLossGuard` stops the run at the first NaN/inf training loss, before that step's checkpoint is
-  written, and names the step and the last good checkpoint.
+  written, and names the step and the last checkpoint verified good (finite weights and losses).
 - :func:`explain_out_of_memory` turns ``torch.OutOfMemoryError`` into a :class:`QtuneError` with a memory
   breakdown and the largest batch x length expected to fit.
 """
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from qtune.config import RunConfig
+from qtune.config import RESUME_SETTABLE, RunConfig
 from qtune.errors import QtuneError
 
 GIB = 1024**3
@@ -23,22 +24,34 @@ GIB = 1024**3
 class NonFiniteLossGuard(TrainerCallback):
     """Raises :class:`QtuneError` when a logged training loss is NaN or inf.
 
-    Trainer logs before it saves, so the step with the bad loss never gets a checkpoint and the last checkpoint
-    on disk is the last good one (it is named in the message). Needs ``logging_steps=1`` and
-    ``logging_nan_inf_filter=False`` (see :func:`qtune.train.checkpoints.checkpoint_arguments`).
+    Trainer logs before it saves, so the step with the bad loss never gets a checkpoint. The checkpoints before
+    it are not all good, though: the one of the step before was saved with the weights that gave the bad loss,
+    and a diverging run saves non-finite weights before its loss turns NaN. The message names the newest
+    checkpoint :func:`qtune.train.checkpoints.checkpoint_problem` verifies (or says there is none, and why) and the
+    resume command with a lower learning rate. Needs ``logging_steps=1`` and ``logging_nan_inf_filter=False``
+    (see :func:`qtune.train.checkpoints.checkpoint_arguments`).
     """
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
         if loss is None or math.isfinite(loss):
             return
-        from qtune.train.checkpoints import last_checkpoint
+        from qtune.train.checkpoints import last_good_checkpoint
 
-        good = last_checkpoint(args.output_dir)
-        keep = f"last good checkpoint {good} (resume with 'qtune train --resume RUN')" if good else "no checkpoint yet"
+        losses = {r["step"]: r["loss"] for r in state.log_history if "loss" in r}
+        good, rejected = last_good_checkpoint(args.output_dir, losses)
+        not_good = ", ".join(f"{ckpt.name}: {why}" for ckpt, why in rejected)
+        if good:
+            found = f"last good checkpoint {good}" + (f" (not {not_good})" if rejected else "")
+        else:
+            found = f"no good checkpoint ({not_good})" if rejected else "no checkpoint saved yet"
+        run = Path(args.output_dir).parent
         raise QtuneError(
-            f"training stopped: loss is {loss} at step {state.global_step}; {keep}; lower train.learning_rate "
-            "or train.max_grad_norm, or use quant.compute_dtype float32/bfloat16"
+            f"training stopped: loss is {loss} at step {state.global_step}; {found}\n"
+            f"lower the learning rate and resume {'from it' if good else 'from step 0'}: qtune train --resume {run} "
+            f"--set train.learning_rate={args.learning_rate / 10:g} (a tenth of now; --set may change "
+            f"{', '.join(RESUME_SETTABLE)}); "
+            "or train anew (--overwrite) with quant.compute_dtype float32 or bfloat16"
         )
 
 

@@ -6,7 +6,6 @@ adds the data stage, the quantized model, the per-step record and the run direct
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import shutil
@@ -21,13 +20,15 @@ from qtune.config import RunConfig, save_config
 from qtune.data.prepare import load_splits, prepare_dataset
 from qtune.data.tokenize import training_collator
 from qtune.errors import QtuneError
+from qtune.jsonio import dumps
 from qtune.model.adapters import attach_lora, loraplus_optimizer, save_adapter
 from qtune.model.load import check_max_length, device, load_model, load_tokenizer, resolve_model
 from qtune.model.quantize import compute_dtype, is_quantized
 from qtune.rundir import RunDir
 from qtune.train.callbacks import MetricsRecorder, ProgressBar, peak_memory
-from qtune.train.checkpoints import (checkpoint_arguments, checkpoint_state, make_checkpoints_atomic, resume_point,
-                                     resumed_summary, truncate_metrics)
+from qtune.train.checkpoints import (checkpoint_arguments, checkpoint_state, keep_configured_learning_rate,
+                                     make_checkpoints_atomic, record_resume, resume_point, resumed_summary,
+                                     truncate_metrics)
 from qtune.train.guards import NonFiniteLossGuard, explain_out_of_memory
 from qtune.train.tensorboard import tensorboard_callback
 
@@ -157,13 +158,17 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume
         cfg: the validated run config.
         overwrite: replace an existing, non-empty run directory.
         callbacks: extra ``transformers.TrainerCallback`` objects (probes in tests, custom logging).
-        resume: continue the interrupted run in ``cfg.train.output_dir`` from its last complete checkpoint
-            (from step 0 when it has none), with its prepared data; ``cfg`` should be its ``config.yaml``.
+        resume: continue the interrupted run in ``cfg.train.output_dir`` from its last good checkpoint
+            (:func:`qtune.train.checkpoints.resume_point`; from step 0 when it has none), with its prepared data;
+            ``cfg`` is its ``config.yaml``, changed at most in ``RESUME_SETTABLE`` fields (the learning rate: the
+            change is recorded by :func:`qtune.train.checkpoints.record_resume` and the rest of the schedule runs
+            at the new rate).
 
     Raises:
         QtuneError: existing run directory without ``overwrite``, unreadable data, no usable rows, a model that
         cannot be resolved, or ``data.max_length`` beyond the model's context (all before the weights load);
-        with ``resume``, a run directory that cannot be resumed; during training, a NaN/inf loss or running out
+        with ``resume``, a run directory that cannot be resumed or a changed field outside ``RESUME_SETTABLE``;
+        during training, a NaN/inf loss or running out
         of GPU memory.
     """
     check_device_switches(cfg)
@@ -182,13 +187,16 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume
             checkpoint = resume_point(rd)
             resumed_state = checkpoint_state(checkpoint)
             if main:
+                changes = record_resume(rd, cfg, resumed_state.get("global_step", 0))
                 done = truncate_metrics(rd.metrics, resumed_state.get("global_step", 0))
-                print(f"resuming {rd.root} from {checkpoint or 'step 0 (no checkpoint yet)'}")
+                print(f"resuming {rd.root} from {checkpoint or 'step 0 (no good checkpoint)'}")
+                for key, (old, new) in changes.items():
+                    print(f"resume changes {key}: {old} -> {new} (saved in config.yaml and resumes.jsonl)")
             splits = load_splits(rd.data)
         elif main:
             rd = make_run_dir(cfg.train.output_dir, overwrite)
             save_config(cfg, rd.config)
-            rd.versions.write_text(json.dumps(library_versions(), indent=2), encoding="utf-8")
+            rd.versions.write_text(dumps(library_versions(), indent=2), encoding="utf-8")
             try:
                 splits, card = prepare_dataset(cfg.data, tokenizer, rd.data)
             except QtuneError:
@@ -211,6 +219,7 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume
                             callbacks=(recorder, bar, NonFiniteLossGuard(), *callbacks, *([board] if board else [])),
                             args=args)
     make_checkpoints_atomic(trainer)
+    keep_configured_learning_rate(trainer)
     model = trainer.model
     trainable, total = model.get_nb_trainable_parameters()
     start = time.perf_counter()
@@ -247,6 +256,6 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume
     }
     if checkpoint:  # tokens/s of this session only; the checkpoint brought the earlier tokens along
         summary |= resumed_summary(resumed_state, trainer.state.num_input_tokens_seen, wall)
-    rd.summary.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    rd.summary.write_text(dumps(summary, indent=2), encoding="utf-8")
     return summary
 
