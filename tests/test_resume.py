@@ -137,9 +137,20 @@ def test_truncate_metrics_drops_later_steps_and_a_torn_line(tmp_path):
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 7)]
     lines.insert(4, json.dumps({"step": 4, "eval_loss": 0.5}))
     path.write_text("\n".join(lines) + '\n{"step": 7, "lo')
-    kept = truncate_metrics(path, 4)
+    state = {"global_step": 4, "log_history": [{"step": s, "loss": 1.0 / s} for s in range(1, 5)] + [{"step": 4, "eval_loss": 0.5}]}
+    kept = truncate_metrics(path, state)
     assert [(r["step"], "eval_loss" in r) for r in kept] == [(1, False), (2, False), (3, False), (4, False), (4, True)]
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 4]
+    assert truncate_metrics(path, {}) == [] and path.read_text() == ""  # no checkpoint: from step 0
+
+
+def test_truncate_metrics_drops_the_evaluation_after_the_last_checkpoint(tmp_path):
+    """The end-of-training evaluation comes after the checkpoint at the last step; a resume logs it again."""
+    path = tmp_path / "metrics.jsonl"
+    recs = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "eval_loss": 1.4}, {"step": 2, "eval_loss": 1.4}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    state = {"global_step": 2, "log_history": [recs[0], recs[1], recs[2], {"step": 2, "train_runtime": 1.0}]}
+    assert truncate_metrics(path, state) == recs[:3]
 
 
 @pytest.mark.parametrize(
@@ -170,8 +181,12 @@ def test_resume_point_is_an_error_for_a_finished_run(tmp_path):
 
     rd = RunDir(tmp_path)
     rd.config.write_text("{}")
+    (rd.data / "splits").mkdir(parents=True)
     (rd.adapter).mkdir()
     (rd.adapter / "adapter_config.json").write_text("{}")
+    assert resume_point(rd) is None  # an adapter without the summary: the final save did not finish
+    assert rd.adapter.is_dir()
+    rd.summary.write_text("{}")
     with pytest.raises(QtuneError, match="training already finished"):
         resume_point(rd)
 

@@ -323,7 +323,7 @@ def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: 
     rows = [{"task_id": p["task_id"], "completion": extract_code(a, p), "answer": a}
             for p, many in zip(chosen, answers) for a in many]
     who = "base" if base else "adapter"
-    out = rd.root / "humaneval"
+    out = rd.humaneval
     out.mkdir(exist_ok=True)
     with open(out / f"{who}_samples.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
