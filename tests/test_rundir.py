@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,3 +235,66 @@ def test_a_second_writer_is_refused_while_the_first_trains(tiny_model_dir, tmp_p
     result = CliRunner().invoke(app, ["train", "--config", str(cfg_file), "--overwrite", "--set", "train.max_steps=3"])
     assert result.exit_code == 0, result.output
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+# ---- export --overwrite: the same rule for the merged model and the GGUF file ------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory):
+    from serve_fixtures import make_tiny_run
+
+    return make_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("export") / "run")
+
+
+def test_export_overwrite_replaces_only_its_own_output(finished_run, tmp_path, monkeypatch):
+    runner = CliRunner()
+    merged = tmp_path / "merged"
+    assert runner.invoke(app, ["export", "--run", str(finished_run.root), "--merged", str(merged)]).exit_code == 0
+    listed = json.loads((merged / "qtune.json").read_text())["files"]
+    assert listed == sorted(p.name for p in merged.iterdir()) and "model.safetensors" in listed
+    again = runner.invoke(app, ["export", "--run", str(finished_run.root), "--merged", str(merged), "--overwrite"])
+    assert again.exit_code == 0, again.output  # its own export: replaced
+    assert sorted(p.name for p in merged.iterdir()) == listed and not list(tmp_path.glob(".tmp-*"))
+
+    shutil.copytree(merged, tmp_path / "cwd")  # an export of qtune's own, but the folder the user stands in
+    monkeypatch.chdir(tmp_path / "cwd")
+    (merged / "notes.md").write_text("mine\n")
+    user_folder(tmp_path / "project")
+    cases = {
+        merged: "it holds notes.md, which qtune did not write; delete it yourself or choose another --merged",
+        tmp_path / "project": "no readable qtune.json, so not a merged model qtune exported",
+        Path("."): "it is the current directory",
+    }
+    for out, expected in cases.items():
+        before = contents(tmp_path)
+        result = runner.invoke(app, ["export", "--run", str(finished_run.root), "--merged", str(out), "--overwrite"])
+        assert result.exit_code == 2 and result.output.startswith(f"error: {out}: --overwrite refused: {expected}"), result.output
+        assert len(result.output.splitlines()) == 1 and contents(tmp_path) == before
+
+
+def test_export_into_the_empty_current_directory_keeps_it(finished_run, tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    inode = here.stat().st_ino
+    monkeypatch.chdir(here)
+    result = CliRunner().invoke(app, ["export", "--run", str(finished_run.root), "--merged", "."])
+    assert result.exit_code == 0, result.output
+    assert here.stat().st_ino == inode and (here / "qtune.json").is_file() and (here / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_gguf_overwrite_replaces_only_a_gguf_file(finished_run, tmp_path):
+    runner = CliRunner()
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("my notes, not a model\n")
+    result = runner.invoke(app, ["export", "--run", str(finished_run.root), "--gguf", str(notes), "--overwrite"])
+    assert result.exit_code == 2
+    assert result.output == f"error: {notes}: --overwrite refused: not a GGUF file; delete it yourself or choose another --gguf\n"
+    assert notes.read_text() == "my notes, not a model\n"
+    result = runner.invoke(app, ["export", "--run", str(finished_run.root), "--gguf", str(tmp_path), "--overwrite"])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {tmp_path}: is a directory; --gguf takes the file")
+    out = tmp_path / "model.gguf"
+    for _ in range(2):  # written, then replaced
+        result = runner.invoke(app, ["export", "--run", str(finished_run.root), "--gguf", str(out), "--overwrite"])
+        assert result.exit_code == 0, result.output
+        assert out.read_bytes()[:4] == b"GGUF" and not list(tmp_path.glob(".tmp-*"))

@@ -120,17 +120,7 @@ class RunDir:
         root = self.root.resolve()
         refused = f"{self.root}: --overwrite refused:"
         way_out = "delete it yourself or choose another train.output_dir"
-        places = [("the current directory", Path.cwd())]
-        try:
-            places.append(("the home directory", Path.home()))
-        except RuntimeError:  # no home directory known: nothing to protect
-            pass
-        for what, place in places:
-            place = place.resolve()
-            if place == root:
-                raise QtuneError(f"{refused} it is {what}")
-            if place.is_relative_to(root):
-                raise QtuneError(f"{refused} it holds {what} ({place})")
+        refuse_user_places(self.root, refused)
         for item in inputs:
             path = Path(item).expanduser()
             if path.exists() and path.resolve().is_relative_to(root):
@@ -154,6 +144,23 @@ class RunDir:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
+
+
+def refuse_user_places(path: Path, refused: str) -> None:
+    """Raises QtuneError(``refused`` + what) when deleting ``path`` would delete the current directory or the
+    home directory: it is one of them or a folder above one (``/`` included)."""
+    root = path.resolve()
+    places = [("the current directory", Path.cwd())]
+    try:
+        places.append(("the home directory", Path.home()))
+    except RuntimeError:  # no home directory known: nothing to protect
+        pass
+    for what, place in places:
+        place = place.resolve()
+        if place == root:
+            raise QtuneError(f"{refused} it is {what}")
+        if place.is_relative_to(root):
+            raise QtuneError(f"{refused} it holds {what} ({place})")
 
 
 def write_atomic(path: Path, text: str) -> None:
