@@ -120,7 +120,7 @@ class RunDir:
         root = self.root.resolve()
         refused = f"{self.root}: --overwrite refused:"
         way_out = "delete it yourself or choose another train.output_dir"
-        refuse_user_places(self.root, refused)
+        refuse_user_places(self.root, refused, "train.output_dir")
         for item in inputs:
             path = Path(item).expanduser()
             if path.exists() and path.resolve().is_relative_to(root):
@@ -146,9 +146,9 @@ class RunDir:
                 entry.unlink()
 
 
-def refuse_user_places(path: Path, refused: str) -> None:
-    """Raises QtuneError(``refused`` + what) when deleting ``path`` would delete the current directory or the
-    home directory: it is one of them or a folder above one (``/`` included)."""
+def refuse_user_places(path: Path, refused: str, option: str) -> None:
+    """Raises QtuneError(``refused`` + what + "choose another ``option``") when deleting ``path`` would delete
+    the current directory or the home directory: it is one of them or a folder above one (``/`` included)."""
     root = path.resolve()
     places = [("the current directory", Path.cwd())]
     try:
@@ -158,9 +158,9 @@ def refuse_user_places(path: Path, refused: str) -> None:
     for what, place in places:
         place = place.resolve()
         if place == root:
-            raise QtuneError(f"{refused} it is {what}")
+            raise QtuneError(f"{refused} it is {what}; choose another {option}")
         if place.is_relative_to(root):
-            raise QtuneError(f"{refused} it holds {what} ({place})")
+            raise QtuneError(f"{refused} it holds {what} ({place}); choose another {option}")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -196,7 +196,10 @@ class RunLock:
         """
         if self._fd is not None:
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise QtuneError(f"{self.path}: cannot create the run directory's lock file ({e.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

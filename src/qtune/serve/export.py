@@ -114,7 +114,7 @@ def check_replaceable_export(out: Path) -> None:
     directory nor a folder above them."""
     refused = f"{out}: --overwrite refused:"
     way_out = "delete it yourself or choose another --merged"
-    refuse_user_places(out, refused)
+    refuse_user_places(out, refused, "--merged")
     try:
         files = set(json.loads((out / MERGED_META).read_text(encoding="utf-8")).get("files", []))
     except (OSError, ValueError, AttributeError):
