@@ -1,4 +1,4 @@
-"""A tiny run directory for serving tests: config.yaml + a random (non-zero) LoRA adapter, no training."""
+"""A tiny run directory for serving tests: config.yaml + a random (non-zero) LoRA adapter + a summary, no training."""
 
 from __future__ import annotations
 
@@ -32,4 +32,5 @@ def make_tiny_run(model_dir: str, out: Path, random_adapter: bool = True, **sect
                 p.mul_(0.5)
     model.save_pretrained(str(rd.adapter))
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(str(rd.adapter))
+    rd.summary.write_text("{}\n")  # the finished marker training writes last
     return rd

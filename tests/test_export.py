@@ -183,7 +183,6 @@ def _table_losses(output: str) -> dict[str, float]:
 
 
 def test_export_prints_the_parity_table_and_passes(run_with_data, tmp_path):
-
     result = runner.invoke(app, ["export", "--run", str(run_with_data.root), "--merged", str(tmp_path / "m"),
                                  "--gguf", str(tmp_path / "m.gguf"), "--check-rows", "8"])
     assert result.exit_code == 0, result.output

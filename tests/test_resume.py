@@ -137,9 +137,20 @@ def test_truncate_metrics_drops_later_steps_and_a_torn_line(tmp_path):
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 7)]
     lines.insert(4, json.dumps({"step": 4, "eval_loss": 0.5}))
     path.write_text("\n".join(lines) + '\n{"step": 7, "lo')
-    kept = truncate_metrics(path, 4)
+    state = {"global_step": 4, "log_history": [{"step": s, "loss": 1.0 / s} for s in range(1, 5)] + [{"step": 4, "eval_loss": 0.5}]}
+    kept = truncate_metrics(path, state)
     assert [(r["step"], "eval_loss" in r) for r in kept] == [(1, False), (2, False), (3, False), (4, False), (4, True)]
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 4]
+    assert truncate_metrics(path, {}) == [] and path.read_text() == ""  # no checkpoint: from step 0
+
+
+def test_truncate_metrics_drops_the_evaluation_after_the_last_checkpoint(tmp_path):
+    """The end-of-training evaluation comes after the checkpoint at the last step; a resume logs it again."""
+    path = tmp_path / "metrics.jsonl"
+    recs = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "eval_loss": 1.4}, {"step": 2, "eval_loss": 1.4}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    state = {"global_step": 2, "log_history": [recs[0], recs[1], recs[2], {"step": 2, "train_runtime": 1.0}]}
+    assert truncate_metrics(path, state) == recs[:3]
 
 
 @pytest.mark.parametrize(
@@ -170,8 +181,12 @@ def test_resume_point_is_an_error_for_a_finished_run(tmp_path):
 
     rd = RunDir(tmp_path)
     rd.config.write_text("{}")
+    (rd.data / "splits").mkdir(parents=True)
     (rd.adapter).mkdir()
     (rd.adapter / "adapter_config.json").write_text("{}")
+    assert resume_point(rd) is None  # an adapter without the summary: the final save did not finish
+    assert rd.adapter.is_dir()
+    rd.summary.write_text("{}")
     with pytest.raises(QtuneError, match="training already finished"):
         resume_point(rd)
 
@@ -202,3 +217,137 @@ def test_resume_with_a_custom_adapter_name(tiny_model_dir, tmp_path):
     saved = load_file(rd.adapter / "adapter_model.safetensors")  # flat layout, whatever the adapter's name
     assert saved.keys() == load_file(RunDir(tmp_path / "ref").adapter / "adapter_model.safetensors").keys()
     assert (rd.adapter / "adapter_config.json").is_file() and not (rd.adapter / "code").exists()
+
+
+def _kill_before_file_operation(k: int, root: Path) -> None:
+    """From now on, this process kills itself with SIGKILL just before its ``k``-th file operation in ``root``:
+    opening a file for writing, creating a folder, renaming or starting to delete a tree (audit events)."""
+    prefix, count = str(root) + os.sep, [0]
+
+    def writes(args) -> bool:
+        mode, flags = args[1], args[2]
+        return any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+
+    def hook(event, args):
+        if event not in ("open", "os.mkdir", "os.rename", "shutil.rmtree") or not isinstance(args[0], (str, os.PathLike)):
+            return
+        if not (os.fspath(args[0]) + os.sep).startswith(prefix) or (event == "open" and not writes(args)):
+            return
+        count[0] += 1
+        if count[0] == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    sys.addaudithook(hook)
+
+
+def _tree(root: Path) -> tuple:
+    return tuple(sorted((str(p.relative_to(root)), p.stat().st_size if p.is_file() else -1) for p in root.rglob("*")))
+
+
+def test_a_kill_at_any_file_of_the_final_save_is_completed_by_resume(tiny_model_dir, tmp_path, monkeypatch):
+    """The final save is run again and again in a forked copy of the training process, killed with SIGKILL just
+    before its 1st, 2nd, ... file operation, until one copy completes it (the reference). Each run left by a kill
+    is either finished (usable, not resumable) or not usable until '--resume', which then completes it exactly like
+    the uninterrupted save: same summary, adapter, tokenizer and metrics, and nothing temporary left behind."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    import qtune.train.trainer as trainer_module
+    from qtune.cli import app
+    from qtune.model.adapters import load_trained
+    from qtune.train.checkpoints import save_final
+
+    run, crashed = tmp_path / "run", tmp_path / "crashed"
+    crashed.mkdir()
+
+    def save_with_kills(rd, *args):
+        pristine = tmp_path / "pristine"
+        shutil.copytree(rd.root, pristine)
+        for k in range(1, 200):
+            pid = os.fork()
+            if pid == 0:  # the child: no return to pytest, whatever happens
+                try:
+                    _kill_before_file_operation(k, rd.root)
+                    save_final(rd, *args)
+                    os._exit(0)
+                finally:
+                    os._exit(3)
+            deadline = time.monotonic() + 120
+            while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    pytest.fail(f"the final save hung in the copy killed at operation {k}")
+                time.sleep(0.01)
+            status = done[1]
+            if os.WIFEXITED(status):
+                assert os.WEXITSTATUS(status) == 0, f"the final save failed in the copy killed at operation {k}"
+                return  # k passed the save's last operation: this copy saved everything, in rd.root
+            assert os.WTERMSIG(status) == signal.SIGKILL
+            os.rename(rd.root, crashed / f"{k:03d}")
+            shutil.copytree(pristine, rd.root)
+        pytest.fail("the final save never completed")
+
+    monkeypatch.setattr(trainer_module, "save_final", save_with_kills)
+    settings = {"quant": {"quant": "none"}, "data": {"max_rows": 100},
+                "train": {"max_steps": 4, "save_steps": 2, "eval_steps": 2, "gradient_checkpointing": False}}
+    train(tiny_run_config(tiny_model_dir, run, **settings))
+    monkeypatch.undo()
+
+    ref = RunDir(run)
+    ref_summary = json.loads(ref.summary.read_text())
+    ref_adapter = load_file(ref.adapter / "adapter_model.safetensors")
+    ref_metrics = [json.loads(x) for x in ref.metrics.read_text().splitlines()]
+    assert [(r["step"], "loss" in r) for r in ref_metrics] == [(1, True), (2, True), (2, False), (3, True), (4, True), (4, False), (4, False)]
+    _, ref_tokenizer, _ = load_trained(run)
+    sample = ref_tokenizer("def f(x):\n    return x").input_ids
+
+    kinds, staged, seen = [], [], set()
+    for folder in sorted(crashed.iterdir()):
+        if _tree(folder) in seen:  # a kill before an operation that changed nothing on disk (makedirs of a folder)
+            continue
+        seen.add(_tree(folder))
+        rd = RunDir(folder)
+        runner = CliRunner()
+        if rd.is_finished():  # killed while the checkpoints were being removed: the run is complete
+            kinds.append("finished")
+            rd.require_adapter()
+            again = runner.invoke(app, ["train", "--resume", str(folder)])
+            assert again.exit_code == 2 and again.output == f"error: {folder}: training already finished (adapter saved); nothing to resume\n"
+        else:
+            kinds.append("adapter" if rd.adapter.exists() else "staging" if list(folder.glob(".tmp-*")) else "none")
+            staged += [{p.name for p in d.iterdir()} for d in folder.glob(".tmp-adapter-*")]
+            unusable = (f"{folder}: training did not finish (no train_summary.json); 'qtune train --resume {folder}' "
+                        "completes it" if kinds[-1] == "adapter" else f"{folder}: no trained adapter (expected "
+                        f"{folder}/adapter/adapter_config.json); did training finish?")
+            with pytest.raises(QtuneError) as err:
+                rd.require_adapter()
+            assert str(err.value) == unusable
+            used = runner.invoke(app, ["generate", "--run", str(folder), "--max-new-tokens", "2", "hi"])
+            assert used.exit_code == 2 and used.output == f"error: {unusable}\n"
+            resumed = runner.invoke(app, ["train", "--resume", str(folder)])
+            assert resumed.exit_code == 0, resumed.output
+            assert f"resuming {folder} from {folder}/checkpoints/checkpoint-4" in resumed.output
+            assert not rd.checkpoints.exists()
+            summary = json.loads(rd.summary.read_text())
+            assert summary["resumed_from_step"] == 4 and summary["tokens_per_s"] is None  # no step trained again
+            for key in ("steps", "train_tokens", "first_train_loss", "final_train_loss", "trainable_params"):
+                assert summary[key] == ref_summary[key], key
+            assert summary["val_loss"] == pytest.approx(ref_summary["val_loss"], abs=1e-6)
+            metrics = [json.loads(x) for x in rd.metrics.read_text().splitlines()]
+            assert [(r["step"], r.get("loss")) for r in metrics] == [(r["step"], r.get("loss")) for r in ref_metrics]
+            assert [r.get("eval_loss", 0) for r in metrics] == pytest.approx([r.get("eval_loss", 0) for r in ref_metrics])
+        assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".tmp-")) == []
+        adapter = load_file(rd.adapter / "adapter_model.safetensors")
+        assert adapter.keys() == ref_adapter.keys()
+        assert all(torch.equal(adapter[k], ref_adapter[k]) for k in adapter)
+        _, tokenizer, _ = load_trained(folder)
+        assert tokenizer("def f(x):\n    return x").input_ids == sample
+        used = runner.invoke(app, ["generate", "--run", str(folder), "--max-new-tokens", "2", "hi"])
+        assert used.exit_code == 0, used.output
+    # every kind of state a kill can leave was met: before the staging folder, inside it (each file of adapter and
+    # tokenizer), the adapter in place before the summary, the summary written before the checkpoints went
+    assert kinds[0] == "none" and kinds[-1] == "finished" and "adapter" in kinds and kinds.count("staging") >= 5, kinds
+    # among them the one of the report: the adapter's files written, the tokenizer's not yet
+    assert any({"adapter_config.json", "adapter_model.safetensors"} <= names and not any("token" in n for n in names)
+               for names in staged), staged

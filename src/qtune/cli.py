@@ -155,7 +155,8 @@ def data_overlap(
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory that qtune wrote (never one "
+                                            "holding other files, the config or data file, or the current directory).")] = False,
     resume: Annotated[Optional[Path], typer.Option(
         help="Continue an interrupted run from its last good checkpoint, with its saved config and data; --set may "
         "change train.learning_rate and train.max_grad_norm (recorded in the run's config.yaml and resumes.jsonl).")] = None,
@@ -182,7 +183,8 @@ def train(
         _quiet_libraries()
         from qtune.train.trainer import train as run_training
 
-        summary = run_training(cfg, overwrite=overwrite, resume=resume is not None)
+        summary = run_training(cfg, overwrite=overwrite, resume=resume is not None,
+                               protect=(config,) if config is not None else ())
     except QtuneError as e:
         _fail(str(e))
     if "process_index" in summary:  # a non-main rank of a distributed run: the main process reports

@@ -1,11 +1,26 @@
-"""Layout of a run directory, written by training and read by evaluation, generation and serving."""
+"""Layout of a run directory, written by training and read by evaluation, generation and serving.
+
+A run directory is qtune's own: :func:`qtune.train.trainer.make_run_dir` marks it (``.qtune-run``) when it
+creates it, and ``--overwrite`` replaces only such a directory, holding nothing but names qtune writes
+(:meth:`RunDir.check_replaceable`). One process writes a run at a time (:class:`RunLock`). A run is finished
+once ``train_summary.json`` exists: the final save writes it last (:func:`qtune.train.checkpoints.save_final`).
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from qtune.errors import QtuneError
+
+TMP_PREFIX = ".tmp-"
+"""Prefix of the temporary files and folders qtune writes before renaming them into place."""
 
 
 @dataclass(frozen=True)
@@ -13,6 +28,17 @@ class RunDir:
     """Paths inside one run directory."""
 
     root: Path
+
+    @property
+    def marker(self) -> Path:
+        """JSON written when qtune creates the run directory (format version, creation time): what
+        ``--overwrite`` may replace."""
+        return self.root / ".qtune-run"
+
+    @property
+    def lock(self) -> Path:
+        """The writer lock's file (:class:`RunLock`): pid and start time of the process training the run."""
+        return self.root / ".qtune-lock"
 
     @property
     def config(self) -> Path:
@@ -44,17 +70,169 @@ class RunDir:
 
     @property
     def summary(self) -> Path:
-        """Training summary: steps, wall time, final losses, peak memory."""
+        """Training summary: steps, wall time, final losses, peak memory. Written last: the run is finished."""
         return self.root / "train_summary.json"
 
     @property
     def eval(self) -> Path:
         return self.root / "eval.json"
 
+    @property
+    def humaneval(self) -> Path:
+        """HumanEval samples, per-sample results and summaries (:mod:`qtune.evaluate.humaneval`)."""
+        return self.root / "humaneval"
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files of the training run (:mod:`qtune.train.tensorboard`)."""
+        return self.root / "tensorboard"
+
+    @property
+    def resumes(self) -> Path:
+        """One JSON line per resume that changed a setting (:func:`qtune.train.checkpoints.record_resume`)."""
+        return self.root / "resumes.jsonl"
+
+    @classmethod
+    def written_names(cls) -> frozenset[str]:
+        """Names qtune writes at the top of a run directory (every path property above); temporary names
+        start with ``TMP_PREFIX``."""
+        probe = cls(Path("run"))
+        return frozenset(getattr(probe, name).name for name, attr in vars(cls).items() if isinstance(attr, property))
+
+    def is_finished(self) -> bool:
+        """Whether training finished: ``train_summary.json``, written after the adapter and tokenizer, exists."""
+        return self.summary.is_file()
+
     def require_adapter(self) -> "RunDir":
-        """Raises QtuneError unless this run directory holds a config and a saved adapter."""
+        """Raises QtuneError unless this run directory holds a config and the adapter of a finished run."""
         if not self.config.is_file():
             raise QtuneError(f"{self.root}: not a qtune run directory (no config.yaml)")
         if not (self.adapter / "adapter_config.json").is_file():
             raise QtuneError(f"{self.root}: no trained adapter (expected {self.adapter}/adapter_config.json); did training finish?")
+        if not self.is_finished():
+            raise QtuneError(f"{self.root}: training did not finish (no {self.summary.name}); "
+                             f"'qtune train --resume {self.root}' completes it")
         return self
+
+    def write_marker(self) -> None:
+        """Mark the directory as a qtune run (:attr:`marker`)."""
+        self.marker.write_text(json.dumps({"version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n",
+                               encoding="utf-8")
+
+    def check_replaceable(self, inputs: Iterable[str | Path] = ()) -> None:
+        """Raises QtuneError (one line) unless ``--overwrite`` may delete this existing directory's contents.
+
+        Refused: the current or the home directory or a folder holding either (``/`` included); a folder holding
+        one of ``inputs`` (files and folders the run reads: config file, data file, model); a folder without the
+        :attr:`marker` (not created by qtune, or by a qtune before markers); one holding a symlink or a name qtune
+        does not write (:meth:`written_names`).
+        """
+        root = self.root.resolve()
+        refused = f"{self.root}: --overwrite refused:"
+        way_out = "delete it yourself or choose another train.output_dir"
+        refuse_user_places(self.root, refused, "train.output_dir")
+        for item in inputs:
+            path = Path(item).expanduser()
+            if path.exists() and path.resolve().is_relative_to(root):
+                raise QtuneError(f"{refused} it holds {path}, which this run reads; {way_out}")
+        if not self.marker.is_file():
+            raise QtuneError(f"{refused} no {self.marker.name} marker, so not a run directory qtune created (or "
+                             f"one from an older qtune); {way_out}")
+        known = self.written_names()
+        foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in self.root.iterdir()
+                         if e.is_symlink() or not (e.name in known or e.name.startswith(TMP_PREFIX)))
+        if foreign:
+            more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            raise QtuneError(f"{refused} it holds {', '.join(foreign[:5])}{more}, which qtune did not write; {way_out}")
+
+    def clear(self) -> None:
+        """Delete every entry except the lock file (held by this process while it replaces the run)."""
+        for entry in self.root.iterdir():
+            if entry == self.lock:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def refuse_user_places(path: Path, refused: str, option: str) -> None:
+    """Raises QtuneError(``refused`` + what + "choose another ``option``") when deleting ``path`` would delete
+    the current directory or the home directory: it is one of them or a folder above one (``/`` included)."""
+    root = path.resolve()
+    places = [("the current directory", Path.cwd())]
+    try:
+        places.append(("the home directory", Path.home()))
+    except RuntimeError:  # no home directory known: nothing to protect
+        pass
+    for what, place in places:
+        place = place.resolve()
+        if place == root:
+            raise QtuneError(f"{refused} it is {what}; choose another {option}")
+        if place.is_relative_to(root):
+            raise QtuneError(f"{refused} it holds {what} ({place}); choose another {option}")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a process killed at any
+    moment leaves either no ``path`` or the whole of it."""
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunLock:
+    """One writer per run directory: an exclusive ``flock`` on its :attr:`RunDir.lock` file.
+
+    Held from :meth:`acquire` until :meth:`release` or the end of the process; the OS drops it when the
+    process dies in any way (kill -9 included), so a lock is never stale. The file holds the holder's pid and
+    start time, for the message that refuses a second writer.
+    """
+
+    def __init__(self, root: str | Path):
+        self.path = RunDir(Path(root)).lock
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock (again: no-op), creating the lock file; the run directory must exist.
+
+        Raises:
+            QtuneError: another process holds it (the message names its pid and start time), or the file
+                system cannot lock the file.
+        """
+        if self._fd is not None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise QtuneError(f"{self.path}: cannot create the run directory's lock file ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(fd)
+            os.close(fd)
+            raise QtuneError(f"{self.path.parent}: in use by {holder}; wait for it to finish or stop it") from None
+        except OSError as e:
+            os.close(fd)
+            raise QtuneError(f"{self.path}: cannot lock the run directory ({e.strerror})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (closing the file); the file itself stays."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0))
+            return f"qtune process {int(info['pid'])} (started {info['started']})"
+        except (ValueError, KeyError, TypeError):  # the holder has not written its pid yet
+            return "another qtune process"

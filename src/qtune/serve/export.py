@@ -19,12 +19,15 @@ splits text as the tokenizer did; only :data:`GGUF_KEYS_THAT_DIFFER` differ.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from qtune.data.templates import export_chat_template
 from qtune.errors import QtuneError
 from qtune.jsonio import dumps
+from qtune.rundir import TMP_PREFIX, refuse_user_places
 from qtune.serve.engine import MERGED_META
 
 MERGE_DTYPES = ("fp16", "bf16")
@@ -60,14 +63,16 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "fp16", ove
 
     Args:
         run_dir: a run directory with a trained adapter.
-        out: output directory; must be absent or empty unless ``overwrite``.
+        out: output directory; must be absent or empty unless ``overwrite``, which replaces only a directory this
+            function wrote (:func:`check_replaceable_export`).
         dtype: "fp16" or "bf16", the weight dtype of the merged model.
 
     Returns:
         The output directory.
 
     Raises:
-        QtuneError: no adapter in ``run_dir``, ``out`` not empty, or an unknown dtype.
+        QtuneError: no adapter in ``run_dir``, ``out`` a file, not empty (or, with ``overwrite``, not an export
+            qtune wrote), or an unknown dtype.
     """
     from qtune.rundir import RunDir
 
@@ -77,20 +82,56 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "fp16", ove
     out = Path(out)
     if out.resolve() == rd.root.resolve() or rd.root.resolve() in out.resolve().parents or out.resolve() in rd.root.resolve().parents:
         raise QtuneError(f"{out}: the output must lie outside the run directory {rd.root}")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise QtuneError(f"{out}: exists and is not a directory; choose another --merged")
+    replace = out.is_dir() and any(out.iterdir())
+    if replace:
         if not overwrite:
             raise QtuneError(f"{out}: output directory exists and is not empty; pass --overwrite or choose another")
-        shutil.rmtree(out)
+        check_replaceable_export(out)
     merged, tokenizer, cfg = merge_run(rd.root, dtype)
     tokenizer.chat_template = export_chat_template(cfg.data.template, tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-    meta = {"template": cfg.data.template, "dtype": dtype, "source_run": str(rd.root.resolve()),
-            "base_model": cfg.model.name, "trained_quant": cfg.quant.quant,
-            "lora": {"r": cfg.lora.r, "lora_alpha": cfg.lora.lora_alpha}}
-    (out / MERGED_META).write_text(dumps(meta, indent=2), encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # written beside OUT and renamed into place, qtune.json (listing the files) last: a killed export leaves no
+    # half-written OUT
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{TMP_PREFIX}{out.name}-"))
+    try:
+        merged.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        meta = {"template": cfg.data.template, "dtype": dtype, "source_run": str(rd.root.resolve()),
+                "base_model": cfg.model.name, "trained_quant": cfg.quant.quant,
+                "lora": {"r": cfg.lora.r, "lora_alpha": cfg.lora.lora_alpha},
+                "files": sorted([MERGED_META, *(p.name for p in staging.iterdir())])}
+        (staging / MERGED_META).write_text(dumps(meta, indent=2), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if replace:
+        shutil.rmtree(out)
+    if out.is_dir():  # an empty folder (perhaps the current directory): kept, the files moved in, qtune.json last
+        for f in sorted(staging.iterdir(), key=lambda f: f.name == MERGED_META):
+            os.replace(f, out / f.name)
+        staging.rmdir()
+    else:
+        os.replace(staging, out)
     return out
+
+
+def check_replaceable_export(out: Path) -> None:
+    """Raises QtuneError (one line) unless ``--overwrite`` may delete the directory ``out``: a merged model that
+    :func:`export_merged` wrote (its ``qtune.json`` lists every file in it), and neither the current nor the home
+    directory nor a folder above them."""
+    refused = f"{out}: --overwrite refused:"
+    way_out = "delete it yourself or choose another --merged"
+    refuse_user_places(out, refused, "--merged")
+    try:
+        files = set(json.loads((out / MERGED_META).read_text(encoding="utf-8")).get("files", []))
+    except (OSError, ValueError, AttributeError):
+        raise QtuneError(f"{refused} no readable {MERGED_META}, so not a merged model qtune exported; {way_out}") from None
+    foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in out.iterdir() if e.is_symlink() or e.name not in files)
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise QtuneError(f"{refused} it holds {', '.join(foreign[:5])}{more}, which qtune did not write; {way_out}")
 
 
 GGUF_KEYS_THAT_DIFFER = ("general.file_type", "general.quantization_version")
@@ -130,14 +171,14 @@ def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     """Merge the run's adapter into an fp16 base and write one GGUF file (LLaMA architecture).
 
     Args:
-        out: the .gguf file to write; must not exist unless ``overwrite``.
+        out: the .gguf file to write; must not exist unless ``overwrite`` (which replaces only a GGUF file).
 
     Returns:
         The written file.
 
     Raises:
         QtuneError: no adapter in ``run_dir``, the base is not a LLaMA model, its tokenizer is not byte-level
-            BPE, or ``out`` exists.
+            BPE, ``out`` is a directory, or it exists (without ``overwrite``, or it is not a GGUF file).
     """
     import gguf
     import torch
@@ -146,8 +187,14 @@ def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
 
     out = Path(out)
     RunDir(Path(run_dir)).require_adapter()
+    if out.is_dir():
+        raise QtuneError(f"{out}: is a directory; --gguf takes the file to write, e.g. {out / 'model.gguf'}")
     if out.exists() and not overwrite:
         raise QtuneError(f"{out}: file exists; pass --overwrite or choose another")
+    if out.exists():
+        with open(out, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise QtuneError(f"{out}: --overwrite refused: not a GGUF file; delete it yourself or choose another --gguf")
     model, tokenizer, cfg = merge_run(run_dir, "fp16")
     c = model.config
     if c.model_type != "llama":
@@ -160,8 +207,18 @@ def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     rope = getattr(c, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
     source = _source_metadata(cfg.model)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    state = model.state_dict()
+    if c.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    gguf_names = {hf_name: names.get_name(hf_name, try_suffixes=(".weight", ".bias")) for hf_name in state}
+    for hf_name, name in gguf_names.items():
+        if name is None:
+            raise QtuneError(f"--gguf: no GGUF name for tensor {hf_name}")
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(out), "llama")
+    staging = out.with_name(TMP_PREFIX + out.name)  # renamed to OUT once complete: a killed export leaves no half file
+    writer = gguf.GGUFWriter(str(staging), "llama")
     for key, (value, vtype, sub_type) in source.items():
         if key.startswith("general.") and key not in GGUF_KEYS_THAT_DIFFER and key != "general.architecture":
             writer.add_key_value(key, value, vtype, sub_type)
@@ -203,14 +260,8 @@ def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
     writer.add_chat_template(export_chat_template(cfg.data.template, tokenizer))
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
-    state = model.state_dict()
-    if c.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
     for hf_name, t in state.items():
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise QtuneError(f"--gguf: no GGUF name for tensor {hf_name}")
+        name = gguf_names[hf_name]
         t = t.detach().to("cpu", torch.float32)
         if hf_name.endswith("q_proj.weight"):
             t = _to_rotary_halves(t, c.num_attention_heads)
@@ -222,4 +273,5 @@ def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    os.replace(staging, out)
     return out

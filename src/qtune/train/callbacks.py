@@ -87,7 +87,8 @@ class ProgressBar(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                            dynamic_ncols=True)  # a resumed run starts at its checkpoint's step
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:

@@ -11,6 +11,11 @@ weights before its loss turns NaN. :func:`checkpoint_problem` verifies one (fini
 state, finite losses at its step and at the step after it, which its weights computed); the NaN guard names and
 ``--resume`` uses only a verified checkpoint. A resume may change the fields in :data:`qtune.config.RESUME_SETTABLE`
 (:func:`record_resume`, :func:`keep_configured_learning_rate`).
+
+The final save (:func:`save_final`) is crash-safe the same way: adapter and tokenizer go into a temporary folder
+renamed to ``adapter``, then ``train_summary.json`` (the run's "finished" marker) is written, and only then are
+the checkpoints removed. A run killed before the summary exists is not finished: ``--resume`` restarts from its
+last checkpoint (after the last step: only the final save again).
 """
 
 from __future__ import annotations
@@ -26,19 +31,19 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, rotate_checkpoints
 
 from qtune.config import RESUME_SETTABLE, RunConfig, TrainConfig, load_config, save_config
 from qtune.errors import QtuneError, QtuneWarning
 from qtune.jsonio import dumps
-from qtune.rundir import RunDir
+from qtune.model.adapters import finish_adapter, save_adapter
+from qtune.rundir import TMP_PREFIX, RunDir, write_atomic
 
 KEEP_CHECKPOINTS = 2
 """Checkpoints kept on disk; older ones are deleted after a newer one is complete."""
 
-TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
-RESUMES_FILE = "resumes.jsonl"
 """In the run directory: one line per resume that changed a setting (step, then field: from, to)."""
 
 
@@ -111,17 +116,25 @@ def resumed_summary(state: dict, tokens_seen: int, wall_s: float) -> dict:
     Args:
         state: the checkpoint's trainer state (:func:`checkpoint_state`), read before training.
         tokens_seen: non-padding input tokens since step 0; ``wall_s``: seconds of this session.
+
+    ``tokens_per_s`` is None when the session trained no step (a resume that only redid the final save).
     """
     done = tokens_seen - int(state.get("num_input_tokens_seen", 0))
-    return {"resumed_from_step": int(state["global_step"]), "tokens_per_s": round(done / wall_s, 2)}
+    return {"resumed_from_step": int(state["global_step"]), "tokens_per_s": round(done / wall_s, 2) if done else None}
 
 
-def truncate_metrics(path: Path, step: int) -> list[dict]:
-    """Keep only the records of ``metrics.jsonl`` up to and including optimizer step ``step``; return them.
+def truncate_metrics(path: Path, state: dict) -> list[dict]:
+    """Keep only the records of ``metrics.jsonl`` that the checkpoint with trainer state ``state`` had logged;
+    return them (``state`` ``{}``: none).
 
-    A run resumed from the checkpoint at ``step`` logs steps ``step + 1`` onward again, so later records (and a
-    last line cut short by a kill) are dropped to keep one record per step.
+    A run resumed from the checkpoint at step ``s`` logs steps ``s + 1`` onward again, so later records (and a
+    last line cut short by a kill) are dropped to keep one record per step; at step ``s`` itself only as many
+    training and evaluation records are kept as the checkpoint's ``log_history`` holds (an evaluation after the
+    last checkpoint, at the end of training, is logged again).
     """
+    step = int(state.get("global_step", 0))
+    at_step = [r for r in state.get("log_history", []) if r.get("step") == step]
+    room = {"loss": sum("loss" in r for r in at_step), "eval_loss": sum("eval_loss" in r for r in at_step)}
     kept: list[dict] = []
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -129,8 +142,14 @@ def truncate_metrics(path: Path, step: int) -> list[dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(rec, dict) and rec.get("step", step + 1) <= step:
-                kept.append(rec)
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or rec["step"] > step:
+                continue
+            if rec["step"] == step:
+                kind = "loss" if "loss" in rec else "eval_loss"
+                if room[kind] == 0:
+                    continue
+                room[kind] -= 1
+            kept.append(rec)
     path.write_text("".join(dumps(r) + "\n" for r in kept), encoding="utf-8")
     return kept
 
@@ -232,15 +251,24 @@ def resume_point(rd: RunDir) -> Path | None:
     are deleted, each with a :class:`QtuneWarning` naming the reason, so that the resumed run's own checkpoints
     replace them.
 
+    A run is finished only once its ``train_summary.json`` exists (:func:`save_final`); what an interrupted
+    final save left (temporary folders, an adapter without a summary) is redone. Temporary entries at the top of
+    ``rd`` are removed.
+
     Raises:
         QtuneError: ``rd`` is not a run directory, has no prepared data, or its training already finished.
     """
     if not rd.config.is_file():
         raise QtuneError(f"{rd.root}: not a qtune run directory (no config.yaml); nothing to resume")
-    if (rd.adapter / "adapter_config.json").is_file():
+    if rd.is_finished():
         raise QtuneError(f"{rd.root}: training already finished (adapter saved); nothing to resume")
     if not (rd.data / "splits").is_dir():
         raise QtuneError(f"{rd.root}: run stopped before its data was prepared; train again with --overwrite")
+    for tmp in rd.root.glob(TMP_PREFIX + "*"):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink()
     if last_checkpoint(rd.checkpoints) is None:
         return None
     good, rejected = last_good_checkpoint(rd.checkpoints, logged_losses(rd.metrics))
@@ -277,7 +305,7 @@ def record_resume(rd: RunDir, cfg: RunConfig, step: int) -> dict[str, tuple]:
         tmp = rd.config.with_name(rd.config.name + ".tmp")
         save_config(RunConfig.model_validate(now, context={"saved_run": True}), tmp)
         os.replace(tmp, rd.config)
-        with (rd.root / RESUMES_FILE).open("a", encoding="utf-8") as f:
+        with rd.resumes.open("a", encoding="utf-8") as f:
             f.write(dumps({"step": step, "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}) + "\n")
     return changes
 
@@ -305,3 +333,41 @@ def keep_configured_learning_rate(trainer) -> None:
         sched._last_lr = [group["lr"] for group in trainer.optimizer.param_groups]
 
     trainer._load_optimizer_and_scheduler = load_keeping_rate
+
+
+def train_from(trainer, checkpoint: Path | None) -> TrainOutput:
+    """``trainer.train()``, resumed from ``checkpoint`` when one is given.
+
+    A checkpoint at ``max_steps`` (a run stopped during its final save) is only loaded, weights and trainer
+    state, between the callbacks' ``on_train_begin`` and ``on_train_end``: Trainer would train one step past
+    ``max_steps`` from it.
+    """
+    if checkpoint is None or checkpoint_state(checkpoint)["global_step"] < trainer.args.max_steps:
+        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer._load_from_checkpoint(str(checkpoint))  # what Trainer.train itself does when resuming
+    trainer.state = TrainerState.load_from_json(str(checkpoint / STATE_FILE))
+    trainer.control = trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+    trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+    return TrainOutput(trainer.state.global_step, 0.0, {})
+
+
+def save_final(rd: RunDir, model, tokenizer, summary: dict, cfg: RunConfig | None = None,
+               data_card: dict | None = None) -> None:
+    """Save the trained adapter and tokenizer to ``rd.adapter``, then ``summary`` to ``rd.summary``, then
+    remove the checkpoints; a process killed at any point leaves a run that ``--resume`` completes.
+
+    The adapter and tokenizer are written into a temporary folder in ``rd`` that is renamed to ``adapter``
+    (replacing one from an earlier, interrupted final save); the summary is written atomically and marks the
+    run finished (:meth:`qtune.rundir.RunDir.is_finished`); the checkpoints go only after it. With ``cfg``, the
+    adapter folder is made portable and gets a model card (:func:`qtune.model.adapters.finish_adapter`).
+    """
+    staging = Path(tempfile.mkdtemp(dir=rd.root, prefix=TMP_PREFIX + "adapter-"))
+    save_adapter(model, staging)
+    tokenizer.save_pretrained(str(staging))
+    if cfg is not None:
+        finish_adapter(staging, cfg, summary, data_card)
+    if rd.adapter.exists():
+        shutil.rmtree(rd.adapter)
+    os.replace(staging, rd.adapter)
+    write_atomic(rd.summary, dumps(summary, indent=2))
+    shutil.rmtree(rd.checkpoints, ignore_errors=True)

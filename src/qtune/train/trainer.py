@@ -6,6 +6,7 @@ adds the data stage, the quantized model, the per-step record and the run direct
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import shutil
@@ -21,14 +22,14 @@ from qtune.data.prepare import load_splits, prepare_dataset
 from qtune.data.tokenize import training_collator
 from qtune.errors import QtuneError
 from qtune.jsonio import dumps
-from qtune.model.adapters import attach_lora, loraplus_optimizer, save_adapter
+from qtune.model.adapters import attach_lora, loraplus_optimizer
 from qtune.model.load import check_max_length, device, load_model, load_tokenizer, resolve_model
 from qtune.model.quantize import compute_dtype, is_quantized
-from qtune.rundir import RunDir
+from qtune.rundir import RunDir, RunLock
 from qtune.train.callbacks import MetricsRecorder, ProgressBar, peak_memory
 from qtune.train.checkpoints import (checkpoint_arguments, checkpoint_state, keep_configured_learning_rate,
-                                     make_checkpoints_atomic, record_resume, resume_point, resumed_summary,
-                                     truncate_metrics)
+                                     make_checkpoints_atomic, record_resume, resume_point, resumed_summary, save_final,
+                                     train_from, truncate_metrics)
 from qtune.train.guards import NonFiniteLossGuard, explain_out_of_memory
 from qtune.train.tensorboard import tensorboard_callback
 
@@ -46,21 +47,46 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-def make_run_dir(path: str | Path, overwrite: bool) -> RunDir:
-    """Create an empty run directory.
+def make_run_dir(path: str | Path, overwrite: bool, lock: RunLock, inputs: tuple = ()) -> tuple[RunDir, bool]:
+    """Create an empty, marked run directory (:meth:`RunDir.write_marker`) holding ``lock`` (a :class:`RunLock`
+    on ``path``).
+
+    An existing directory with entries is replaced only with ``overwrite`` and when
+    :meth:`RunDir.check_replaceable` allows it (``inputs``: paths the run reads); its entries are deleted while
+    the lock is held. Returns the run directory and whether qtune created the folder itself (False: it existed).
 
     Raises:
-        QtuneError: the directory exists and is not empty, and ``overwrite`` is False.
+        QtuneError: another process writes the run (the lock is held); the path is a file; the directory is not
+            empty and ``overwrite`` is False, or it may not be replaced.
     """
-    root = Path(path)
-    if root.exists() and any(root.iterdir()):
+    rd = RunDir(Path(path))
+    if rd.root.exists() and not rd.root.is_dir():
+        raise QtuneError(f"{rd.root}: exists and is not a directory; choose another train.output_dir")
+    if rd.lock.exists():
+        lock.acquire()  # a live writer is named before anything else is said or done
+    existed = rd.root.is_dir()
+    if existed and any(e != rd.lock for e in rd.root.iterdir()):
         if not overwrite:
-            raise QtuneError(f"{root}: run directory exists and is not empty; pass --overwrite or choose another train.output_dir")
-        if not (RunDir(root).config.is_file()):
-            raise QtuneError(f"{root}: not a qtune run directory (no config.yaml); --overwrite only replaces runs")
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    return RunDir(root)
+            raise QtuneError(f"{rd.root}: run directory exists and is not empty; pass --overwrite or choose another train.output_dir")
+        rd.check_replaceable(inputs)
+        lock.acquire()
+        rd.clear()
+        existed = False  # a run qtune wrote: it goes as a whole if this one fails early
+    else:
+        rd.root.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    rd.write_marker()
+    return rd, not existed
+
+
+def discard_run(rd: RunDir, created: bool) -> None:
+    """Remove what a run that failed before training wrote: the whole folder if qtune created it, else (a folder
+    that was empty) its entries."""
+    if created:
+        shutil.rmtree(rd.root, ignore_errors=True)
+    else:
+        rd.clear()
+        rd.lock.unlink(missing_ok=True)
 
 
 def use_liger(cfg: RunConfig) -> bool:
@@ -151,26 +177,40 @@ def build_trainer(cfg: RunConfig, model_path: str, tokenizer, train_dataset, eva
     return trainer
 
 
-def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume: bool = False) -> dict:
+def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume: bool = False,
+          protect: tuple = ()) -> dict:
     """Run one fine-tuning job and return its summary (also written to ``train_summary.json``).
 
     Args:
         cfg: the validated run config.
-        overwrite: replace an existing, non-empty run directory.
+        overwrite: replace an existing, non-empty run directory that qtune wrote.
         callbacks: extra ``transformers.TrainerCallback`` objects (probes in tests, custom logging).
         resume: continue the interrupted run in ``cfg.train.output_dir`` from its last good checkpoint
             (:func:`qtune.train.checkpoints.resume_point`; from step 0 when it has none), with its prepared data;
             ``cfg`` is its ``config.yaml``, changed at most in ``RESUME_SETTABLE`` fields (the learning rate: the
             change is recorded by :func:`qtune.train.checkpoints.record_resume` and the rest of the schedule runs
             at the new rate).
+        protect: more paths ``overwrite`` must never delete (the CLI passes the config file); the data file and
+            the model are always protected.
+
+    The main process holds the run directory's :class:`qtune.rundir.RunLock` from before it writes anything
+    until it returns: one writer per run directory.
 
     Raises:
-        QtuneError: existing run directory without ``overwrite``, unreadable data, no usable rows, a model that
-        cannot be resolved, or ``data.max_length`` beyond the model's context (all before the weights load);
-        with ``resume``, a run directory that cannot be resumed or a changed field outside ``RESUME_SETTABLE``;
-        during training, a NaN/inf loss or running out
-        of GPU memory.
+        QtuneError: the run directory in use by another process, an existing run directory without ``overwrite``
+        or one that ``overwrite`` may not replace (:meth:`qtune.rundir.RunDir.check_replaceable`), unreadable
+        data, no usable rows, a model that cannot be resolved, or ``data.max_length`` beyond the model's context
+        (all before the weights load); with ``resume``, a run directory that cannot be resumed or a changed field
+        outside ``RESUME_SETTABLE``; during training, a NaN/inf loss or running out of GPU memory.
     """
+    lock = RunLock(cfg.train.output_dir)
+    try:
+        return _train(cfg, overwrite, callbacks, resume, protect, lock)
+    finally:
+        lock.release()
+
+
+def _train(cfg: RunConfig, overwrite: bool, callbacks: tuple, resume: bool, protect: tuple, lock: RunLock) -> dict:
     check_device_switches(cfg)
     use_liger(cfg)
     rd = RunDir(Path(cfg.train.output_dir))
@@ -184,23 +224,25 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume
         check_max_length(model_path, cfg.model, cfg.data.max_length)
         tokenizer = load_tokenizer(model_path, cfg.model)
         if resume:
+            if main:
+                lock.acquire()
             checkpoint = resume_point(rd)
             resumed_state = checkpoint_state(checkpoint)
             if main:
                 changes = record_resume(rd, cfg, resumed_state.get("global_step", 0))
-                done = truncate_metrics(rd.metrics, resumed_state.get("global_step", 0))
+                done = truncate_metrics(rd.metrics, resumed_state)
                 print(f"resuming {rd.root} from {checkpoint or 'step 0 (no good checkpoint)'}")
                 for key, (old, new) in changes.items():
                     print(f"resume changes {key}: {old} -> {new} (saved in config.yaml and resumes.jsonl)")
             splits = load_splits(rd.data)
         elif main:
-            rd = make_run_dir(cfg.train.output_dir, overwrite)
+            rd, created = make_run_dir(cfg.train.output_dir, overwrite, lock, (cfg.data.path, model_path, *protect))
             save_config(cfg, rd.config)
             rd.versions.write_text(dumps(library_versions(), indent=2), encoding="utf-8")
             try:
                 splits, card = prepare_dataset(cfg.data, tokenizer, rd.data)
             except QtuneError:
-                shutil.rmtree(rd.root, ignore_errors=True)  # nothing trained: leave no run directory behind
+                discard_run(rd, created)  # nothing trained: leave no run directory behind
                 raise
             print(card.table())
         else:
@@ -214,7 +256,7 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume
     recorder = MetricsRecorder(rd.metrics)
     recorder.records = done
     bar = ProgressBar(recorder)
-    board = tensorboard_callback(cfg.train.report_to, rd.root / "tensorboard") if main else None
+    board = tensorboard_callback(cfg.train.report_to, rd.tensorboard) if main else None
     trainer = build_trainer(cfg, model_path, tokenizer, splits["train"], splits.get("val"), rd.checkpoints,
                             callbacks=(recorder, bar, NonFiniteLossGuard(), *callbacks, *([board] if board else [])),
                             args=args)
@@ -225,7 +267,7 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume
     start = time.perf_counter()
     try:
         with explain_out_of_memory(model, cfg):
-            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            result = train_from(trainer, checkpoint)
     finally:
         bar.close()  # a stopped run (NaN guard, out of memory) ends the bar's line before the error line
     wall = time.perf_counter() - start
@@ -233,9 +275,6 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume
 
     if not trainer.is_world_process_zero():
         return {"run_dir": str(rd.root), "process_index": args.process_index}
-    save_adapter(model, rd.adapter)
-    tokenizer.save_pretrained(str(rd.adapter))
-    shutil.rmtree(rd.checkpoints, ignore_errors=True)
 
     train_recs = [r for r in recorder.records if "loss" in r]
     summary = {
@@ -256,6 +295,7 @@ def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume
     }
     if checkpoint:  # tokens/s of this session only; the checkpoint brought the earlier tokens along
         summary |= resumed_summary(resumed_state, trainer.state.num_input_tokens_seen, wall)
-    rd.summary.write_text(dumps(summary, indent=2), encoding="utf-8")
+    card = json.loads((rd.data / "data_card.json").read_text(encoding="utf-8")) if (rd.data / "data_card.json").is_file() else None
+    save_final(rd, model, tokenizer, summary, cfg, card)  # the summary, written last, marks the run finished
     return summary
 
