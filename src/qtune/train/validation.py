@@ -9,7 +9,8 @@ weighted equally. Each sample is its own forward pass (no padding), so a sample'
 on which samples share its batch, and the per-token losses are summed exactly (``math.fsum``), so their order does
 not matter either: the figure is bit-identical whatever eval batch size or sample order is asked for. Batches of
 padded samples would change the kernels' rounding (SmolLM2-135M NF4 on CPU, 24 validation samples: 1.2725008832
-one at a time, 1.2725009121 in batches of 8), and one sample per pass was no slower on CPU (16-17 s vs 21 s).
+one at a time, 1.2725009121 in batches of 8), and one sample per pass was no slower on CPU (16-17 s vs 21 s;
+the whole 101-row split, NF4 base: 58.5 s, against 61.1 s for the earlier batches of 8).
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def no_cpu_repacking(model):
     adapter save) converts it back with the scales quantized again: evaluation would then see other weights than
     training trained, and training after a periodic evaluation other weights than before it. Inside the block the
     layers keep the layout and scales they were loaded with (the dequantize-and-matmul path training uses).
-    Measured on SmolLM2-135M NF4 (24 validation samples): the repacked layers give 1.2715 instead of 1.2725.
+    Measured on the demo's 101 validation rows, SmolLM2-135M NF4 base: 1.2120 repacked, 1.2122 kept, the figure
+    of the exact NF4 round trip in float32 (``bench/quant_sensitivity.py``). Layers already repacked (by
+    generation earlier in the same process) stay repacked.
     """
     layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
     for m in layers:
@@ -111,7 +114,8 @@ class ValidationTrainer(Trainer):
 
     Used for the periodic evaluations (``train.eval_steps``) and the final one, so ``eval_loss`` in the logs,
     ``metrics.jsonl`` and ``train_summary.json`` is the token-weighted figure of ``qtune eval`` for the same
-    adapter and split, whatever ``per_device_eval_batch_size`` says.
+    adapter and split, whatever ``per_device_eval_batch_size`` says. (With Liger-Kernel, CUDA only, the
+    in-training model runs Liger's RMSNorm/SwiGLU/RoPE kernels, which round differently from a fresh load.)
 
     Args (beyond Trainer's):
         eval_collate: the collator :func:`split_loss` gets (a padding collator).
