@@ -154,8 +154,9 @@ def test_sweep_records_success_and_failure(sweep_dir):
 
     again = evaluate_run(ok["config"]["train"]["output_dir"], ("val",))
     # one token-weighted figure: the val loss column is training's own, identical to `qtune eval`'s
-    assert (ok["base_val_loss"], ok["base_val_tokens"]) == (again["base"]["val"]["loss"], again["base"]["val"]["tokens"])
-    assert (ok["val_loss"], ok["val_tokens"]) == (again["adapter"]["val"]["loss"], again["adapter"]["val"]["tokens"])
+    base, adapter = again["base"]["val"], again["adapter"]["val"]
+    assert (ok["base_val_loss"], ok["base_val_tokens"]) == (base["loss"], base["tokens"])
+    assert (ok["val_loss"], ok["val_tokens"]) == (adapter["loss"], adapter["tokens"])
     # 8 new tokens from a random model pass nothing; the samples were generated and scored
     assert ok["humaneval_pass@1"] == 0.0 and ok["base_humaneval_pass@1"] == 0.0 and ok["humaneval_limit"] == 2
     he = Path(ok["config"]["train"]["output_dir"]) / "humaneval"

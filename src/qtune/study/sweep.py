@@ -266,8 +266,8 @@ def collect_result(run: Run, rd: RunDir, rc: int, wall: float, log: str, base: P
         "versions": _read_json(rd.versions),
     }
     for key in ("wall_time_s", "tokens_per_s", "train_tokens", "trainable_params", "total_params", "first_train_loss",
-                "final_train_loss", "val_loss", "val_perplexity", "val_tokens", "peak_allocated_gib", "peak_reserved_gib",
-                "peak_rss_gib", "steps"):
+                "final_train_loss", "val_loss", "val_perplexity", "val_tokens", "peak_allocated_gib",
+                "peak_reserved_gib", "peak_rss_gib", "steps"):
         result[key] = summary.get(key)
     result["peak_gib"] = result["peak_allocated_gib"] if result["peak_allocated_gib"] is not None else result["peak_rss_gib"]
     result["memory_metric"] = "peak_allocated" if result["peak_allocated_gib"] is not None else "peak_rss"
@@ -366,9 +366,10 @@ def base_key(result: dict) -> str:
 
 def add_evaluations(res: dict, spec: SweepSpec, earlier: list[dict], echo=print) -> None:
     """Add to a finished run's record the validation loss of its base alone (``base_val_loss`` over
-    ``base_val_tokens`` supervised tokens, from ``qtune eval`` or reused from an earlier run with the same base) and, with ``spec.humaneval_limit``, greedy HumanEval pass@1 of the run and of
-    its base unless ``spec.humaneval_base`` is off (``humaneval_pass@1``, ``base_humaneval_pass@1``). A failed evaluation is recorded in
-    ``eval_error``; the run stays finished."""
+    ``base_val_tokens`` supervised tokens, from ``qtune eval`` or reused from an earlier run with the same base)
+    and, with ``spec.humaneval_limit``, greedy HumanEval pass@1 of the run and of its base unless
+    ``spec.humaneval_base`` is off (``humaneval_pass@1``, ``base_humaneval_pass@1``). A failed evaluation is
+    recorded in ``eval_error``; the run stays finished."""
     rd = (res.get("config") or {}).get("train", {}).get("output_dir")
     same = [r for r in earlier if r.get("status") == "ok" and base_key(r) == base_key(res) and r["run"] != res["run"]]
     try:

@@ -123,7 +123,7 @@ class ValidationTrainer(Trainer):
             :func:`loaded_precision`.
     """
 
-    def __init__(self, *args, eval_collate=None, loaded_dtypes=(), **kwargs):
+    def __init__(self, *args, eval_collate, loaded_dtypes=(), **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_collate = eval_collate
         self.loaded_dtypes = list(loaded_dtypes)
