@@ -1,6 +1,8 @@
 """The sweep: grid expansion, one subprocess per run, a failing run recorded, resumption, selection, the report."""
 
+import json
 import math
+import shutil
 from importlib.metadata import version
 from pathlib import Path
 
@@ -151,8 +153,10 @@ def test_sweep_records_success_and_failure(sweep_dir):
     from qtune.evaluate.perplexity import evaluate_run
 
     again = evaluate_run(ok["config"]["train"]["output_dir"], ("val",))
-    assert ok["base_val_loss"] == pytest.approx(again["base"]["val"]["loss"], rel=1e-5)
-    assert ok["val_loss"] == pytest.approx(again["adapter"]["val"]["loss"], rel=1e-4)
+    # one token-weighted figure: the val loss column is training's own, identical to `qtune eval`'s
+    base, adapter = again["base"]["val"], again["adapter"]["val"]
+    assert (ok["base_val_loss"], ok["base_val_tokens"]) == (base["loss"], base["tokens"])
+    assert (ok["val_loss"], ok["val_tokens"]) == (adapter["loss"], adapter["tokens"])
     # 8 new tokens from a random model pass nothing; the samples were generated and scored
     assert ok["humaneval_pass@1"] == 0.0 and ok["base_humaneval_pass@1"] == 0.0 and ok["humaneval_limit"] == 2
     he = Path(ok["config"]["train"]["output_dir"]) / "humaneval"
@@ -169,6 +173,25 @@ def test_rerun_skips_finished_runs(sweep_dir):
     run_sweep(path, echo=lines.append)
     assert {p.name: p.stat().st_mtime_ns for p in (d / "results").glob("*.json")} == before
     assert sum("earlier, skipped" in ln for ln in lines) == 2 and not any("training" in ln for ln in lines)
+
+
+def test_a_val_loss_from_an_older_qtune_is_measured_again(sweep_dir, tmp_path):
+    """A result without val_tokens holds an older qtune's val loss (a mean of per-batch means); a rerun replaces
+    it with `qtune eval`'s figure, so the sweep ranks one quantity."""
+    d, path, _ = sweep_dir
+    copy = tmp_path / "copy"
+    shutil.copytree(d, copy)
+    spec = yaml.safe_load(path.read_text()) | {"output_dir": str(copy)}
+    f = copy / "results" / "r4-target_modules=all-linear.json"
+    good = json.loads(f.read_text())
+    old = {k: v for k, v in good.items() if k not in ("val_tokens", "base_val_tokens")}
+    f.write_text(json.dumps(old | {"val_loss": 0.5, "val_perplexity": math.exp(0.5), "base_val_loss": 0.6}))
+    lines = []
+    run_sweep(_write(tmp_path / "sweep.yaml", spec), echo=lines.append)
+    again = json.loads(f.read_text())
+    assert sum("measuring it again" in ln for ln in lines) == 1 and not any("training" in ln for ln in lines)
+    for key in ("val_loss", "val_perplexity", "val_tokens", "base_val_loss", "base_val_tokens"):
+        assert again[key] == good[key], key
 
 
 def test_report_writes_five_figures_and_markdown(sweep_dir):

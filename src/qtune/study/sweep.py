@@ -270,8 +270,8 @@ def collect_result(run: Run, rd: RunDir, rc: int, wall: float, log: str, base: P
         "versions": _read_json(rd.versions),
     }
     for key in ("wall_time_s", "tokens_per_s", "train_tokens", "trainable_params", "total_params", "first_train_loss",
-                "final_train_loss", "val_loss", "val_perplexity", "peak_allocated_gib", "peak_reserved_gib",
-                "peak_rss_gib", "steps"):
+                "final_train_loss", "val_loss", "val_perplexity", "val_tokens", "peak_allocated_gib",
+                "peak_reserved_gib", "peak_rss_gib", "steps"):
         result[key] = summary.get(key)
     result["peak_gib"] = result["peak_allocated_gib"] if result["peak_allocated_gib"] is not None else result["peak_rss_gib"]
     result["memory_metric"] = "peak_allocated" if result["peak_allocated_gib"] is not None else "peak_rss"
@@ -369,16 +369,21 @@ def base_key(result: dict) -> str:
 
 
 def add_evaluations(res: dict, spec: SweepSpec, earlier: list[dict], echo=print) -> None:
-    """Add to a finished run's record the validation loss of its base alone (``base_val_loss``, reused from an
-    earlier run with the same base) and, with ``spec.humaneval_limit``, greedy HumanEval pass@1 of the run and of
-    its base unless ``spec.humaneval_base`` is off (``humaneval_pass@1``, ``base_humaneval_pass@1``). A failed evaluation is recorded in
-    ``eval_error``; the run stays finished."""
+    """Add to a finished run's record the validation loss of its base alone (``base_val_loss`` over
+    ``base_val_tokens`` supervised tokens, from ``qtune eval`` or reused from an earlier run with the same base)
+    and, with ``spec.humaneval_limit``, greedy HumanEval pass@1 of the run and of its base unless
+    ``spec.humaneval_base`` is off (``humaneval_pass@1``, ``base_humaneval_pass@1``). A failed evaluation is
+    recorded in ``eval_error``; the run stays finished."""
     rd = (res.get("config") or {}).get("train", {}).get("output_dir")
     same = [r for r in earlier if r.get("status") == "ok" and base_key(r) == base_key(res) and r["run"] != res["run"]]
     try:
-        prev = next((r for r in same if r.get("base_val_loss") is not None), None)
-        res["base_val_loss"] = (prev["base_val_loss"] if prev else
-                                qtune_eval(["--run", rd, "--splits", "val"], spec.timeout_s)["base"]["val"]["loss"])
+        # only a figure recorded with its token count is today's token-weighted one (see remeasure_val_loss)
+        prev = next((r for r in same if r.get("base_val_tokens") is not None), None)
+        if prev:
+            res["base_val_loss"], res["base_val_tokens"] = prev["base_val_loss"], prev["base_val_tokens"]
+        else:
+            base = qtune_eval(["--run", rd, "--splits", "val"], spec.timeout_s)["base"]["val"]
+            res["base_val_loss"], res["base_val_tokens"] = base["loss"], base["tokens"]
         if spec.humaneval_limit:
             he = ["--run", rd, "--humaneval", "--limit", str(spec.humaneval_limit),
                   "--max-new-tokens", str(spec.humaneval_max_new_tokens)]
@@ -394,6 +399,26 @@ def add_evaluations(res: dict, spec: SweepSpec, earlier: list[dict], echo=print)
     except (QtuneError, KeyError, ValueError) as e:
         res["eval_error"] = str(e)
         echo(f"    evaluation failed: {e}")
+
+
+def remeasure_val_loss(res: dict, timeout_s: float | None = None, echo=print) -> None:
+    """Replace a result's validation figures with ``qtune eval``'s for its saved adapter (in place).
+
+    Results written before qtune had one validation loss hold no ``val_tokens``: their ``val_loss`` was a mean of
+    per-batch means (it moved with the eval batch size) and their ``base_val_loss`` a batched figure. A sweep that
+    ranks them with today's runs must rank one quantity, so they are measured again; when that fails (the run
+    directory is gone) the old figures are dropped and the error kept in ``eval_error``.
+    """
+    rd = (res.get("config") or {}).get("train", {}).get("output_dir")
+    try:
+        ev = qtune_eval(["--run", str(rd), "--splits", "val"], timeout_s)
+        adapter, base = ev["adapter"]["val"], ev["base"]["val"]
+    except (QtuneError, KeyError, ValueError) as e:
+        res |= {"val_loss": None, "val_perplexity": None, "base_val_loss": None, "eval_error": str(e)}
+        echo(f"    evaluation failed: {e}")
+        return
+    res |= {"val_loss": adapter["loss"], "val_perplexity": adapter["perplexity"], "val_tokens": adapter["tokens"],
+            "base_val_loss": base["loss"], "base_val_tokens": base["tokens"]}
 
 
 def results_dir(sweep_dir: Path) -> Path:
@@ -500,6 +525,10 @@ def run_sweep(path: str | Path, final: bool = False, echo=print) -> dict:
     for i, run in enumerate(runs, 1):
         out = results_dir(sweep_dir) / f"{run.name}.json"
         prev = _read_json(out)
+        if prev and prev.get("status") == "ok" and prev.get("val_loss") is not None and prev.get("val_tokens") is None:
+            echo(f"[{i}/{len(runs)}] {run.name}: val loss recorded by an older qtune, measuring it again ...")
+            remeasure_val_loss(prev, spec.timeout_s, echo)
+            out.write_text(json.dumps(prev, indent=2), encoding="utf-8")
         if prev and (prev.get("status") == "ok" or not spec.retry_failed):
             echo(f"[{i}/{len(runs)}] {run.name}: {prev.get('status')} earlier, skipped")
             continue

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import resource
 import sys
 import time
@@ -37,7 +36,9 @@ class MetricsRecorder(TrainerCallback):
 
     Training records: step, time_s (since training began), loss, learning_rate, grad_norm, tokens (non-padding
     input tokens since the last record), tokens_per_s (non-padding input tokens per second of wall time) and
-    peak memory (see :func:`peak_memory`). Evaluation records carry eval_loss instead of loss.
+    peak memory (see :func:`peak_memory`). Evaluation records carry, instead of loss, eval_loss (token-weighted,
+    the figure of ``qtune eval``: :func:`qtune.train.validation.split_loss`), eval_perplexity and eval_tokens
+    (supervised tokens counted).
     Requires ``TrainingArguments(include_num_input_tokens_seen="non_padding", logging_steps=1)``.
     """
 
@@ -69,7 +70,7 @@ class MetricsRecorder(TrainerCallback):
             }
             self.t_last, self.tokens_last = now, state.num_input_tokens_seen
         elif "eval_loss" in logs:
-            rec |= {"eval_loss": logs["eval_loss"], "eval_perplexity": math.exp(min(logs["eval_loss"], 50))}
+            rec |= {k: logs.get(k) for k in ("eval_loss", "eval_perplexity", "eval_tokens")}
         else:
             return
         rec |= peak_memory()

@@ -7,7 +7,6 @@ adds the data stage, the quantized model, the per-step record and the run direct
 from __future__ import annotations
 
 import json
-import math
 import platform
 import shutil
 import time
@@ -19,7 +18,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from qtune.config import RunConfig, save_config
 from qtune.data.prepare import load_splits, prepare_dataset
-from qtune.data.tokenize import training_collator
+from qtune.data.tokenize import padding_collator, training_collator
 from qtune.errors import QtuneError
 from qtune.jsonio import dumps
 from qtune.model.adapters import attach_lora, loraplus_optimizer
@@ -32,6 +31,7 @@ from qtune.train.checkpoints import (checkpoint_arguments, checkpoint_state, kee
                                      train_from, truncate_metrics)
 from qtune.train.guards import NonFiniteLossGuard, explain_out_of_memory
 from qtune.train.tensorboard import tensorboard_callback
+from qtune.train.validation import ValidationTrainer
 
 PACKAGES = ("qtune", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "gguf")
 
@@ -161,10 +161,11 @@ def build_trainer(cfg: RunConfig, model_path: str, tokenizer, train_dataset, eva
     check_device_switches(cfg)
     set_seed(cfg.train.seed)
     model = load_model(model_path, cfg.model, cfg.quant)
+    loaded_dtypes = [(p, p.dtype) for p in model.parameters()]  # evaluation uses them as `qtune eval` loads them
     model = attach_lora(model, cfg.lora, is_quantized(cfg.quant), cfg.train.gradient_checkpointing,
                         upcast_frozen=cfg.train.upcast_frozen, offload_activations=cfg.train.offload_activations,
                         model_path=model_path)
-    trainer = Trainer(
+    trainer = ValidationTrainer(
         model=model,
         args=args or training_arguments(cfg, output_dir),
         train_dataset=train_dataset,
@@ -172,6 +173,8 @@ def build_trainer(cfg: RunConfig, model_path: str, tokenizer, train_dataset, eva
         data_collator=training_collator(tokenizer, cfg.train.packing, cfg.train.response_logits_only),
         callbacks=list(callbacks),
         optimizers=(loraplus_optimizer(model, cfg.lora, cfg.train.learning_rate, cfg.train.weight_decay), None),
+        eval_collate=padding_collator(tokenizer),
+        loaded_dtypes=loaded_dtypes,
     )
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the figures; metrics.jsonl keeps them
     return trainer
@@ -287,8 +290,9 @@ def _train(cfg: RunConfig, overwrite: bool, callbacks: tuple, resume: bool, prot
         "tokens_per_s": round(trainer.state.num_input_tokens_seen / wall, 2),
         "first_train_loss": train_recs[0]["loss"] if train_recs else None,
         "final_train_loss": train_recs[-1]["loss"] if train_recs else None,
-        "val_loss": val.get("eval_loss"),
-        "val_perplexity": math.exp(val["eval_loss"]) if "eval_loss" in val else None,
+        "val_loss": val.get("eval_loss"),  # token-weighted, as `qtune eval` (qtune.train.validation.split_loss)
+        "val_perplexity": val.get("eval_perplexity"),
+        "val_tokens": val.get("eval_tokens"),
         "trainable_params": trainable,
         "total_params": total,
         **peak_memory(),
