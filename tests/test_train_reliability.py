@@ -80,8 +80,10 @@ def test_accumulation_gives_the_gradients_of_one_big_batch(accumulation_runs):
     flat_big = torch.cat([g_big[k].flatten() for k in sorted(g_big)])
     assert flat_big.norm() > 0
     assert ((flat_small - flat_big).norm() / flat_big.norm()).item() < 1e-4
+    # per element: float32 sums in another order (one packed row of two samples against two rows of one) leave
+    # differences up to about 2.5e-7 of the largest gradient on near-zero elements (measured 5.7e-8 of 0.24)
     for k in g_big:
-        torch.testing.assert_close(g_small[k], g_big[k], rtol=1e-4, atol=1e-7 * flat_big.abs().max().item())
+        torch.testing.assert_close(g_small[k], g_big[k], rtol=1e-4, atol=1e-6 * flat_big.abs().max().item())
 
 
 def test_logged_loss_is_the_token_weighted_mean(accumulation_runs, tiny_model_dir):
