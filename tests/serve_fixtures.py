@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,3 +35,63 @@ def make_tiny_run(model_dir: str, out: Path, random_adapter: bool = True, **sect
     model.save_pretrained(str(rd.adapter))
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(str(rd.adapter))
     return rd
+
+
+@contextmanager
+def scripted(engine, text: str | None = None, delay: float = 0.0):
+    """Make ``engine``'s model answer ``text`` token for token, then EOS (``text`` None: its own tokens), taking
+    at least ``delay`` seconds per forward pass; the real streamer, stop strings and decoding run as usual.
+
+    The script restarts at every prompt (a forward pass over more than one token), so each generation, batched
+    or not, answers ``text``.
+    """
+    tok = engine.tokenizer
+    script = None if text is None else tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    step = [0]
+
+    def before(module, args):
+        if args[0].shape[-1] > 1:  # a new prompt
+            step[0] = 0
+        if delay:
+            time.sleep(delay)
+
+    def after(module, args, logits):
+        if script is None:
+            return logits
+        forced = torch.full_like(logits, -1e4)
+        forced[..., -1, script[min(step[0], len(script) - 1)]] = 0.0
+        step[0] += 1
+        return forced
+
+    hooks = [engine.model.get_input_embeddings().register_forward_pre_hook(before),
+             engine.model.get_output_embeddings().register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def scripted_engines(monkeypatch, text: str | None = None, delay: float = 0.0) -> None:
+    """Every Engine created from now on (e.g. by a CLI command) is :func:`scripted` for the rest of the test."""
+    from qtune.serve.engine import Engine
+
+    original = Engine.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self._script = scripted(self, text, delay)  # kept: a dropped context manager would remove its hooks
+        self._script.__enter__()
+
+    monkeypatch.setattr(Engine, "__init__", init)
+
+
+def slow_serve(argv: list[str], text: str | None, delay: float) -> None:
+    """``qtune ARGV`` (e.g. serve) with every engine :func:`scripted` (for a subprocess)."""
+    import pytest
+
+    from qtune.cli import app
+
+    with pytest.MonkeyPatch.context() as mp:
+        scripted_engines(mp, text, delay)
+        app(argv)
