@@ -1,7 +1,12 @@
-"""A tiny run directory for serving tests: config.yaml + a random (non-zero) LoRA adapter, no training."""
+"""Serving-test helpers: a tiny run directory (config.yaml + a random, non-zero LoRA adapter, no training), a
+scripted model (fixed answers, optionally slowed down) and ``qtune serve`` in a subprocess."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,3 +100,42 @@ def slow_serve(argv: list[str], text: str | None, delay: float) -> None:
     with pytest.MonkeyPatch.context() as mp:
         scripted_engines(mp, text, delay)
         app(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_process(run_dir, text: str | None, delay: float, *options: str):
+    """`qtune serve --run RUN_DIR OPTIONS` in a subprocess with its engine :func:`scripted`; yields (process, url)
+    once /v1/models answers, and kills the process at the end if it is still running."""
+    import httpx
+
+    port = free_port()
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)]),
+           "OMP_NUM_THREADS": "1"}
+    argv = ["serve", "--run", str(run_dir), "--port", str(port), *options]
+    code = f"import serve_fixtures; serve_fixtures.slow_serve({argv!r}, {text!r}, {delay!r})"
+    process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"qtune serve exited with {process.returncode}: {process.stdout.read()}")
+            assert time.time() < deadline, "qtune serve did not start in 120 s"
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -5,7 +5,6 @@ protocol, the CLI fails cleanly, and the merged export matches base + adapter.""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -19,11 +18,11 @@ from qtune.data.load import load_rows
 from qtune.data.templates import ALPACA_PREAMBLE, format_conversation, format_prompt
 from qtune.data.tokenize import IGNORE_INDEX, encode_example
 from qtune.serve.api import SHUTTING_DOWN
-from qtune.serve.engine import Engine, GenerationSettings
+from qtune.serve.engine import Engine, GenerationSettings, StreamState
 from qtune.serve.session import ChatSession, ContextOverflow, Turn, fit_messages
 
 from conftest import CODEALPACA
-from serve_fixtures import make_tiny_run, scripted, scripted_engines
+from serve_fixtures import free_port, make_tiny_run, scripted, scripted_engines, serve_process
 
 GREEDY = GenerationSettings(max_new_tokens=12)
 INDENTED = "    return sorted(xs)\n\n    # done\n"
@@ -166,6 +165,57 @@ def test_generate_and_chat_commands_print_an_indented_answer_exactly(tiny_run, m
     assert f"assistant> {INDENTED}\n" in result.stdout
 
 
+def test_a_generation_is_cancelled_from_another_thread_and_by_close(engine, tiny_run):
+    ids = engine.encode(engine.prompt("Write a long story."))
+    settings = GenerationSettings(max_new_tokens=300)
+    with scripted(engine, FILLER, delay=0.02):
+        cancel, state = threading.Event(), StreamState()
+        pieces = engine.stream(ids, settings, state, cancel)
+        first = [next(pieces) for _ in range(3)]
+        threading.Timer(0.2, cancel.set).start()
+        rest = list(pieces)
+        assert first == [" word"] * 3 and 0 < len(rest) < 60  # 0.2 s of 20 ms tokens, not 300 of them
+        assert state.cancelled and state.text == " word" * (3 + len(rest)) and not engine.busy
+
+        state = StreamState()
+        assert "".join(engine.stream(ids, GenerationSettings(max_new_tokens=5), state)) == " word" * 5
+        assert not state.cancelled and state.finish_reason == "length"
+
+    closing = Engine(str(tiny_run.root))
+    with scripted(closing, FILLER, delay=0.02):
+        pieces = closing.stream(ids, settings)
+        next(pieces)
+        threading.Timer(0.2, closing.close).start()
+        assert len(list(pieces)) < 60
+        state = StreamState()
+        assert list(closing.stream(ids, settings, state)) == [] and state.cancelled  # and every later one
+
+
+def test_web_sessions_keep_one_transcript_each_and_end_with_it(engine, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from qtune.serve.web import _Sessions
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    sessions = _Sessions()
+    a, b = ChatSession(engine, turns=[Turn("q", "  indented")]), ChatSession(engine)
+    old, new, other = (Path(sessions.write_transcript(k, s)) for k, s in (("A", a), ("A", a), ("B", b)))
+    assert not old.exists() and new.parent == old.parent != other.parent and other.exists()
+    assert new.parent.parent == tmp_path and new.parent.name.startswith("qtune-chat-")
+    assert json.loads(new.read_text())["turns"] == [{"user": "q", "assistant": "  indented"}]
+    with scripted(engine, FILLER, delay=0.02):
+        reply = a.ask("Write a long story.", GenerationSettings(max_new_tokens=300))
+        sessions.started("A", reply)
+        pieces = iter(reply)
+        next(pieces)
+        sessions.end("A")  # the tab was closed
+        assert len(list(pieces)) < 5 and reply.state.cancelled
+    assert a.turns[-1].assistant.startswith(" word") and not engine.busy
+    assert not new.parent.exists() and other.exists()
+    sessions.end("B")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- session holding ----------------------------------------------------------------------------------------------
 
 def test_session_keeps_turns_and_the_second_prompt_contains_the_first(engine):
@@ -270,12 +320,6 @@ def test_a_huge_message_is_refused_without_tokenizing_it(engine, monkeypatch):
 
 
 # ---- the server: OpenAI API on a free localhost port -------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @contextmanager
 def running(app_):
@@ -439,6 +483,43 @@ def test_thousands_of_messages_or_stop_strings_do_not_hold_the_server(server, en
     assert took < 2 and slowest < 1, (took, slowest)
 
 
+def test_requests_waiting_for_the_engine_leave_threads_for_everything_else(server, engine):
+    """Clients waiting behind a long answer wait in threads of their own (at most MAX_WAITING_THREADS), so a new
+    request is still parsed and answered at once (its 400 comes before the engine is free)."""
+    import httpx
+
+    url = f"{server}/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 120, "stream": True}
+    n_waiting = 45  # more than the 40 threads of the shared pool
+    finish, started = threading.Event(), threading.Semaphore(0)
+
+    def wait_in_line():
+        with httpx.Client(timeout=120) as client, client.stream("POST", url, json=body) as r:
+            assert r.status_code == 200
+            started.release()
+            finish.wait(120)  # then the connection closes, which cancels this answer
+
+    with scripted(engine, FILLER, delay=0.03):
+        clients = [threading.Thread(target=wait_in_line) for _ in range(n_waiting)]
+        for c in clients:
+            c.start()
+        try:
+            for _ in clients:
+                assert started.acquire(timeout=60)
+            assert engine.busy
+            bad = {"messages": body["messages"], "stop": [f"s{i}" for i in range(10_000)]}
+            r, took, slowest = while_polling_models(server, lambda: httpx.post(url, json=bad, timeout=60))
+            assert r.status_code == 400 and took < 2 and slowest < 1, (took, slowest)
+        finally:
+            finish.set()
+            for c in clients:
+                c.join(60)
+        wait_until_free = time.perf_counter()
+        while engine.busy:
+            assert time.perf_counter() - wait_until_free < 10, "the closed requests still hold the engine"
+            time.sleep(0.05)
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -482,32 +563,11 @@ def test_a_client_that_goes_away_frees_the_engine(server, engine):
 def test_sigterm_stops_the_server_within_seconds_during_long_answers(tiny_run):
     """`qtune serve` with a streamed answer generating and a non-streamed one waiting for the engine: SIGTERM
     cancels both and the process is gone within seconds (the answers would take 20 s each)."""
-    import os
     import signal
-    import subprocess
-    import sys
-    from pathlib import Path
 
     import httpx
 
-    port = free_port()
-    tests = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)]),
-           "OMP_NUM_THREADS": "1"}
-    argv = ["serve", "--run", str(tiny_run.root), "--port", str(port), "--max-new-tokens", "400"]
-    code = f"import serve_fixtures; serve_fixtures.slow_serve({argv!r}, {FILLER!r}, 0.05)"
-    server = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            assert server.poll() is None and time.time() < deadline, server.stdout.read() if server.poll() else ""
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with serve_process(tiny_run.root, FILLER, 0.05, "--max-new-tokens", "400") as (server, url):
         answers: dict[bool, list] = {True: [], False: []}
 
         def ask(stream: bool):  # 400 tokens of 50 ms each: 20 s or more
@@ -532,6 +592,7 @@ def test_sigterm_stops_the_server_within_seconds_during_long_answers(tiny_run):
             c.join(30)
         assert took < 5, took
         assert server.returncode == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down
+        assert "Traceback" not in server.stdout.read()
 
         status, *lines = answers[True]
         assert status == 200 and lines[1].endswith('"delta": {"content": " word"}, "finish_reason": null}]}')
@@ -540,10 +601,6 @@ def test_sigterm_stops_the_server_within_seconds_during_long_answers(tiny_run):
         assert 3 < len(lines) < 100
         status, *lines = answers[False]
         assert status == 503 and json.loads(lines[0])["error"]["message"] == SHUTTING_DOWN
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
 
 
 def test_api_auth(engine):

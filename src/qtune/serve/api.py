@@ -9,11 +9,13 @@ missing or out-of-range fields, a conversation that does not fit) get status 400
 ``Authorization: Bearer USER:PASS`` (the ``openai`` client's ``api_key="USER:PASS"``) or HTTP Basic auth.
 
 One request cannot hold the server: the event loop only reads the body and passes bytes; parsing, validation,
-tokenization (fitting the conversation) and generation run in worker threads, and every per-request cost is
-bounded before the engine is taken:
+tokenization (fitting the conversation) and generation run in worker threads (those waiting for the engine at
+most ``MAX_WAITING_THREADS``, so that the web app always finds one), and every per-request cost is bounded
+before the engine is taken:
 
-- ``MAX_BODY_BYTES`` (1 MiB): a larger body gets 413 before it is read to the end. A conversation that fits
-  the largest context served (8192 tokens of SmolLM2) is far below it.
+- ``MAX_BODY_BYTES`` (1 MiB): a larger body gets 413 before it is read to the end. That is some 250k tokens of
+  text, 30 times the largest context served (SmolLM2's 8192), so long histories still fit (old turns are left
+  out of the prompt).
 - ``MAX_MESSAGES`` (4096): more messages get 400. Fitting is linear in the messages (each tokenized at most once,
   newest first); the cap bounds the checks done before fitting.
 - ``MAX_JSON_DEPTH`` (32): a body nested deeper gets 400 (a request needs 5 levels); so does one too deep for
@@ -39,6 +41,7 @@ import anyio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.routing import Mount
 
 from qtune.serve.engine import Engine, GenerationSettings, SettingsError, StreamState
 from qtune.serve.session import ContextOverflow, Fitted, fit_messages
@@ -49,6 +52,9 @@ MAX_MESSAGES = 4096
 """Most messages in one request, answered 400 beyond: bounds validation before the conversation is fitted."""
 MAX_JSON_DEPTH = 32
 """Deepest nesting of the JSON body (a chat request needs 5 levels), answered 400 beyond."""
+MAX_WAITING_THREADS = 64
+"""Worker threads that API requests may hold while waiting for the engine (more wait without a thread), so that
+they never take all of the shared thread pool that the web app and request parsing run in."""
 SHUTDOWN_GRACE_S = 3
 """Seconds :func:`run_server` waits for open connections (web-app heartbeats) after SIGTERM before closing them."""
 
@@ -171,7 +177,7 @@ def _parse(raw: bytes) -> ChatRequest:
     too_deep = _ApiError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # also UnicodeDecodeError, and integers too long to convert
         raise _ApiError(400, f"request body is not valid JSON: {e}") from None
     except RecursionError:
         raise too_deep from None
@@ -240,8 +246,9 @@ class _Pieces:
     abandoned at once when the request is cancelled; :meth:`close` then cancels the generation and waits (in a
     thread) until the engine is free."""
 
-    def __init__(self, engine: Engine, fitted: Fitted, settings: GenerationSettings, state: StreamState):
-        self.cancel = threading.Event()
+    def __init__(self, engine: Engine, fitted: Fitted, settings: GenerationSettings, state: StreamState,
+                 limiter: anyio.CapacityLimiter):
+        self.cancel, self._limiter = threading.Event(), limiter
         self._stream = engine.stream(fitted.prompt_ids, settings, state, self.cancel)
         self._lock = threading.Lock()  # a generator runs in one thread at a time: next() and close() take turns
 
@@ -255,7 +262,7 @@ class _Pieces:
 
     async def next(self) -> str | None:
         """The next piece, or None at the end."""
-        return await anyio.to_thread.run_sync(self._next, abandon_on_cancel=True)
+        return await anyio.to_thread.run_sync(self._next, abandon_on_cancel=True, limiter=self._limiter)
 
     async def close(self) -> None:
         self.cancel.set()
@@ -274,6 +281,7 @@ def api_router(engine: Engine, auth: tuple[str, str] | None = None,
     """
     defaults = defaults or GenerationSettings()
     router = APIRouter(prefix="/v1")
+    waiting = anyio.CapacityLimiter(MAX_WAITING_THREADS)
 
     @router.get("/models")
     async def models(request: Request):  # async: answers on the event loop, never waits for a worker thread
@@ -296,7 +304,7 @@ def api_router(engine: Engine, auth: tuple[str, str] | None = None,
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         headers = {"X-Qtune-Dropped-Turns": str(fitted.dropped)}
         state = StreamState()
-        pieces = _Pieces(engine, fitted, settings, state)
+        pieces = _Pieces(engine, fitted, settings, state, waiting)
 
         if not req.stream:
             text, gone = [], False
@@ -368,6 +376,8 @@ def create_app(engine: Engine, auth: tuple[str, str] | None = None, defaults: Ge
         blocks = build_ui(engine, defaults or GenerationSettings())
         blocks.queue(default_concurrency_limit=concurrency)
         app = gr.mount_gradio_app(app, blocks, path="/", auth=auth, footer_links=[], css=CSS)
+        web = next(r.app for r in app.routes if isinstance(r, Mount) and isinstance(r.app, gr.routes.App))
+        app.state.on_shutdown = [web.stop_event.set]  # ends the web app's heartbeat streams
     return app
 
 
@@ -384,6 +394,11 @@ def run_server(app: FastAPI, engine: Engine, host: str, port: int, log_level: st
         def handle_exit(self, sig, frame) -> None:
             engine.close()
             super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None) -> None:
+            for stop in getattr(app.state, "on_shutdown", ()):
+                stop()
+            await super().shutdown(sockets)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S)

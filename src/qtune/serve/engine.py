@@ -196,6 +196,11 @@ class Engine:
         self._closed = False
 
     @property
+    def busy(self) -> bool:
+        """True while a generation holds the engine."""
+        return self._lock.locked()
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
