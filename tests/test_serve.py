@@ -210,6 +210,7 @@ def test_web_sessions_keep_one_transcript_each_and_end_with_it(engine, tmp_path,
         next(pieces)
         sessions.end("A")  # the tab was closed
         assert len(list(pieces)) < 5 and reply.state.cancelled
+        assert not sessions.finished("A", reply)  # so the answer writes no transcript for the ended session
     assert a.turns[-1].assistant.startswith(" word") and not engine.busy
     assert not new.parent.exists() and other.exists()
     sessions.end("B")
@@ -277,7 +278,8 @@ def test_fitting_leaves_out_exactly_the_fewest_pairs(engine, max_new_tokens):
     for trial in range(4):
         messages = [{"role": "system", "content": "You write Python."}]
         for i in range(41):
-            words = " ".join(rng.choice(["x", "def", "  return", "\n", "(1, 2)", "élan"]) for _ in range(rng.randint(1, 30)))
+            pieces = ["x", "def", "  return", "\n", "(1, 2)", "élan"]
+            words = " ".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
             messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": f"{i}: {words}"})
         expected = fewest_dropped_by_trying_each(engine, messages, settings)
         fitted = fit_messages(engine, messages, settings)
@@ -414,11 +416,17 @@ def test_api_bounds_every_request_with_a_clear_4xx(server, engine):
     r = post({"messages": many})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     assert f"at most {MAX_MESSAGES} items" in r.json()["error"]["message"]
-    for deep in (b"[" * 100_000 + b"]" * 100_000, json.dumps({"messages": hi, "x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}).encode()):
+    def nested(levels: int):  # lists in an ignored field of the body (itself one level)
+        return json.loads("[" * levels + "]" * levels)
+
+    for deep in (b"[" * 100_000 + b"]" * 100_000, json.dumps({"messages": hi, "x": nested(MAX_JSON_DEPTH)}).encode()):
         r = post(deep)
         assert r.status_code == 400
         assert r.json()["error"]["message"] == f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
+    assert post({"messages": hi, "x": nested(MAX_JSON_DEPTH - 1)}).status_code == 200
     assert post(b"null").json()["error"]["message"] == "request body must be a JSON object, got NoneType"
+    r = post(b'{"messages": [], "n": ' + b"1" * 5000 + b"}")  # Python refuses to convert so long an integer
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("request body is not valid JSON: ")
     r = post(b'{"messages": [{"role": "user", "content": "\\ud800"}]}')
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content"
     r = post({"messages": hi, "stop": ["a", "b", "c", "d", "e"]})
@@ -542,7 +550,7 @@ def test_a_client_that_goes_away_frees_the_engine(server, engine):
     with scripted(engine, FILLER, delay=0.03):
         full = timed(lambda: httpx.post(url, json=long_body, timeout=120).raise_for_status())
         short = timed(short_request)
-        assert full > 3.6 and short < full / 8  # 120 tokens of at least 30 ms each, against 5
+        assert full > 3.5 and short < full / 4  # 120 tokens of at least 30 ms each, against 5
         bound = full / 3
 
         with httpx.Client(timeout=120) as client, client.stream("POST", url, json={**long_body, "stream": True}) as r:

@@ -137,7 +137,8 @@ def test_stop_ends_the_stream_and_closing_the_tab_cancels_it_and_deletes_the_tra
             with page.expect_download() as download:
                 page.locator("#download").click()
             turns = json.loads(open(download.value.path(), encoding="utf-8").read())["turns"]
-            assert turns[0]["user"] == "Write a long story." and turns[0]["assistant"].count("word") == shown.count("word")
+            assert turns[0]["user"] == "Write a long story."
+            assert turns[0]["assistant"].count("word") == shown.count("word")
             assert turns[0]["assistant"] == FILLER[: len(turns[0]["assistant"])]  # the text so far, exactly
             first = transcript_files()
             assert len(first) == 1  # one file in this session's own folder

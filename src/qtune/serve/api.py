@@ -124,6 +124,10 @@ def _check_auth(request: Request, auth: tuple[str, str] | None) -> None:
                         type="authentication_error", code="invalid_api_key")
 
 
+def _settings_error(e: SettingsError) -> _ApiError:
+    return _ApiError(400, str(e), param={"max_new_tokens": "max_tokens"}.get(e.field, e.field))
+
+
 def _settings(req: ChatRequest, defaults: GenerationSettings) -> GenerationSettings:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     try:
@@ -136,7 +140,7 @@ def _settings(req: ChatRequest, defaults: GenerationSettings) -> GenerationSetti
             stop=tuple(defaults.stop) + tuple(stop),
         )
     except SettingsError as e:
-        raise _ApiError(400, str(e), param=e.field) from None
+        raise _settings_error(e) from None
 
 
 async def _read_body(request: Request) -> bytes:
@@ -211,10 +215,9 @@ def _prepare(engine: Engine, raw: bytes, defaults: GenerationSettings) -> tuple[
     except ContextOverflow as e:
         raise _ApiError(400, str(e), code="context_length_exceeded") from None
     except SettingsError as e:
-        raise _ApiError(400, str(e), param=e.field) from None
+        raise _settings_error(e) from None
     except ValueError as e:
-        param = "max_tokens" if "max_new_tokens" in str(e) else "messages"
-        raise _ApiError(400, str(e), param=param) from None
+        raise _ApiError(400, str(e), param="messages") from None
     return req, settings, fitted
 
 

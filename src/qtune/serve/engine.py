@@ -246,12 +246,12 @@ class Engine:
         """Most prompt tokens that leave room for ``settings.max_new_tokens`` in the context window.
 
         Raises:
-            ValueError: ``max_new_tokens`` leaves no room for a prompt.
+            SettingsError: ``max_new_tokens`` leaves no room for a prompt (a ValueError).
         """
         budget = self.context_length - settings.max_new_tokens
         if budget < 1:
-            raise ValueError(f"max_new_tokens must be below the model's context of {self.context_length} tokens, "
-                             f"got {settings.max_new_tokens}")
+            raise SettingsError("max_new_tokens", f"max_new_tokens must be below the model's context of "
+                                f"{self.context_length} tokens, got {settings.max_new_tokens}")
         return budget
 
     # ---- generation ------------------------------------------------------------------------------------------

@@ -52,10 +52,13 @@ class _Sessions:
         with self._lock:
             self._replies[key] = reply
 
-    def finished(self, key: str, reply: Reply) -> None:
+    def finished(self, key: str, reply: Reply) -> bool:
+        """The answer has ended; False when its session ended first (then nothing more is kept for it)."""
         with self._lock:
             if self._replies.get(key) is reply:
                 del self._replies[key]
+                return True
+            return False
 
     def stop(self, key: str) -> None:
         """End the session's answer at its next token (nothing when none is streaming)."""
@@ -80,12 +83,13 @@ class _Sessions:
 
     def end(self, key: str) -> None:
         """The session is over (tab closed): stop its answer and delete its transcript folder."""
-        self.stop(key)
         with self._lock:
+            reply = self._replies.pop(key, None)
             folder = self._folders.pop(key, None)
+        if reply is not None:
+            reply.stop()
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
-
 
 
 def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.Blocks:
@@ -126,7 +130,9 @@ def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.B
                 chat[-1] = _assistant(text)
                 yield "", turns, chat, gr.skip(), *answering
         finally:
-            sessions.finished(request.session_hash, reply)
+            alive = sessions.finished(request.session_hash, reply)
+        if not alive:  # the tab was closed while answering: no transcript for a session that has ended
+            return
         chat[-1] = _assistant(session.turns[-1].assistant)
         transcript = gr.DownloadButton(value=sessions.write_transcript(request.session_hash, session),
                                        interactive=True)
