@@ -5,7 +5,6 @@ protocol, the CLI fails cleanly, and the merged export matches base + adapter.""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -18,13 +17,18 @@ from qtune.cli import app
 from qtune.data.load import load_rows
 from qtune.data.templates import ALPACA_PREAMBLE, format_conversation, format_prompt
 from qtune.data.tokenize import IGNORE_INDEX, encode_example
-from qtune.serve.engine import Engine, GenerationSettings
+from qtune.serve.api import SHUTTING_DOWN
+from qtune.serve.engine import Engine, GenerationSettings, StreamState
 from qtune.serve.session import ChatSession, ContextOverflow, Turn, fit_messages
 
 from conftest import CODEALPACA
-from serve_fixtures import make_tiny_run
+from serve_fixtures import free_port, make_tiny_run, scripted, scripted_engines, serve_process
 
 GREEDY = GenerationSettings(max_new_tokens=12)
+INDENTED = "    return sorted(xs)\n\n    # done\n"
+"""An answer that starts with spaces and ends with a newline: every front end must keep it character for character."""
+FILLER = " word" * 480
+"""A scripted answer longer than any generation in these tests (each ' word' is one token)."""
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +96,7 @@ def test_greedy_is_deterministic_and_streaming_gives_the_same_text(engine):
     first = engine.answer("Write a loop.", settings=GREEDY)
     assert first and engine.answer("Write a loop.", settings=GREEDY) == first
     pieces = list(engine.stream(engine.encode(engine.prompt("Write a loop.")), GREEDY))
-    assert len(pieces) > 3 and "".join(pieces).strip() == first
+    assert len(pieces) > 3 and "".join(pieces) == first
     completion = engine.complete([{"role": "user", "content": "Write a loop."}], GREEDY)
     assert completion.text == first and completion.prompt_tokens == len(engine.encode(engine.prompt("Write a loop.")))
     assert completion.completion_tokens == 12 and completion.finish_reason == "length"
@@ -110,10 +114,10 @@ def test_stop_string_cuts_the_answer(engine):
     stop = full[10:14]
     assert stop.strip() and full.find(stop) >= 5
     cut = engine.answer("Write a loop.", settings=GenerationSettings(max_new_tokens=16, stop=(stop,)))
-    assert cut == full[: full.find(stop)].strip()
+    assert cut == full[: full.find(stop)]
     state_text = "".join(engine.stream(engine.encode(engine.prompt("Write a loop.")),
                                        GenerationSettings(max_new_tokens=16, stop=(stop,))))
-    assert stop not in state_text and state_text.strip() == cut
+    assert stop not in state_text and state_text == cut
 
 
 def test_the_adapter_is_applied(engine, tiny_run):
@@ -132,6 +136,85 @@ def test_the_adapter_is_applied(engine, tiny_run):
 def test_out_of_range_settings_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GenerationSettings(**kwargs)
+
+
+# ---- generated text is kept exactly -------------------------------------------------------------------------------
+
+def test_an_indented_answer_is_kept_exactly_by_every_engine_call(engine):
+    assert engine.tokenizer.decode(engine.tokenizer(INDENTED, add_special_tokens=False)["input_ids"]) == INDENTED
+    messages = [{"role": "user", "content": "Sort xs."}]
+    with scripted(engine, INDENTED):
+        assert engine.answer("Sort xs.") == INDENTED
+        assert "".join(engine.stream(engine.encode(engine.chat_prompt(messages)))) == INDENTED
+        completion = engine.complete(messages)
+        assert completion.text == INDENTED and completion.finish_reason == "stop"
+        assert engine.generate_batch(["Sort xs.", "Sort a much longer list of numbers."]) == [INDENTED, INDENTED]
+        session = ChatSession(engine)
+        assert session.ask("Sort xs.").text() == INDENTED
+        assert session.turns[-1].assistant == INDENTED
+        assert json.loads(session.transcript())["turns"] == [{"user": "Sort xs.", "assistant": INDENTED}]
+
+
+def test_generate_and_chat_commands_print_an_indented_answer_exactly(tiny_run, monkeypatch):
+    scripted_engines(monkeypatch, INDENTED)
+    result = runner.invoke(app, ["generate", "--run", str(tiny_run.root), "Sort xs."])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == INDENTED + "\n"
+    result = runner.invoke(app, ["chat", "--run", str(tiny_run.root)], input="Sort xs.\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert f"assistant> {INDENTED}\n" in result.stdout
+
+
+def test_a_generation_is_cancelled_from_another_thread_and_by_close(engine, tiny_run):
+    ids = engine.encode(engine.prompt("Write a long story."))
+    settings = GenerationSettings(max_new_tokens=300)
+    with scripted(engine, FILLER, delay=0.02):
+        cancel, state = threading.Event(), StreamState()
+        pieces = engine.stream(ids, settings, state, cancel)
+        first = [next(pieces) for _ in range(3)]
+        threading.Timer(0.2, cancel.set).start()
+        rest = list(pieces)
+        assert first == [" word"] * 3 and 0 < len(rest) < 60  # 0.2 s of 20 ms tokens, not 300 of them
+        assert state.cancelled and state.text == " word" * (3 + len(rest)) and not engine.busy
+
+        state = StreamState()
+        assert "".join(engine.stream(ids, GenerationSettings(max_new_tokens=5), state)) == " word" * 5
+        assert not state.cancelled and state.finish_reason == "length"
+
+    closing = Engine(str(tiny_run.root))
+    with scripted(closing, FILLER, delay=0.02):
+        pieces = closing.stream(ids, settings)
+        next(pieces)
+        threading.Timer(0.2, closing.close).start()
+        assert len(list(pieces)) < 60
+        state = StreamState()
+        assert list(closing.stream(ids, settings, state)) == [] and state.cancelled  # and every later one
+
+
+def test_web_sessions_keep_one_transcript_each_and_end_with_it(engine, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from qtune.serve.web import _Sessions
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    sessions = _Sessions()
+    a, b = ChatSession(engine, turns=[Turn("q", "  indented")]), ChatSession(engine)
+    old, new, other = (Path(sessions.write_transcript(k, s)) for k, s in (("A", a), ("A", a), ("B", b)))
+    assert not old.exists() and new.parent == old.parent != other.parent and other.exists()
+    assert new.parent.parent == tmp_path and new.parent.name.startswith("qtune-chat-")
+    assert json.loads(new.read_text())["turns"] == [{"user": "q", "assistant": "  indented"}]
+    with scripted(engine, FILLER, delay=0.02):
+        reply = a.ask("Write a long story.", GenerationSettings(max_new_tokens=300))
+        sessions.started("A", reply)
+        pieces = iter(reply)
+        next(pieces)
+        sessions.end("A")  # the tab was closed
+        assert len(list(pieces)) < 5 and reply.state.cancelled
+        assert not sessions.finished("A", reply)  # so the answer writes no transcript for the ended session
+    assert a.turns[-1].assistant.startswith(" word") and not engine.busy
+    assert not new.parent.exists() and other.exists()
+    sessions.end("B")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---- session holding ----------------------------------------------------------------------------------------------
@@ -176,13 +259,69 @@ def test_a_message_longer_than_the_context_is_a_clear_error(engine):
         engine.prompt_budget(GenerationSettings(max_new_tokens=600))
 
 
+def fewest_dropped_by_trying_each(engine, messages, settings) -> int | None:
+    """The reference: leave out 0, 1, 2, ... pairs until the prompt fits (quadratic, for small cases only)."""
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    body = messages[len(head):]
+    for dropped in range((len(body) - 1) // 2 + 1):
+        if len(engine.encode(engine.chat_prompt(head + body[2 * dropped:]))) <= engine.prompt_budget(settings):
+            return dropped
+    return None
+
+
+@pytest.mark.parametrize("max_new_tokens", [64, 300, 400])
+def test_fitting_leaves_out_exactly_the_fewest_pairs(engine, max_new_tokens):
+    import random
+
+    rng = random.Random(max_new_tokens)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    for trial in range(4):
+        messages = [{"role": "system", "content": "You write Python."}]
+        for i in range(41):
+            pieces = ["x", "def", "  return", "\n", "(1, 2)", "élan"]
+            words = " ".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
+            messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": f"{i}: {words}"})
+        expected = fewest_dropped_by_trying_each(engine, messages, settings)
+        fitted = fit_messages(engine, messages, settings)
+        assert fitted.dropped == expected
+        assert fitted.prompt_ids == engine.encode(engine.chat_prompt(fitted.messages))
+        assert fitted.messages == messages[:1] + messages[1 + 2 * expected:]
+
+
+def test_fitting_thousands_of_messages_tokenizes_each_message_at_most_once(engine, monkeypatch):
+    counted, encoded = [], []
+    assert engine.pair_overhead == 12 and engine.max_token_chars == 81  # computed once per engine, before counting
+    count_tokens, encode = engine.count_tokens, engine.encode
+    monkeypatch.setattr(engine, "count_tokens", lambda text: counted.append(text) or count_tokens(text))
+    monkeypatch.setattr(engine, "encode", lambda prompt: encoded.append(prompt) or encode(prompt))
+    messages = [{"role": "system", "content": "Be brief."}]
+    messages += [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}"} for i in range(3999)]
+    fitted = fit_messages(engine, messages, GREEDY)
+    probes = len(encoded)
+    budget = engine.prompt_budget(GREEDY)
+    # the fewest pairs: what is kept fits, and one more pair would not
+    assert fitted.messages == messages[:1] + messages[1 + 2 * fitted.dropped:] and len(fitted.prompt_ids) <= budget
+    one_more = messages[:1] + messages[1 + 2 * (fitted.dropped - 1):]
+    assert len(encode(engine.chat_prompt(one_more))) > budget
+    # each message tokenized at most once, and only the newest: those kept and the pair that did not fit
+    n_kept = len(fitted.messages) - 2
+    assert n_kept > 30 and len(counted) == len(set(counted)) == n_kept + 2
+    # the whole prompt is encoded a few times near the estimate, never once per left-out pair (1,950 here)
+    assert probes <= 8
+    assert max(len(p) for p in encoded) < 2 * len(engine.chat_prompt(fitted.messages))
+
+
+def test_a_huge_message_is_refused_without_tokenizing_it(engine, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("tokenized")
+
+    monkeypatch.setattr(engine, "encode", never)
+    monkeypatch.setattr(engine, "count_tokens", never)
+    with pytest.raises(ContextOverflow, match=r"it takes at least \d+ tokens, but at most 500 fit"):
+        fit_messages(engine, [{"role": "user", "content": "x" * 500_000}], GREEDY)
+
+
 # ---- the server: OpenAI API on a free localhost port -------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @contextmanager
 def running(app_):
@@ -224,10 +363,23 @@ def test_openai_client_gets_completions_streaming_and_not(server, engine):
     assert r.usage.prompt_tokens == expected.prompt_tokens
     chunks = list(client.chat.completions.create(model=engine.name, messages=messages, stream=True))
     deltas = [c.choices[0].delta.content or "" for c in chunks]
-    assert len([d for d in deltas if d]) > 3 and "".join(deltas).strip() == expected.text
+    assert len([d for d in deltas if d]) > 3 and "".join(deltas) == expected.text
     assert chunks[-1].choices[0].finish_reason == "length"
     short = client.chat.completions.create(model=engine.name, messages=messages, max_tokens=3)
     assert short.usage.completion_tokens == 3
+
+
+def test_api_streamed_and_not_give_the_same_indented_answer(server, engine):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Sort xs."}]
+    with scripted(engine, INDENTED):
+        whole = client.chat.completions.create(model=engine.name, messages=messages)
+        chunks = list(client.chat.completions.create(model=engine.name, messages=messages, stream=True))
+    assert whole.choices[0].message.content == INDENTED and whole.choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == INDENTED
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_api_bad_requests_get_400_with_an_error_body(server):
@@ -244,6 +396,219 @@ def test_api_bad_requests_get_400_with_an_error_body(server):
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     r = httpx.post(url, json={"messages": [{"role": "assistant", "content": "x"}]})
     assert r.status_code == 400 and "expected role 'user'" in r.json()["error"]["message"]
+
+
+def test_api_bounds_every_request_with_a_clear_4xx(server, engine):
+    import httpx
+
+    from qtune.serve.api import MAX_BODY_BYTES, MAX_JSON_DEPTH, MAX_MESSAGES
+
+    url = f"{server}/v1/chat/completions"
+    hi = [{"role": "user", "content": "hi"}]
+
+    def post(body):
+        return httpx.post(url, content=body if isinstance(body, bytes) else json.dumps(body),
+                          headers={"content-type": "application/json"}, timeout=30)
+
+    r = post({"messages": [{"role": "user", "content": "x" * (2 << 20)}]})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    many = [{"role": "user" if i % 2 == 0 else "assistant", "content": "m"} for i in range(MAX_MESSAGES + 1)]
+    r = post({"messages": many})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert f"at most {MAX_MESSAGES} items" in r.json()["error"]["message"]
+    def nested(levels: int):  # lists in an ignored field of the body (itself one level)
+        return json.loads("[" * levels + "]" * levels)
+
+    for deep in (b"[" * 100_000 + b"]" * 100_000, json.dumps({"messages": hi, "x": nested(MAX_JSON_DEPTH)}).encode()):
+        r = post(deep)
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
+    assert post({"messages": hi, "x": nested(MAX_JSON_DEPTH - 1)}).status_code == 200
+    assert post(b"null").json()["error"]["message"] == "request body must be a JSON object, got NoneType"
+    r = post(b'{"messages": [], "n": ' + b"1" * 5000 + b"}")  # Python refuses to convert so long an integer
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("request body is not valid JSON: ")
+    r = post(b'{"messages": [{"role": "user", "content": "\\ud800"}]}')
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content"
+    r = post({"messages": hi, "stop": ["a", "b", "c", "d", "e"]})
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": "stop: at most 4 stop strings, got 5", "type": "invalid_request_error", "param": "stop",
+        "code": None}
+    r = post({"messages": hi, "stop": "s" * 65})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "stop[0]: at most 64 characters, got 65"
+    r = post({"messages": hi, "max_tokens": 512})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert r.json()["error"]["message"].startswith("max_new_tokens must be below the model's context of 512")
+    r = post({"messages": hi, "stop": ["a", "b", "c", "d"]})  # four are fine
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 0
+    assert len(b"x" * MAX_BODY_BYTES) == 1 << 20
+
+
+def while_polling_models(url: str, request):
+    """Run ``request()`` while another client asks GET /v1/models every 50 ms.
+
+    Returns (the result of request(), its seconds, the slowest /v1/models answer in seconds)."""
+    import httpx
+
+    done, slowest = threading.Event(), [0.0]
+
+    def poll():
+        with httpx.Client(timeout=30) as client:
+            while not done.is_set():
+                start = time.perf_counter()
+                assert client.get(f"{url}/v1/models").status_code == 200
+                slowest[0] = max(slowest[0], time.perf_counter() - start)
+                time.sleep(0.05)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    time.sleep(0.2)
+    start = time.perf_counter()
+    try:
+        result = request()
+        took = time.perf_counter() - start
+        time.sleep(0.2)
+    finally:
+        done.set()
+        poller.join()
+    return result, took, slowest[0]
+
+
+def test_thousands_of_messages_or_stop_strings_do_not_hold_the_server(server, engine):
+    import httpx
+
+    url = f"{server}/v1/chat/completions"
+    messages = [{"role": "system", "content": "Be brief."}]
+    messages += [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}"} for i in range(1999)]
+    r, took, slowest = while_polling_models(server, lambda: httpx.post(url, json={"messages": messages}, timeout=60))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 12
+    assert r.headers["X-Qtune-Dropped-Turns"] == str(fit_messages(engine, messages, GREEDY).dropped)
+    assert took < 2 and slowest < 1, (took, slowest)
+
+    stops = [f"stop {i}" for i in range(10_000)]
+    body = {"messages": [{"role": "user", "content": "hi"}], "stop": stops}
+    r, took, slowest = while_polling_models(server, lambda: httpx.post(url, json=body, timeout=60))
+    assert r.status_code == 400 and r.json()["error"]["message"] == "stop: at most 4 stop strings, got 10000"
+    assert took < 2 and slowest < 1, (took, slowest)
+
+
+def test_requests_waiting_for_the_engine_leave_threads_for_everything_else(server, engine):
+    """Clients waiting behind a long answer wait in threads of their own (at most MAX_WAITING_THREADS), so a new
+    request is still parsed and answered at once (its 400 comes before the engine is free)."""
+    import httpx
+
+    url = f"{server}/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 120, "stream": True}
+    n_waiting = 45  # more than the 40 threads of the shared pool
+    finish, started = threading.Event(), threading.Semaphore(0)
+
+    def wait_in_line():
+        with httpx.Client(timeout=120) as client, client.stream("POST", url, json=body) as r:
+            assert r.status_code == 200
+            started.release()
+            finish.wait(120)  # then the connection closes, which cancels this answer
+
+    with scripted(engine, FILLER, delay=0.03):
+        clients = [threading.Thread(target=wait_in_line) for _ in range(n_waiting)]
+        for c in clients:
+            c.start()
+        try:
+            for _ in clients:
+                assert started.acquire(timeout=60)
+            assert engine.busy
+            bad = {"messages": body["messages"], "stop": [f"s{i}" for i in range(10_000)]}
+            r, took, slowest = while_polling_models(server, lambda: httpx.post(url, json=bad, timeout=60))
+            assert r.status_code == 400 and took < 2 and slowest < 1, (took, slowest)
+        finally:
+            finish.set()
+            for c in clients:
+                c.join(60)
+        wait_until_free = time.perf_counter()
+        while engine.busy:
+            assert time.perf_counter() - wait_until_free < 10, "the closed requests still hold the engine"
+            time.sleep(0.05)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def test_a_client_that_goes_away_frees_the_engine(server, engine):
+    """After a client closes a long stream, or gives up waiting for a long answer, the next short request does
+    not wait for the abandoned generation."""
+    import httpx
+
+    url = f"{server}/v1/chat/completions"
+    messages = [{"role": "user", "content": "Write a long story."}]
+    long_body = {"messages": messages, "max_tokens": 120}
+
+    def short_request():
+        r = httpx.post(url, json={"messages": messages, "max_tokens": 5}, timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+
+    with scripted(engine, FILLER, delay=0.03):
+        full = timed(lambda: httpx.post(url, json=long_body, timeout=120).raise_for_status())
+        short = timed(short_request)
+        assert full > 3.5 and short < full / 4  # 120 tokens of at least 30 ms each, against 5
+        bound = full / 3
+
+        with httpx.Client(timeout=120) as client, client.stream("POST", url, json={**long_body, "stream": True}) as r:
+            data = []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    data.append(line)
+                if len(data) == 4:  # the role chunk and three pieces
+                    break
+        assert json.loads(data[3][6:])["choices"][0]["delta"]["content"] == " word"
+        assert timed(short_request) < bound
+
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json=long_body, timeout=httpx.Timeout(30, read=0.5))
+        assert timed(short_request) < bound
+
+
+def test_sigterm_stops_the_server_within_seconds_during_long_answers(tiny_run):
+    """`qtune serve` with a streamed answer generating and a non-streamed one waiting for the engine: SIGTERM
+    cancels both and the process is gone within seconds (the answers would take 20 s each)."""
+    import signal
+
+    import httpx
+
+    with serve_process(tiny_run.root, FILLER, 0.05, "--max-new-tokens", "400") as (server, url):
+        answers: dict[bool, list] = {True: [], False: []}
+
+        def ask(stream: bool):  # 400 tokens of 50 ms each: 20 s or more
+            body = {"messages": [{"role": "user", "content": "Write a long story."}], "stream": stream}
+            with httpx.Client(timeout=120) as client, client.stream("POST", f"{url}/v1/chat/completions",
+                                                                     json=body) as r:
+                answers[stream].append(r.status_code)
+                answers[stream].extend(line for line in r.iter_lines() if line)
+
+        clients = [threading.Thread(target=ask, args=(True,))]
+        clients[0].start()
+        time.sleep(1.5)  # the streamed answer holds the engine by now
+        clients.append(threading.Thread(target=ask, args=(False,)))
+        clients[1].start()
+        time.sleep(0.5)
+        assert server.poll() is None
+        server.send_signal(signal.SIGTERM)
+        start = time.perf_counter()
+        server.wait(timeout=30)
+        took = time.perf_counter() - start
+        for c in clients:
+            c.join(30)
+        assert took < 5, took
+        assert server.returncode == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down
+        assert "Traceback" not in server.stdout.read()
+
+        status, *lines = answers[True]
+        assert status == 200 and lines[1].endswith('"delta": {"content": " word"}, "finish_reason": null}]}')
+        error = {"message": SHUTTING_DOWN, "type": "server_error", "param": None, "code": "cancelled"}
+        assert lines[-1] == f"data: {json.dumps({'error': error})}" and "data: [DONE]" not in lines
+        assert 3 < len(lines) < 100
+        status, *lines = answers[False]
+        assert status == 503 and json.loads(lines[0])["error"]["message"] == SHUTTING_DOWN
 
 
 def test_api_auth(engine):

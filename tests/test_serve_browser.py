@@ -73,3 +73,125 @@ def test_two_turns_in_one_session_and_a_separate_second_session(engine, tmp_path
         finally:
             browser.close()
     assert (tmp_path / "chat.png").stat().st_size > 10_000
+
+
+def bot_texts(page) -> list[str]:
+    return page.locator('[data-testid="bot"]').all_inner_texts()
+
+
+def wait_for_words(page, n: int) -> None:
+    """Wait until the last answer shows at least ``n`` words (it is streaming)."""
+    page.wait_for_function(
+        f"""() => {{ const b = document.querySelectorAll('[data-testid="bot"]');
+                    return b.length && (b[b.length - 1].innerText.match(/word/g) || []).length >= {n}; }}""",
+        timeout=60_000)
+
+
+def wait_until(condition, seconds: float) -> float:
+    """Poll ``condition()`` until true; returns the seconds it took (fails after ``seconds``)."""
+    start = time.perf_counter()
+    while not condition():
+        assert time.perf_counter() - start < seconds, "condition not met in time"
+        time.sleep(0.05)
+    return time.perf_counter() - start
+
+
+def test_stop_ends_the_stream_and_closing_the_tab_cancels_it_and_deletes_the_transcript(engine, tmp_path,
+                                                                                          monkeypatch):
+    from pathlib import Path
+
+    from qtune.serve.api import create_app
+    from qtune.serve.engine import GenerationSettings
+
+    from serve_fixtures import scripted
+    from test_serve import FILLER
+
+    cache = tmp_path / "gradio"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))  # the app's cache folder, where transcripts live
+    app = create_app(engine, defaults=GenerationSettings(max_new_tokens=400))
+    long_answer = 400 * 0.05  # seconds: 400 tokens of at least 50 ms each
+
+    def transcript_files() -> list[Path]:
+        return sorted(cache.glob("qtune-chat-*/*"))
+
+    with scripted(engine, FILLER, delay=0.05), running(app) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context().new_page()
+            page.goto(url)
+            page.wait_for_selector("#message textarea")
+            assert page.locator("#stop").is_disabled()
+            box = page.locator("#message textarea")
+            box.fill("Write a long story.")
+            box.press("Enter")
+            wait_for_words(page, 5)
+            assert page.locator("#send").is_disabled()
+            page.locator("#stop").click()
+            took = wait_until(lambda: page.locator("#send").is_enabled(), long_answer / 4)
+            shown = bot_texts(page)[-1]
+            time.sleep(1.0)
+            assert bot_texts(page)[-1] == shown  # the stream has stopped
+            assert 5 <= shown.count("word") < 200 and not engine.busy
+            assert page.locator("#stop").is_disabled() and took < long_answer / 4
+
+            with page.expect_download() as download:
+                page.locator("#download").click()
+            turns = json.loads(open(download.value.path(), encoding="utf-8").read())["turns"]
+            assert turns[0]["user"] == "Write a long story."
+            assert turns[0]["assistant"].count("word") == shown.count("word")
+            assert turns[0]["assistant"] == FILLER[: len(turns[0]["assistant"])]  # the text so far, exactly
+            first = transcript_files()
+            assert len(first) == 1  # one file in this session's own folder
+
+            box.fill("Again.")
+            box.press("Enter")
+            wait_for_words(page, 3)
+            page.locator("#stop").click()
+            page.wait_for_selector("#send:enabled", timeout=10_000)
+            page.wait_for_function("document.querySelectorAll('[data-testid=\"bot\"]').length == 2")
+            second = transcript_files()
+            assert len(second) == 1 and second != first  # replaced, not accumulated
+
+            # a second session, answering when its tab is closed: generation stops, and each session's
+            # transcript folder goes with it
+            other = browser.new_context().new_page()
+            other.goto(url)
+            other.wait_for_selector("#message textarea")
+            other.locator("#message textarea").fill("Write a long story.")
+            other.locator("#message textarea").press("Enter")
+            wait_for_words(other, 5)
+            assert engine.busy
+            other.close()
+            assert wait_until(lambda: not engine.busy, long_answer / 4) < long_answer / 4
+            page.close()
+            wait_until(lambda: not list(cache.glob("qtune-chat-*")), 10)
+            assert list(cache.rglob("*.json")) == []  # and Gradio kept no copy of a transcript
+        finally:
+            browser.close()
+
+
+def test_sigterm_while_the_web_app_streams_an_answer_exits_within_seconds(tiny_run):
+    import signal
+
+    from serve_fixtures import serve_process
+    from test_serve import FILLER
+
+    with serve_process(tiny_run.root, FILLER, 0.05, "--max-new-tokens", "400") as (server, url), \
+            sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context().new_page()
+            page.goto(url)
+            page.wait_for_selector("#message textarea")
+            page.locator("#message textarea").fill("Write a long story.")
+            page.locator("#message textarea").press("Enter")
+            wait_for_words(page, 5)  # 400 tokens of 50 ms each: 20 s to go
+            server.send_signal(signal.SIGTERM)
+            start = time.perf_counter()
+            server.wait(timeout=30)
+            took = time.perf_counter() - start
+        finally:
+            browser.close()
+    # the answer is cancelled and the page's open streams are closed, not waited for (measured 0.2 s)
+    assert took < 5, took
+    assert server.returncode == -signal.SIGTERM and "Traceback" not in server.stdout.read()

@@ -525,9 +525,7 @@ def serve(
             except OSError as e:
                 raise QtuneError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
         _quiet_libraries()
-        import uvicorn
-
-        from qtune.serve.api import create_app
+        from qtune.serve.api import create_app, run_server
         from qtune.serve.engine import Engine
 
         engine = Engine(str(run), quant)
@@ -536,7 +534,7 @@ def serve(
     except (QtuneError, ValueError) as e:
         _fail(str(e))
     typer.echo(f"web app: http://{host}:{port}/   OpenAI API: http://{host}:{port}/v1   (Ctrl-C stops)")
-    uvicorn.run(server_app, host=host, port=port, log_level="warning")
+    run_server(server_app, engine, host, port)
 
 
 @app.command()

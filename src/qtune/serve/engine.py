@@ -6,10 +6,23 @@ conversations with exactly the template the adapter was trained with
 training), and generates with transformers' ``generate``: greedy or sampled, streamed through
 ``TextIteratorStreamer``, stopped at EOS, at stop strings or at ``max_new_tokens``. Generation is serialized by
 a lock, so front ends may call it from several threads.
+
+Generated text is returned exactly as decoded (leading indentation and trailing newlines included); the streamed
+pieces of an answer always join to the non-streamed answer.
+
+Every generation can be cancelled from another thread (``cancel`` event of :meth:`Engine.stream`, or
+:meth:`Engine.close` for all of them): it stops at the next token and frees the engine. Per-request costs are
+bounded before the engine is taken:
+
+- ``MAX_STOP_STRINGS`` (4, as OpenAI allows) extra stop strings of at most ``MAX_STOP_CHARS`` (64) characters
+  each: building transformers' stop-string criteria costs about 0.1 s per string on a 49k-token vocabulary, and
+  the criteria are built before taking the engine's lock, never while holding it.
+- ``max_new_tokens`` must leave room for a prompt in the context window (:meth:`Engine.prompt_budget`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from dataclasses import dataclass
@@ -17,7 +30,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from transformers import StoppingCriteria, TextIteratorStreamer
+from transformers import StoppingCriteria, StopStringCriteria, TextIteratorStreamer
 
 from qtune.data.templates import ALPACA_STOP, Message, format_conversation, format_prompt
 from qtune.data.tokenize import encode_prompt
@@ -26,6 +39,20 @@ from qtune.errors import QtuneError
 MERGED_META = "qtune.json"
 """File in a merged-model directory naming the template (and source run) the weights were trained with."""
 QUANT_CHOICES = ("nf4", "fp4", "int8", "fp16", "bf16", "none")
+MAX_STOP_STRINGS = 4
+"""Most extra stop strings per request (OpenAI's limit); each costs ~0.1 s to prepare, so this bounds that cost."""
+MAX_STOP_CHARS = 64
+"""Longest extra stop string, in characters (the preparation cost grows with the length too)."""
+LOCK_POLL_S = 0.1
+"""How often a generation waiting for the engine checks whether it was cancelled meanwhile, in seconds."""
+
+
+class SettingsError(ValueError):
+    """A decoding setting out of range; ``field`` names it (``max_new_tokens``, ``temperature``, ``stop``, ...)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -33,7 +60,7 @@ class GenerationSettings:
     """Decoding settings. ``temperature == 0`` means greedy decoding.
 
     Raises:
-        ValueError: a setting out of range (message names the setting and the allowed range).
+        SettingsError: a setting out of range (a ValueError; the message names the setting and the allowed range).
     """
 
     max_new_tokens: int = 256
@@ -41,17 +68,26 @@ class GenerationSettings:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
-    """Extra stop strings (the template's own are always added); the answer ends before the first one."""
+    """Extra stop strings (the template's own are always added); the answer ends before the first one. At most
+    ``MAX_STOP_STRINGS`` of at most ``MAX_STOP_CHARS`` characters each."""
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+            raise SettingsError("max_new_tokens", f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if not 0 <= self.temperature <= 5:
-            raise ValueError(f"temperature must be in [0, 5], got {self.temperature}")
+            raise SettingsError("temperature", f"temperature must be in [0, 5], got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SettingsError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 < self.repetition_penalty <= 10:
-            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+            raise SettingsError("repetition_penalty",
+                                f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise SettingsError("stop", f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for i, text in enumerate(self.stop):
+            if not isinstance(text, str):
+                raise SettingsError("stop", f"stop[{i}]: expected a string, got {type(text).__name__}")
+            if len(text) > MAX_STOP_CHARS:
+                raise SettingsError("stop", f"stop[{i}]: at most {MAX_STOP_CHARS} characters, got {len(text)}")
         self.stop = tuple(s for s in self.stop if s)
 
 
@@ -73,6 +109,8 @@ class StreamState:
     completion_tokens: int = 0
     finish_reason: str = "stop"
     text: str = ""
+    cancelled: bool = False
+    """True when the generation was cancelled (its ``cancel`` event or :meth:`Engine.close`) before it ended."""
 
 
 class _StopTrimmer:
@@ -108,7 +146,8 @@ class _StopTrimmer:
 
 
 class _Cancelled(StoppingCriteria):
-    """Stops ``generate`` when the consumer of a stream has gone away (closed generator, client disconnect)."""
+    """Stops ``generate`` when the consumer of a stream has gone away (closed generator, client disconnect, Stop
+    button, server shutdown)."""
 
     def __init__(self, event: threading.Event):
         self.event = event
@@ -152,6 +191,14 @@ class Engine:
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.stops = ALPACA_STOP if self.template == "alpaca" else ()
         self._lock = threading.Lock()
+        self._active: set[threading.Event] = set()
+        self._active_lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def busy(self) -> bool:
+        """True while a generation holds the engine."""
+        return self._lock.locked()
 
     @property
     def device(self) -> torch.device:
@@ -175,16 +222,36 @@ class Engine:
         """Prompt token ids exactly as training encoded prompts (:func:`qtune.data.tokenize.encode_prompt`)."""
         return encode_prompt(prompt, self.tokenizer)
 
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens of ``text`` on its own (no special tokens)."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @functools.cached_property
+    def pair_overhead(self) -> int:
+        """Template tokens one earlier user/assistant pair adds to a conversation's prompt besides its two
+        messages' own tokens (an estimate: tokens may merge across the boundaries)."""
+        one = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+        last = [{"role": "user", "content": "c"}]
+        extra = len(self.encode(self.chat_prompt(one + last))) - len(self.encode(self.chat_prompt(last)))
+        return max(0, extra - self.count_tokens("a") - self.count_tokens("b"))
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """Most characters one vocabulary entry spells: a text of ``n`` characters has at least
+        ``n / max_token_chars`` tokens (byte-level BPE and SentencePiece vocabularies), so far too long texts are
+        recognised without tokenizing them."""
+        return max(1, max(len(t) for t in self.tokenizer.get_vocab()))
+
     def prompt_budget(self, settings: GenerationSettings) -> int:
         """Most prompt tokens that leave room for ``settings.max_new_tokens`` in the context window.
 
         Raises:
-            ValueError: ``max_new_tokens`` leaves no room for a prompt.
+            SettingsError: ``max_new_tokens`` leaves no room for a prompt (a ValueError).
         """
         budget = self.context_length - settings.max_new_tokens
         if budget < 1:
-            raise ValueError(f"max_new_tokens must be below the model's context of {self.context_length} tokens, "
-                             f"got {settings.max_new_tokens}")
+            raise SettingsError("max_new_tokens", f"max_new_tokens must be below the model's context of "
+                                f"{self.context_length} tokens, got {settings.max_new_tokens}")
         return budget
 
     # ---- generation ------------------------------------------------------------------------------------------
@@ -200,9 +267,28 @@ class Engine:
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        if stops:
-            kwargs |= dict(stop_strings=list(stops), tokenizer=self.tokenizer)
         return kwargs
+
+    def _stopping_criteria(self, stops: Sequence[str]) -> list[StoppingCriteria]:
+        return [StopStringCriteria(self.tokenizer, list(stops))] if stops else []
+
+    def _acquire(self, cancel: threading.Event) -> bool:
+        """Take the engine's lock, or give up (False) once ``cancel`` is set while waiting."""
+        while not self._lock.acquire(timeout=LOCK_POLL_S):
+            if cancel.is_set():
+                return False
+        if cancel.is_set():
+            self._lock.release()
+            return False
+        return True
+
+    def close(self) -> None:
+        """Cancel every running or waiting generation and every later one (server shutdown); each stops at its
+        next token."""
+        with self._active_lock:
+            self._closed = True
+            for event in self._active:
+                event.set()
 
     def _check_fits(self, ids: list[int], settings: GenerationSettings) -> None:
         budget = self.prompt_budget(settings)
@@ -211,16 +297,19 @@ class Engine:
                              f"at most {budget} fit in the model's context of {self.context_length}")
 
     def stream(self, prompt_ids: list[int], settings: GenerationSettings | None = None,
-               state: StreamState | None = None) -> Iterator[str]:
+               state: StreamState | None = None, cancel: threading.Event | None = None) -> Iterator[str]:
         """Yield the answer's text piece by piece as it is generated (``TextIteratorStreamer``).
 
         Generation ends at EOS, at a stop string (the template's and ``settings.stop``; the stop string itself
-        is never yielded) or after ``max_new_tokens``. Closing the iterator early stops generation.
+        is never yielded) or after ``max_new_tokens``. Closing the iterator early, setting ``cancel`` (from any
+        thread) or :meth:`close` stops generation at its next token and frees the engine; a cancelled stream
+        just ends, with ``state.cancelled`` set. The pieces join to exactly the decoded answer.
 
         Args:
             prompt_ids: prompt token ids (:meth:`encode`), at most :meth:`prompt_budget` of them.
             settings: decoding settings; greedy with 256 new tokens when None.
             state: filled with token counts, finish reason and the full text once the iterator is exhausted.
+            cancel: set it to stop this generation (client disconnected, Stop button).
 
         Raises:
             ValueError: the prompt does not fit in the context with ``max_new_tokens``.
@@ -230,19 +319,27 @@ class Engine:
         self._check_fits(prompt_ids, s)
         stops = tuple(self.stops) + tuple(s.stop)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancel = threading.Event()
+        cancel = cancel if cancel is not None else threading.Event()
+        with self._active_lock:
+            if self._closed:
+                cancel.set()
+            self._active.add(cancel)
         ids = torch.tensor([prompt_ids], device=self.device)
         result: dict = {}
 
         def run():
             try:
-                with self._lock, torch.no_grad():
-                    if cancel.is_set():
-                        streamer.end()
-                        return
-                    result["out"] = self.model.generate(
-                        input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                        stopping_criteria=[_Cancelled(cancel)], **self._generate_kwargs(s, stops))
+                criteria = [_Cancelled(cancel), *self._stopping_criteria(stops)]  # prepared before taking the lock
+                if not self._acquire(cancel):
+                    streamer.end()
+                    return
+                try:
+                    with torch.no_grad():
+                        result["out"] = self.model.generate(
+                            input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                            stopping_criteria=criteria, **self._generate_kwargs(s, stops))
+                finally:
+                    self._lock.release()
             except Exception as e:  # surfaced in the consumer's thread
                 result["error"] = e
                 streamer.end()
@@ -260,20 +357,27 @@ class Engine:
                 if trimmer.stopped:
                     break
             tail = trimmer.flush()
-            if tail:
+            if tail and not cancel.is_set():
                 pieces.append(tail)
                 yield tail
+            cancelled = cancel.is_set() and not trimmer.stopped
         finally:
             cancel.set()  # generate() stops at its next token; the streamer's queue is unbounded
             thread.join()
+            with self._active_lock:
+                self._active.discard(cancel)
         if "error" in result:
             raise result["error"]
-        new = result["out"][0, len(prompt_ids):].tolist()
         state.prompt_tokens = len(prompt_ids)
+        state.text = "".join(pieces)
+        if "out" not in result:  # cancelled before generation started
+            state.cancelled, state.completion_tokens, state.finish_reason = True, 0, "stop"
+            return
+        new = result["out"][0, len(prompt_ids):].tolist()
         state.completion_tokens = len(new)
         ended = trimmer.stopped or (new and new[-1] == self.tokenizer.eos_token_id)
+        state.cancelled = cancelled and not ended and len(new) < s.max_new_tokens
         state.finish_reason = "stop" if ended or len(new) < s.max_new_tokens else "length"
-        state.text = "".join(pieces)
 
     def complete(self, messages: Sequence[Message], settings: GenerationSettings | None = None) -> Completion:
         """The whole answer to a conversation (``messages`` must fit; see :mod:`qtune.serve.session`).
@@ -284,14 +388,15 @@ class Engine:
         state = StreamState()
         for _ in self.stream(self.encode(self.chat_prompt(messages)), settings, state):
             pass
-        return Completion(state.text.strip(), state.prompt_tokens, state.completion_tokens, state.finish_reason)
+        return Completion(state.text, state.prompt_tokens, state.completion_tokens, state.finish_reason)
 
     def answer(self, instruction: str, input: str = "", settings: GenerationSettings | None = None) -> str:
-        """The adapter's answer to one instruction (with optional input), in the training template."""
+        """The adapter's answer to one instruction (with optional input), in the training template, exactly as
+        generated (leading indentation kept)."""
         state = StreamState()
         for _ in self.stream(self.encode(self.prompt(instruction, input)), settings, state):
             pass
-        return state.text.strip()
+        return state.text
 
     @torch.no_grad()
     def generate_batch(self, prompts: Sequence[str], settings: GenerationSettings | None = None) -> list[str]:
@@ -316,14 +421,15 @@ class Engine:
         batch = self.tokenizer.pad({"input_ids": encoded}, padding=True, padding_side="left", return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items()}
         stops = tuple(self.stops) + tuple(s.stop)
+        criteria = self._stopping_criteria(stops)
         with self._lock:
-            out = self.model.generate(**batch, **self._generate_kwargs(s, stops))
+            out = self.model.generate(**batch, stopping_criteria=criteria, **self._generate_kwargs(s, stops))
         answers = []
         for row in out[:, batch["input_ids"].shape[1]:].tolist():
             if self.tokenizer.eos_token_id in row:
                 row = row[: row.index(self.tokenizer.eos_token_id)]
             text, _ = _trim_stops(self.tokenizer.decode(row, skip_special_tokens=True), stops)
-            answers.append(text.strip())
+            answers.append(text)
         return answers
 
 

@@ -1,19 +1,26 @@
-"""The Gradio chat app (UI only): streaming chat, system prompt, generation settings, new conversation and
-transcript download. Each browser session keeps its own history in ``gr.State``; the conversation logic is
-:class:`qtune.serve.session.ChatSession`.
+"""The Gradio chat app (UI only): streaming chat with a Stop button, system prompt, generation settings, new
+conversation and transcript download. Each browser session keeps its own history in ``gr.State``; the
+conversation logic is :class:`qtune.serve.session.ChatSession`.
+
+Stop ends the answer being streamed at its next token (the turn keeps the text so far); closing or reloading the
+tab does the same. A session's transcript is one file in its own folder (``qtune-chat-*`` in Gradio's cache
+folder, so Gradio serves it without copying it), replaced at each turn and deleted with the session.
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from qtune.data.templates import ALPACA_PREAMBLE
 from qtune.serve.engine import Engine, GenerationSettings
-from qtune.serve.session import ChatSession, Turn
+from qtune.serve.session import ChatSession, Reply, Turn
 
 CODING_SYSTEM_PROMPT = "You are a careful coding assistant. Answer with correct, concise code and a short explanation."
 """Default system prompt for ``chat``-template runs (``alpaca`` runs default to the preamble they were trained with)."""
@@ -32,13 +39,57 @@ def _assistant(text: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
-def _write_transcript(session: ChatSession) -> str:
-    folder = Path(tempfile.gettempdir()) / "qtune-transcripts"
-    folder.mkdir(exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="chat-", dir=folder, delete=False,
-                                     encoding="utf-8") as f:
-        f.write(session.transcript())
-    return f.name
+class _Sessions:
+    """What each browser session holds on the server, by Gradio session hash: the answer being streamed (so that
+    Stop can end it) and the folder with its transcript (deleted when the session ends)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._replies: dict[str, Reply] = {}
+        self._folders: dict[str, Path] = {}
+
+    def started(self, key: str, reply: Reply) -> None:
+        with self._lock:
+            self._replies[key] = reply
+
+    def finished(self, key: str, reply: Reply) -> bool:
+        """The answer has ended; False when its session ended first (then nothing more is kept for it)."""
+        with self._lock:
+            if self._replies.get(key) is reply:
+                del self._replies[key]
+                return True
+            return False
+
+    def stop(self, key: str) -> None:
+        """End the session's answer at its next token (nothing when none is streaming)."""
+        with self._lock:
+            reply = self._replies.get(key)
+        if reply is not None:
+            reply.stop()
+
+    def write_transcript(self, key: str, session: ChatSession) -> str:
+        """Write the transcript as the session's only file; returns its path."""
+        with self._lock:
+            folder = self._folders.get(key)
+            if folder is None:
+                Path(get_upload_folder()).mkdir(parents=True, exist_ok=True)
+                folder = self._folders[key] = Path(tempfile.mkdtemp(prefix="qtune-chat-", dir=get_upload_folder()))
+        for old in folder.iterdir():
+            old.unlink()
+        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="chat-", dir=folder, delete=False,
+                                         encoding="utf-8") as f:
+            f.write(session.transcript())
+        return f.name
+
+    def end(self, key: str) -> None:
+        """The session is over (tab closed): stop its answer and delete its transcript folder."""
+        with self._lock:
+            reply = self._replies.pop(key, None)
+            folder = self._folders.pop(key, None)
+        if reply is not None:
+            reply.stop()
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.Blocks:
@@ -48,36 +99,55 @@ def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.B
         defaults: initial slider values (greedy, 256 new tokens when None).
     """
     d = defaults or GenerationSettings()
+    sessions = _Sessions()
     max_new_cap = max(1, min(4096, engine.context_length - 1))
 
-    def respond(message, turns, chat, system, temperature, top_p, max_new_tokens, repetition_penalty):
+    def respond(message, turns, chat, system, temperature, top_p, max_new_tokens, repetition_penalty,
+                request: gr.Request):
         if not message or not message.strip():
             gr.Info("Empty message ignored: type a question, then press Enter.")
-            yield message, turns, chat, gr.skip(), gr.skip()
+            yield message, turns, chat, gr.skip(), gr.skip(), gr.skip()
             return
         try:
             settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                           top_p=float(top_p), repetition_penalty=float(repetition_penalty))
-            session = ChatSession(engine, system.strip() or None, [Turn(**t) for t in turns])
+            session = ChatSession(engine, system if system.strip() else None, [Turn(**t) for t in turns])
             reply = session.ask(message, settings)
         except ValueError as e:  # out-of-range settings, a message longer than the context
             gr.Warning(str(e))
-            yield message, turns, chat, gr.skip(), gr.skip()
+            yield message, turns, chat, gr.skip(), gr.skip(), gr.skip()
             return
         if reply.notice:
             gr.Info(reply.notice)
         chat = list(chat) + [{"role": "user", "content": message}, _assistant("")]
-        text = ""
-        for piece in reply:
-            text += piece
-            chat[-1] = _assistant(text)
-            yield "", turns, chat, gr.skip(), gr.Button(interactive=False)  # Send is off while answering
+        answering = gr.Button(interactive=False), gr.Button(interactive=True)  # Send off, Stop on
+        sessions.started(request.session_hash, reply)
+        try:
+            yield "", turns, chat, gr.skip(), *answering
+            text = ""
+            for piece in reply:
+                text += piece
+                chat[-1] = _assistant(text)
+                yield "", turns, chat, gr.skip(), *answering
+        finally:
+            alive = sessions.finished(request.session_hash, reply)
+        if not alive:  # the tab was closed while answering: no transcript for a session that has ended
+            return
         chat[-1] = _assistant(session.turns[-1].assistant)
-        transcript = gr.DownloadButton(value=_write_transcript(session), interactive=True)
-        yield "", [asdict(t) for t in session.turns], chat, transcript, gr.Button(interactive=True)
+        transcript = gr.DownloadButton(value=sessions.write_transcript(request.session_hash, session),
+                                       interactive=True)
+        yield ("", [asdict(t) for t in session.turns], chat, transcript, gr.Button(interactive=True),
+               gr.Button(interactive=False))
+
+    def stop(request: gr.Request):
+        sessions.stop(request.session_hash)
+
+    def end_session(request: gr.Request):
+        sessions.end(request.session_hash)
 
     def new_conversation():
-        return "", [], [], gr.DownloadButton(value=None, interactive=False), gr.Button(interactive=True)
+        return ("", [], [], gr.DownloadButton(value=None, interactive=False), gr.Button(interactive=True),
+                gr.Button(interactive=False))
 
     with gr.Blocks(title=f"qtune · {engine.name}") as demo:
         gr.Markdown(f"### qtune chat · `{engine.name}`  \ntemplate `{engine.template}`, context "
@@ -89,6 +159,7 @@ def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.B
             message = gr.Textbox(placeholder="Ask a coding question and press Enter", show_label=False, scale=5,
                                  elem_id="message", autofocus=True)
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            stop_button = gr.Button("Stop", variant="stop", scale=1, elem_id="stop", interactive=False)
         with gr.Row():
             clear = gr.Button("New conversation", elem_id="new")
             download = gr.DownloadButton("Download transcript", interactive=False, elem_id="download")
@@ -100,9 +171,12 @@ def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.B
                                 label="Max new tokens")
             rep = gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.05, label="Repetition penalty")
         inputs = [message, turns, chat, system, temperature, top_p, max_new, rep]
-        outputs = [message, turns, chat, download, send]
+        outputs = [message, turns, chat, download, send, stop_button]
         message.submit(respond, inputs, outputs)
         send.click(respond, inputs, outputs)
+        # not queued: runs at once, also while this session's answer holds the queue's only slot
+        stop_button.click(stop, None, None, queue=False)
         clear.click(new_conversation, None, outputs, queue=False)
         chat.clear(new_conversation, None, outputs, queue=False)  # the chat box's own trash button
+        demo.unload(end_session)
     return demo
