@@ -576,8 +576,8 @@ def export(
     elif result is not None:
         typer.echo(result.table())
         if not result.ok:
-            worst = max(result.drift, key=result.drift.get)
-            _fail(f"export drift {result.drift[worst]:.5f} nats ({worst}) exceeds --max-drift {max_drift}: the "
+            worst = max(result.drift, key=lambda name: abs(result.drift[name]))
+            _fail(f"export drift {result.drift[worst]:+.5f} nats ({worst}) exceeds --max-drift {max_drift}: the "
                   "export does not compute what the trained adapter does; the files are kept for inspection")
 
 
