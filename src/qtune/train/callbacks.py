@@ -80,7 +80,9 @@ class MetricsRecorder(TrainerCallback):
 
 
 class ProgressBar(TrainerCallback):
-    """A tqdm bar over optimizer steps showing the latest loss, learning rate and tokens/s."""
+    """A tqdm bar over optimizer steps showing, beside step N, step N's loss, learning rate and tokens/s (the bar
+    moves when the step's record is logged). Evaluations show their own bar (:class:`qtune.train.validation.
+    ValidationTrainer`)."""
 
     def __init__(self, recorder: MetricsRecorder):
         self.recorder = recorder
@@ -92,14 +94,16 @@ class ProgressBar(TrainerCallback):
                             dynamic_ncols=True)  # a resumed run starts at its checkpoint's step
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
+        # a step that logs moves the bar in on_log, together with its own figures (not the previous step's)
+        if self.bar is not None and state.global_step % max(args.logging_steps, 1):
             self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         last = self.recorder.records[-1] if self.recorder.records else {}
-        if self.bar is not None and "loss" in last:
+        if self.bar is not None and "loss" in last and last.get("step") == state.global_step:
             self.bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}",
                                  tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
+            self.bar.update(state.global_step - self.bar.n)  # refreshes: the step count and its figures together
         if self.bar is not None and "eval_loss" in (logs or {}):
             self.bar.write(f"step {state.global_step}: val loss {logs['eval_loss']:.4f}")
 

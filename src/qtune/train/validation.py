@@ -26,7 +26,7 @@ from qtune.data.tokenize import IGNORE_INDEX
 
 
 @torch.no_grad()
-def split_loss(model, dataset, collate, batch_size: int | None = None) -> dict[str, float]:
+def split_loss(model, dataset, collate, batch_size: int | None = None, progress=None) -> dict[str, float]:
     """Token-weighted mean cross-entropy over the supervised tokens of ``dataset``.
 
     Args:
@@ -37,6 +37,7 @@ def split_loss(model, dataset, collate, batch_size: int | None = None) -> dict[s
             it is given one row at a time.
         batch_size: ignored (accepted for older callers): every sample is its own forward pass, so the loss
             cannot depend on a batch size.
+        progress: called with the number of samples done after each one (a progress bar's ``update``-like hook).
 
     Returns:
         {"loss": nats per supervised token, "perplexity": exp(loss) (exponent capped at 50),
@@ -50,7 +51,9 @@ def split_loss(model, dataset, collate, batch_size: int | None = None) -> dict[s
     order = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))
     try:
         with no_cpu_repacking(model):
-            for i in order:
+            for done, i in enumerate(order, 1):
+                if progress is not None:
+                    progress(done)
                 batch = collate([dataset[i]])
                 next_labels = batch.pop("labels")[0, 1:]  # [T-1]: the label each position predicts
                 keep = (next_labels != IGNORE_INDEX).nonzero().squeeze(-1)  # [K] positions with a supervised next
@@ -139,8 +142,19 @@ class ValidationTrainer(Trainer):
         """
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         start = time.perf_counter()
-        with loaded_precision(self.loaded_dtypes):
-            result = split_loss(self.model, dataset, self.eval_collate)
+        bar = None
+        if self.is_world_process_zero():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(dataset), desc=f"eval (step {self.state.global_step})", unit="sample",
+                       dynamic_ncols=True, leave=False)
+        try:
+            with loaded_precision(self.loaded_dtypes):
+                result = split_loss(self.model, dataset, self.eval_collate,
+                                    progress=(lambda done: bar.update(done - bar.n)) if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
         p = metric_key_prefix
         metrics = {f"{p}_loss": result["loss"], f"{p}_perplexity": result["perplexity"],
                    f"{p}_tokens": result["tokens"], f"{p}_runtime": round(time.perf_counter() - start, 3)}
