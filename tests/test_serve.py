@@ -416,19 +416,20 @@ def test_api_bounds_every_request_with_a_clear_4xx(server, engine):
     r = post({"messages": many})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     assert f"at most {MAX_MESSAGES} items" in r.json()["error"]["message"]
-    def nested(levels: int):  # lists in an ignored field of the body (itself one level)
-        return json.loads("[" * levels + "]" * levels)
+    def nested(levels: int):  # lists in an ignored field of the body: the body and metadata are two levels
+        return {"x": json.loads("[" * levels + "]" * levels)}
 
-    for deep in (b"[" * 100_000 + b"]" * 100_000, json.dumps({"messages": hi, "x": nested(MAX_JSON_DEPTH)}).encode()):
+    for deep in (b"[" * 100_000 + b"]" * 100_000,
+                 json.dumps({"messages": hi, "metadata": nested(MAX_JSON_DEPTH - 1)}).encode()):
         r = post(deep)
         assert r.status_code == 400
         assert r.json()["error"]["message"] == f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
-    assert post({"messages": hi, "x": nested(MAX_JSON_DEPTH - 1)}).status_code == 200
+    assert post({"messages": hi, "metadata": nested(MAX_JSON_DEPTH - 2)}).status_code == 200
     assert post(b"null").json()["error"]["message"] == "request body must be a JSON object, got NoneType"
     r = post(b'{"messages": [], "n": ' + b"1" * 5000 + b"}")  # Python refuses to convert so long an integer
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("request body is not valid JSON: ")
     r = post(b'{"messages": [{"role": "user", "content": "\\ud800"}]}')
-    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
     r = post({"messages": hi, "stop": ["a", "b", "c", "d", "e"]})
     assert r.status_code == 400 and r.json()["error"] == {
         "message": "stop: at most 4 stop strings, got 5", "type": "invalid_request_error", "param": "stop",
