@@ -136,8 +136,8 @@ def test_developer_is_the_system_role(client, engine):
      "messages[2].role", "messages[2].role: a conversation must end with a user message, got 'assistant'"),
     ([{"role": "system", "content": "a"}], "messages",
      "messages: a conversation needs a user message after the system message"),
-    ([{"role": "system", "content": "a"}, {"role": "user", "content": [{"type": "text", "text": "q"},
-                                                                     {"type": "image_url", "image_url": {"url": "x"}}]}],
+    ([{"role": "system", "content": "a"},
+      {"role": "user", "content": [{"type": "text", "text": "q"}, {"type": "image_url", "image_url": {"url": "x"}}]}],
      "messages[1].content[1].type", "messages[1].content[1].type: only text parts are supported (qtune serves a "
                                     "text model), got \"image_url\""),
     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": None}, {"role": "user", "content": "q"}],

@@ -217,6 +217,23 @@ def test_web_sessions_keep_one_transcript_each_and_end_with_it(engine, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("text, shown", [
+    ("Use sorted() on the list.\nIt returns a new list.", "Use sorted() on the list.\nIt returns a new list."),
+    ("Here:\n```python\ndef f():\n    return 1\n", "Here:\n```python\ndef f():\n    return 1\n"),  # open fence
+    ("~~~\nx\n~~~", "~~~\nx\n~~~"),
+    (INDENTED, f"```\n{INDENTED}\n```"),  # bare code: indentation and "#" kept
+    ("x = a * b", "```\nx = a * b\n```"),
+    ("1. first", "```\n1. first\n```"),
+    ("a  b", "```\na  b\n```"),  # HTML would collapse the spaces
+    ("run ``` inline", "```\nrun ``` inline\n```"),  # not a fence: mid-line
+    ("    ```\nx", "```\n    ```\nx\n```"),  # not a fence either: indented four spaces
+])
+def test_web_messages_show_as_markdown_only_when_markdown_keeps_them(text, shown):
+    from qtune.serve.web import display
+
+    assert display(text) == shown
+
+
 # ---- session holding ----------------------------------------------------------------------------------------------
 
 def test_session_keeps_turns_and_the_second_prompt_contains_the_first(engine):
@@ -604,7 +621,8 @@ def test_sigterm_stops_the_server_within_seconds_during_long_answers(tiny_run):
         assert "Traceback" not in server.stdout.read()
 
         status, *lines = answers[True]
-        assert status == 200 and lines[1].endswith('"delta": {"content": " word"}, "finish_reason": null}]}')
+        assert status == 200
+        assert lines[1].endswith('"delta": {"content": " word"}, "logprobs": null, "finish_reason": null}]}')
         error = {"message": SHUTTING_DOWN, "type": "server_error", "param": None, "code": "cancelled"}
         assert lines[-1] == f"data: {json.dumps({'error': error})}" and "data: [DONE]" not in lines
         assert 3 < len(lines) < 100

@@ -763,11 +763,11 @@ def create_app(engine: Engine, auth: tuple[str, str] | None = None, defaults: Ge
     if ui:
         import gradio as gr
 
-        from qtune.serve.web import CSS, build_ui
+        from qtune.serve.web import CSS, JS, build_ui
 
         blocks = build_ui(engine, defaults or GenerationSettings())
         blocks.queue(default_concurrency_limit=concurrency)
-        app = gr.mount_gradio_app(app, blocks, path="/", auth=auth, footer_links=[], css=CSS)
+        app = gr.mount_gradio_app(app, blocks, path="/", auth=auth, footer_links=[], css=CSS, js=JS)
         web = next(r.app for r in app.routes if isinstance(r, Mount) and isinstance(r.app, gr.routes.App))
         app.state.on_shutdown = [web.stop_event.set]  # ends the web app's heartbeat streams
     return app
