@@ -88,6 +88,13 @@ def test_malformed_conversations_are_rejected():
         format_conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
     with pytest.raises(ValueError, match="at least one"):
         format_conversation([])
+    # messages are named by their index in the list, the system message being message 0
+    with pytest.raises(ValueError, match=r"^message 1: expected role 'user' .*, got 'system'$"):
+        format_conversation([{"role": "system", "content": "a"}, {"role": "system", "content": "b"},
+                             {"role": "user", "content": "q"}])
+    with pytest.raises(ValueError, match=r"^message 2: content must be text$"):
+        format_conversation([{"role": "system", "content": "a"}, {"role": "user", "content": "q"},
+                             {"role": "assistant", "content": None}, {"role": "user", "content": "q"}])
 
 
 # ---- engine -------------------------------------------------------------------------------------------------------
