@@ -360,3 +360,19 @@ def test_an_empty_completion_prompt_is_a_400(client, engine):
     assert engine.encode("") == []  # SmolLM2's tokenizer adds no BOS: there is nothing to continue from
     e = bad_request(lambda: client.completions.create(model=engine.name, prompt=""))
     assert e.param == "prompt" and e.body["message"] == "prompt: empty: send some text to continue"
+
+
+def test_a_completion_client_that_goes_away_frees_the_engine(client, engine):
+    import time
+
+    from test_serve import FILLER
+
+    with scripted(engine, FILLER, delay=0.03):  # 120 tokens: 3.6 s or more
+        stream = client.completions.create(model=engine.name, prompt=PROMPT, max_tokens=120, stream=True)
+        first = [next(stream).choices[0].text for _ in range(3)]
+        stream.close()
+        start = time.perf_counter()
+        short = client.completions.create(model=engine.name, prompt=PROMPT, max_tokens=5)
+        took = time.perf_counter() - start
+    assert first == [" word"] * 3 and short.choices[0].text == " word" * 5
+    assert took < 2.5, took  # 5 tokens; the abandoned answer would hold the engine 117 x 30 ms = 3.5 s more

@@ -647,8 +647,16 @@ def test_api_auth(engine):
         assert httpx.get(f"{url}/v1/models").status_code == 401
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="ada:s3cret", max_retries=0)
         assert client.models.list().data[0].id == engine.name
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{url}/v1", api_key="ada:wrong", max_retries=0).models.list()
+        assert client.models.retrieve(engine.name).id == engine.name
+        wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="ada:wrong", max_retries=0)
+        for call in (wrong.models.list, lambda: wrong.models.retrieve(engine.name),
+                     lambda: wrong.models.retrieve("unknown"),  # credentials are checked before the model
+                     lambda: wrong.completions.create(model=engine.name, prompt="x"),
+                     lambda: wrong.chat.completions.create(model=engine.name, messages=[{"role": "user",
+                                                                                        "content": "x"}])):
+            with pytest.raises(openai.AuthenticationError):
+                call()
+        assert client.completions.create(model=engine.name, prompt="x", max_tokens=2).usage.completion_tokens == 2
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------
