@@ -233,8 +233,8 @@ def test_unsupported_messages_say_what_to_send_instead(client, engine):
     e = bad_request(lambda: client.chat.completions.create(model=engine.name, messages=HI,
                                                            response_format={"type": "json_schema", "json_schema": {
                                                                "name": "x", "schema": {}}}))
-    assert e.body["message"] == ('response_format: not supported by qtune (structured output (JSON mode, JSON '
-                                 'schema)); leave it out or send {"type": "text"}')
+    assert e.body["message"] == ('response_format: not supported by qtune (structured output: JSON mode, JSON '
+                                 'schema); leave it out or send {"type": "text"}')
 
 
 def test_values_that_ask_for_nothing_and_ignored_fields_are_accepted(client, engine):

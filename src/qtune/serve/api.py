@@ -60,7 +60,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.routing import Mount
 
 from qtune.data.templates import Message
-from qtune.serve.engine import Engine, GenerationSettings, SettingsError, StreamState
+from qtune.serve.engine import (MAX_STOP_CHARS, MAX_STOP_STRINGS, Engine, GenerationSettings, SettingsError,
+                                StreamState)
 from qtune.serve.session import ContextOverflow, fit_messages
 
 MAX_BODY_BYTES = 1 << 20
@@ -100,7 +101,8 @@ _SAMPLING = {
     "max_tokens": "most tokens to generate, at least 1 and leaving room for the prompt in the context",
     "temperature": "0 to 2; 0 is greedy (unset: the server's default, greedy unless `qtune serve --temperature`)",
     "top_p": "nucleus sampling, (0, 1]",
-    "stop": "a string or a list of at most 4 strings of at most 64 characters; the answer ends before the first",
+    "stop": f"a string or a list of at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters; the "
+            "answer ends before the first",
     "stream": "true: server-sent events, ending with `data: [DONE]`",
     "stream_options": "only with stream; `include_usage: true` adds a last event with `usage` and `choices: []` "
                       "(`include_obfuscation` is ignored)",
@@ -109,10 +111,10 @@ _SAMPLING = {
     "repetition_penalty": "qtune's own: (0, 10], 1 is none",
 }
 _PENALTIES = {
-    "frequency_penalty": ((None, 0), "frequency penalty (qtune has repetition_penalty)"),
+    "frequency_penalty": ((None, 0), "frequency penalty; qtune has repetition_penalty"),
     "logit_bias": ((None, {}), "logit bias"),
     "n": ((None, 1), "one choice per request"),
-    "presence_penalty": ((None, 0), "presence penalty (qtune has repetition_penalty)"),
+    "presence_penalty": ((None, 0), "presence penalty; qtune has repetition_penalty"),
 }
 
 CHAT_FIELDS = RequestFields(
@@ -132,7 +134,7 @@ CHAT_FIELDS = RequestFields(
         "parallel_tool_calls": ((None,), "tool calling"),
         "prediction": ((None,), "predicted outputs"),
         "reasoning_effort": ((None,), "reasoning effort"),
-        "response_format": ((None, {"type": "text"}), "structured output (JSON mode, JSON schema)"),
+        "response_format": ((None, {"type": "text"}), "structured output: JSON mode, JSON schema"),
         "tool_choice": ((None, "none"), "tool calling"),
         "tools": ((None, []), "tool calling"),
         "top_logprobs": ((None, 0), "log probabilities"),
