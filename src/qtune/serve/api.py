@@ -153,7 +153,7 @@ COMPLETION_FIELDS = RequestFields(
         **_PENALTIES,
         "best_of": ((None, 1), "one candidate per request"),
         "logprobs": ((None,), "log probabilities"),
-        "suffix": ((None, ""), "insertion (text after the completion)"),
+        "suffix": ((None, ""), "insertion: text after the completion"),
     },
 )
 """``POST /v1/completions``: the fields of OpenAI's (legacy) completion request, as qtune treats them."""
