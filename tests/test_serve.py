@@ -88,6 +88,13 @@ def test_malformed_conversations_are_rejected():
         format_conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
     with pytest.raises(ValueError, match="at least one"):
         format_conversation([])
+    # messages are named by their index in the list, the system message being message 0
+    with pytest.raises(ValueError, match=r"^message 1: expected role 'user' .*, got 'system'$"):
+        format_conversation([{"role": "system", "content": "a"}, {"role": "system", "content": "b"},
+                             {"role": "user", "content": "q"}])
+    with pytest.raises(ValueError, match=r"^message 2: content must be text$"):
+        format_conversation([{"role": "system", "content": "a"}, {"role": "user", "content": "q"},
+                             {"role": "assistant", "content": None}, {"role": "user", "content": "q"}])
 
 
 # ---- engine -------------------------------------------------------------------------------------------------------
@@ -215,6 +222,23 @@ def test_web_sessions_keep_one_transcript_each_and_end_with_it(engine, tmp_path,
     assert not new.parent.exists() and other.exists()
     sessions.end("B")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("Use sorted() on the list.\nIt returns a new list.", "Use sorted() on the list.\nIt returns a new list."),
+    ("Here:\n```python\ndef f():\n    return 1\n", "Here:\n```python\ndef f():\n    return 1\n"),  # open fence
+    ("~~~\nx\n~~~", "~~~\nx\n~~~"),
+    (INDENTED, f"```\n{INDENTED}\n```"),  # bare code: indentation and "#" kept
+    ("x = a * b", "```\nx = a * b\n```"),
+    ("1. first", "```\n1. first\n```"),
+    ("a  b", "```\na  b\n```"),  # HTML would collapse the spaces
+    ("run ``` inline", "```\nrun ``` inline\n```"),  # not a fence: mid-line
+    ("    ```\nx", "```\n    ```\nx\n```"),  # not a fence either: indented four spaces
+])
+def test_web_messages_show_as_markdown_only_when_markdown_keeps_them(text, shown):
+    from qtune.serve.web import display
+
+    assert display(text) == shown
 
 
 # ---- session holding ----------------------------------------------------------------------------------------------
@@ -416,19 +440,20 @@ def test_api_bounds_every_request_with_a_clear_4xx(server, engine):
     r = post({"messages": many})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     assert f"at most {MAX_MESSAGES} items" in r.json()["error"]["message"]
-    def nested(levels: int):  # lists in an ignored field of the body (itself one level)
-        return json.loads("[" * levels + "]" * levels)
+    def nested(levels: int):  # lists in an ignored field of the body: the body and metadata are two levels
+        return {"x": json.loads("[" * levels + "]" * levels)}
 
-    for deep in (b"[" * 100_000 + b"]" * 100_000, json.dumps({"messages": hi, "x": nested(MAX_JSON_DEPTH)}).encode()):
+    for deep in (b"[" * 100_000 + b"]" * 100_000,
+                 json.dumps({"messages": hi, "metadata": nested(MAX_JSON_DEPTH - 1)}).encode()):
         r = post(deep)
         assert r.status_code == 400
         assert r.json()["error"]["message"] == f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
-    assert post({"messages": hi, "x": nested(MAX_JSON_DEPTH - 1)}).status_code == 200
+    assert post({"messages": hi, "metadata": nested(MAX_JSON_DEPTH - 2)}).status_code == 200
     assert post(b"null").json()["error"]["message"] == "request body must be a JSON object, got NoneType"
     r = post(b'{"messages": [], "n": ' + b"1" * 5000 + b"}")  # Python refuses to convert so long an integer
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("request body is not valid JSON: ")
     r = post(b'{"messages": [{"role": "user", "content": "\\ud800"}]}')
-    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
     r = post({"messages": hi, "stop": ["a", "b", "c", "d", "e"]})
     assert r.status_code == 400 and r.json()["error"] == {
         "message": "stop: at most 4 stop strings, got 5", "type": "invalid_request_error", "param": "stop",
@@ -603,7 +628,8 @@ def test_sigterm_stops_the_server_within_seconds_during_long_answers(tiny_run):
         assert "Traceback" not in server.stdout.read()
 
         status, *lines = answers[True]
-        assert status == 200 and lines[1].endswith('"delta": {"content": " word"}, "finish_reason": null}]}')
+        assert status == 200
+        assert lines[1].endswith('"delta": {"content": " word"}, "logprobs": null, "finish_reason": null}]}')
         error = {"message": SHUTTING_DOWN, "type": "server_error", "param": None, "code": "cancelled"}
         assert lines[-1] == f"data: {json.dumps({'error': error})}" and "data: [DONE]" not in lines
         assert 3 < len(lines) < 100
@@ -621,8 +647,16 @@ def test_api_auth(engine):
         assert httpx.get(f"{url}/v1/models").status_code == 401
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="ada:s3cret", max_retries=0)
         assert client.models.list().data[0].id == engine.name
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{url}/v1", api_key="ada:wrong", max_retries=0).models.list()
+        assert client.models.retrieve(engine.name).id == engine.name
+        wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="ada:wrong", max_retries=0)
+        for call in (wrong.models.list, lambda: wrong.models.retrieve(engine.name),
+                     lambda: wrong.models.retrieve("unknown"),  # credentials are checked before the model
+                     lambda: wrong.completions.create(model=engine.name, prompt="x"),
+                     lambda: wrong.chat.completions.create(model=engine.name, messages=[{"role": "user",
+                                                                                        "content": "x"}])):
+            with pytest.raises(openai.AuthenticationError):
+                call()
+        assert client.completions.create(model=engine.name, prompt="x", max_tokens=2).usage.completion_tokens == 2
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------

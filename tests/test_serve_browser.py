@@ -195,3 +195,72 @@ def test_sigterm_while_the_web_app_streams_an_answer_exits_within_seconds(tiny_r
     # the answer is cancelled and the page's open streams are closed, not waited for (measured 0.2 s)
     assert took < 5, took
     assert server.returncode == -signal.SIGTERM and "Traceback" not in server.stdout.read()
+
+
+CODE = "def add(a, b):\n    if a:\n        return a + b  # both\n\n    return b\n"
+MARKDOWN_ANSWER = f"Here is the *function*:\n\n```python\n{CODE}```\n\nCall it with **two** numbers."
+
+
+def code_blocks(page) -> list[str]:
+    """The exact text of every code block in the answers (textContent: nothing trimmed or collapsed)."""
+    return page.eval_on_selector_all('[data-testid="bot"] pre code', "els => els.map(e => e.textContent)")
+
+
+def test_answers_render_as_markdown_with_highlighted_code_kept_exactly(engine):
+    from qtune.serve.api import create_app
+    from qtune.serve.engine import GenerationSettings
+
+    from serve_fixtures import scripted
+    from test_serve import INDENTED
+
+    app = create_app(engine, defaults=GenerationSettings(max_new_tokens=200))
+    with running(app) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context()
+            context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url)
+            page = context.new_page()
+            page.goto(url)
+            page.wait_for_selector("#message textarea")
+            with scripted(engine, MARKDOWN_ANSWER, delay=0.1):  # ~40 tokens: 4 s of streaming to watch
+                box = page.locator("#message textarea")
+                box.fill("Write add.")
+                box.press("Enter")
+                # while streaming, the fence is still open: the block runs to the end of the text so far
+                page.wait_for_function("""() => { const c = document.querySelector('[data-testid="bot"] pre code');
+                                                  return c && c.textContent.includes('if a:'); }""", timeout=60_000)
+                partial = code_blocks(page)
+                assert page.locator("#send").is_disabled()  # still streaming
+                assert len(partial) == 1 and CODE.startswith(partial[0].rstrip("\n")) and partial[0] != CODE
+                page.wait_for_selector("#send:enabled", timeout=60_000)
+            assert code_blocks(page) == [CODE]  # every space and blank line of the code, exactly
+            block = page.locator('[data-testid="bot"] pre code')
+            assert block.get_attribute("class").split() == ["language-python"]
+            keywords = block.locator(".token.keyword").all_inner_texts()
+            assert keywords == ["def", "if", "return", "return"]  # highlighted by Prism
+            assert block.locator(".token.comment").all_inner_texts() == ["# both"]
+            bot = page.locator('[data-testid="bot"]').last
+            assert bot.locator("em").all_inner_texts() == ["function"]  # and the prose is Markdown
+            assert bot.locator("strong").all_inner_texts() == ["two"]
+
+            bot.hover()
+            bot.locator(".copy_code_button").click()
+            assert page.evaluate("navigator.clipboard.readText()") == CODE
+
+            # bare code (no fence) is shown exactly as generated, indentation and "#" included
+            with scripted(engine, INDENTED):
+                send(page, "Sort xs.", 2)
+            assert code_blocks(page) == [CODE, INDENTED]
+            second = page.locator('[data-testid="bot"]').last
+            assert second.locator("h1").count() == 0
+            second.hover()
+            second.locator(".copy_code_button").click()
+            assert page.evaluate("navigator.clipboard.readText()") == INDENTED  # Gradio's own copy trims it
+
+            # and so are the user's messages
+            send(page, "  keep   these  spaces", 3)
+            shown = page.eval_on_selector_all('[data-testid="user"] pre code', "els => els.map(e => e.textContent)")
+            assert shown == ["  keep   these  spaces\n"]
+            assert page.locator('[data-testid="user"]').first.inner_text() == "Write add."
+        finally:
+            browser.close()

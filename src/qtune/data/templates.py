@@ -40,12 +40,14 @@ ALPACA_STOP = ("### Instruction:", "### Input:", "### Response:")
 
 def check_messages(messages: Sequence[Message]) -> None:
     """Raises ValueError unless ``messages`` is an optional system message, then alternating user/assistant
-    messages that start and end with a user message, every content a string."""
+    messages that start and end with a user message, every content a string. Errors name a message by its index
+    in ``messages`` (the system message, when there is one, is message 0)."""
     if not messages:
         raise ValueError("a conversation needs at least one user message")
-    body = list(messages[1:] if messages[0].get("role") == "system" else messages)
-    for i, m in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
+    start = 1 if messages[0].get("role") == "system" else 0
+    body = list(messages[start:])
+    for i, m in enumerate(body, start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
         if m.get("role") != expected:
             raise ValueError(f"message {i}: expected role {expected!r} (system first, then user/assistant "
                              f"alternating), got {m.get('role')!r}")

@@ -2,6 +2,12 @@
 conversation and transcript download. Each browser session keeps its own history in ``gr.State``; the
 conversation logic is :class:`qtune.serve.session.ChatSession`.
 
+Messages are shown as Markdown (:func:`display`): fenced code blocks are highlighted (Prism) with their text and
+indentation exactly as generated, also while a block is still streaming (an unclosed fence runs to the end);
+text without a fence that Markdown would change (indentation, ``*``, ``#``, ``_`` ...: mostly bare code, as
+CodeAlpaca-style adapters answer) is shown exactly as written, in one plain code block. The code blocks' copy
+button copies the code exactly (:data:`JS`; Gradio's own trims the first line's indentation).
+
 Stop ends the answer being streamed at its next token (the turn keeps the text so far); closing or reloading the
 tab does the same. A session's transcript is one file in its own folder (``qtune-chat-*`` in Gradio's cache
 folder, so Gradio serves it without copying it), replaced at each turn and deleted with the session.
@@ -9,6 +15,7 @@ folder, so Gradio serves it without copying it), replaced at each turn and delet
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import threading
@@ -24,9 +31,38 @@ from qtune.serve.session import ChatSession, Reply, Turn
 
 CODING_SYSTEM_PROMPT = "You are a careful coding assistant. Answer with correct, concise code and a short explanation."
 """Default system prompt for ``chat``-template runs (``alpaca`` runs default to the preamble they were trained with)."""
-CSS = """#chat [data-testid="bot"], #chat [data-testid="user"] { white-space: pre-wrap; }
-#chat [data-testid="bot"] { font-family: ui-monospace, monospace; font-size: 0.9em; }"""
-"""Page style (pass to ``gr.mount_gradio_app``): messages keep their line breaks and indentation; answers in monospace."""
+CSS = """#chat pre code { white-space: pre; overflow-x: auto; tab-size: 4; }"""
+"""Page style (pass to ``gr.mount_gradio_app``): code lines never wrap, so indentation shows as generated."""
+JS = """() => {
+  // Gradio's copy button copies the block's innerText trimmed, which loses the first line's indentation:
+  // this listener runs first (capture phase) and copies the code's text exactly instead
+  document.addEventListener("click", (event) => {
+    const button = event.target instanceof Element ? event.target.closest("#chat .copy_code_button") : null;
+    const code = button ? button.parentElement.querySelector("pre code") : null;
+    if (!code) return;
+    event.stopImmediatePropagation();
+    const text = code.textContent;
+    const copied = () => {
+      const check = button.children[1];
+      if (check) { check.style.opacity = "1"; setTimeout(() => { check.style.opacity = "0"; }, 2000); }
+    };
+    if (navigator.clipboard && window.isSecureContext) { navigator.clipboard.writeText(text).then(copied); return; }
+    const area = document.createElement("textarea");
+    area.value = text;
+    area.style.position = "fixed";
+    area.style.opacity = "0";
+    document.body.appendChild(area);
+    area.select();
+    if (document.execCommand("copy")) copied();
+    area.remove();
+  }, true);
+}"""
+"""Page script (pass to ``gr.mount_gradio_app``): the code blocks' copy button copies the code exactly."""
+
+_FENCE = re.compile(r"^ {0,3}(```|~~~)", re.MULTILINE)
+_MARKDOWN_SIGNS = re.compile(r"[\\`*_\[\]<>#|~&]|^[ \t]|^[-+=]|^\d+[.)]| {2}", re.MULTILINE)
+"""Anything Markdown could render otherwise than as the same text: escapes, emphasis, code, links, HTML, headings,
+tables, entities, indentation, list or rule markers, and runs of spaces (collapsed by HTML)."""
 
 
 def default_system_prompt(engine: Engine) -> str:
@@ -34,9 +70,22 @@ def default_system_prompt(engine: Engine) -> str:
     return ALPACA_PREAMBLE if engine.template == "alpaca" else CODING_SYSTEM_PROMPT
 
 
-def _assistant(text: str) -> dict:
+def display(text: str) -> str:
+    """The Markdown shown for a message: the text itself when it has a code fence (```` ``` ```` or ``~~~``) or
+    nothing that Markdown would change; otherwise the text in one plain fenced code block, so that it shows
+    exactly as written (bare code keeps its indentation, ``*`` and ``#`` stay characters)."""
+    if _FENCE.search(text) or not _MARKDOWN_SIGNS.search(text):
+        return text
+    return f"```\n{text}\n```"  # no line of the text starts a fence, so none closes this one
+
+
+def _message(role: str, text: str) -> dict:
     # a text part, not a bare string: Gradio dedents bare strings (inspect.cleandoc), which breaks code indentation
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+    return {"role": role, "content": [{"type": "text", "text": display(text)}]}
+
+
+def _assistant(text: str) -> dict:
+    return _message("assistant", text)
 
 
 class _Sessions:
@@ -119,7 +168,7 @@ def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.B
             return
         if reply.notice:
             gr.Info(reply.notice)
-        chat = list(chat) + [{"role": "user", "content": message}, _assistant("")]
+        chat = list(chat) + [_message("user", message), _assistant("")]
         answering = gr.Button(interactive=False), gr.Button(interactive=True)  # Send off, Stop on
         sessions.started(request.session_hash, reply)
         try:
@@ -153,8 +202,9 @@ def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.B
         gr.Markdown(f"### qtune chat · `{engine.name}`  \ntemplate `{engine.template}`, context "
                     f"{engine.context_length} tokens; oldest turns leave the prompt first when it is full.")
         turns = gr.State([])
-        # answers are mostly bare code: shown as plain text with its line breaks and indentation kept
-        chat = gr.Chatbot(label="Conversation", height=720, elem_id="chat", render_markdown=False)
+        # Markdown with highlighted code (see display()); no LaTeX, so that "$$" in code and prose stays text
+        chat = gr.Chatbot(label="Conversation", height=720, elem_id="chat", render_markdown=True,
+                          latex_delimiters=[])
         with gr.Row():
             message = gr.Textbox(placeholder="Ask a coding question and press Enter", show_label=False, scale=5,
                                  elem_id="message", autofocus=True)
