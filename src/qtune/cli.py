@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand
 
+from qtune.config import QuantConfig, TrainConfig
 from qtune.errors import QtuneError
 from qtune.jsonio import dumps
 from qtune.model.memory import Device, Strategy
@@ -410,6 +411,16 @@ def _echo_estimate(est, fitted: Optional[dict], json_out: bool) -> None:
             typer.echo(f"  seq_len {row['seq_len']:>6}: batch {row['max_batch_size']:>5}  ({row['tokens']:,} tokens)")
 
 
+def _choices(section, name: str) -> str:
+    """Help of a flag setting a Literal field of a config section: the field and its values, read from the type."""
+    from typing import get_args
+
+    from qtune.config import RunConfig
+
+    key = next(k for k, f in RunConfig.model_fields.items() if f.default_factory is section)
+    return f"{key}.{name}: {', '.join(get_args(section.model_fields[name].annotation))}."
+
+
 def _names(value: Optional[str]):
     """A comma-separated flag value as a list of names (None when the flag was not given)."""
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
@@ -423,17 +434,17 @@ def estimate(
     set_: SetOpt = None,
     model: Annotated[Optional[str], typer.Option(help="model.name: hub id, model directory (a config.json alone is "
                                                  "enough), .gguf or alias.")] = None,
-    quant: Annotated[Optional[str], typer.Option(help="quant.quant.")] = None,
+    quant: Annotated[Optional[str], typer.Option(help=_choices(QuantConfig, "quant"))] = None,
     double_quant: Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant", help="quant.double_quant.")] = None,
     r: Annotated[Optional[int], typer.Option("--r", min=0, help="lora.r; 0 = full fine-tuning (estimate only).")] = None,
     target_modules: Annotated[Optional[str], typer.Option(help="lora.target_modules: all-linear or comma-separated names.")] = None,
     dora: Annotated[Optional[bool], typer.Option("--dora/--no-dora", help="lora.use_dora.")] = None,
     lora_dropout: Annotated[Optional[float], typer.Option(help="lora.lora_dropout.")] = None,
-    optim: Annotated[Optional[str], typer.Option(help="train.optim.")] = None,
+    optim: Annotated[Optional[str], typer.Option(help=_choices(TrainConfig, "optim"))] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="train.batch_size (sequences per micro-batch).")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
                                                                    help="train.gradient_checkpointing.")] = None,
-    compute_dtype: Annotated[Optional[str], typer.Option(help="quant.compute_dtype.")] = None,
+    compute_dtype: Annotated[Optional[str], typer.Option(help=_choices(QuantConfig, "compute_dtype"))] = None,
     upcast_frozen: Annotated[Optional[bool], typer.Option("--upcast-frozen/--no-upcast-frozen", help="train.upcast_frozen "
                                                           "(PEFT's fp32 upcast on a quantized base, the stock recipe).")] = None,
     skip_modules: Annotated[Optional[str], typer.Option(help="quant.skip_modules, comma-separated.")] = None,
@@ -460,7 +471,8 @@ def estimate(
              "train.gradient_checkpointing": gradient_checkpointing, "train.upcast_frozen": upcast_frozen}
     try:
         _quiet_libraries()
-        from qtune.model.memory import estimate as run_estimate, fit
+        from qtune.model.memory import estimate as run_estimate
+        from qtune.model.memory import fit
 
         cfg = _estimate_config(config, set_, {k: v for k, v in flags.items() if v is not None}, trust_remote_code)
         counts, shape = _estimate_inputs(cfg, config is not None, r == 0, seq_len, device, world_size, strategy,

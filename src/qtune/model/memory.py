@@ -26,7 +26,6 @@ launch; the fields a run config also has take its defaults.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -138,7 +137,7 @@ class TrainShape:
     @classmethod
     def from_config(cls, cfg, seq_len: int | None = None, device: Device | None = None,
                     supervised_share: float | None = None, world_size: int = 1,
-                    strategy: Strategy = "ddp") -> "TrainShape":
+                    strategy: Strategy = "ddp") -> TrainShape:
         """The shape of a run of :class:`qtune.config.RunConfig` ``cfg``.
 
         Args:
