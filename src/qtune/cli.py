@@ -17,8 +17,10 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand
 
+from qtune.config import QuantConfig, TrainConfig
 from qtune.errors import QtuneError
 from qtune.jsonio import dumps
+from qtune.model.memory import Device, Strategy
 from qtune.serve.export_check import DEFAULT_CHECK_ROWS, DEFAULT_MAX_DRIFT
 
 _default_showwarning = warnings.showwarning
@@ -328,70 +330,160 @@ def generate(
     typer.echo(answer)
 
 
+_ESTIMATE_FLAGS = {
+    "model.name": "model", "quant.quant": "quant", "quant.double_quant": "double-quant",
+    "quant.compute_dtype": "compute-dtype", "quant.skip_modules": "skip-modules", "lora.r": "r",
+    "lora.target_modules": "target-modules", "lora.use_dora": "dora", "lora.lora_dropout": "lora-dropout",
+    "train.optim": "optim", "train.batch_size": "batch-size", "train.gradient_checkpointing": "gradient-checkpointing",
+    "train.upcast_frozen": "upcast-frozen",
+}
+"""Config field -> ``qtune estimate`` flag: each flag is a shorthand for ``--set FIELD=VALUE``."""
+
+
+def _estimate_config(config: Optional[Path], set_: Optional[list[str]], flags: dict, trust_remote_code: bool):
+    """The RunConfig ``qtune estimate`` counts: ``--config`` and ``--set`` read as ``qtune train`` reads them, then
+    the flags given (``flags``: config field -> value). Each flag is first checked alone against the config types,
+    so a bad value is reported under its flag's name (``--quant: Input should be 'none', ... (got 'nf5')``).
+    Without ``--config`` the data file need not exist (the flag form reads no data)."""
+    from pydantic import ValidationError
+
+    from qtune.config import RunConfig, load_config
+
+    nested: dict = {}
+    for key, value in flags.items():
+        section, name = key.split(".")
+        nested.setdefault(section, {})[name] = value
+    try:
+        RunConfig.model_validate(nested, context={"saved_run": True})
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"][:2])
+            where = f"--{_ESTIMATE_FLAGS[key]}: " if key in _ESTIMATE_FLAGS else ""
+            got = f" (got {e['input']!r})" if e["loc"] else ""
+            lines.append(f"{where}{e['msg'].removeprefix('Value error, ')}{got}")
+        raise QtuneError("\n".join(dict.fromkeys(lines))) from None
+    overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items()]
+    cfg = load_config(config, [*(set_ or []), *overrides], saved_run=config is None)
+    _remote_code(cfg, trust_remote_code)
+    return cfg
+
+
+def _estimate_inputs(cfg, from_file: bool, full_ft: bool, seq_len, device, world_size: int, strategy: str,
+                     logit_fraction):
+    """(counts, shape) for ``cfg``: with a config file the data is prepared as ``qtune train`` would (longest
+    training sample, supervised share; what ``qtune sweep`` records for the run) unless ``--seq-len`` and
+    ``--logit-fraction`` both replace it; the flag form takes ``data.max_length`` and every position."""
+    from dataclasses import replace
+
+    from qtune.model.memory import prepared_split_stats, run_config_inputs
+
+    if strategy == "fsdp" and world_size < 2:
+        raise QtuneError("--strategy fsdp shards over GPUs: pass --world-size 2 or more")
+    longest, share = None, None
+    if from_file and (seq_len is None or logit_fraction is None):
+        try:
+            longest, share = prepared_split_stats(cfg)
+        except QtuneError as e:
+            raise QtuneError(f"{e} (the estimate reads the training split for its longest sample and supervised "
+                             "share; give --seq-len and --logit-fraction to estimate without it)") from None
+    counts, shape = run_config_inputs(cfg, seq_len or longest, device, share, world_size, strategy)
+    if full_ft:
+        shape = replace(shape, r=0)
+    if logit_fraction is not None:
+        shape = replace(shape, logit_fraction=logit_fraction)
+    return counts, shape
+
+
+def _echo_estimate(est, fitted: Optional[dict], json_out: bool) -> None:
+    if json_out:
+        typer.echo(dumps(est.to_dict() | ({"fit": fitted} if fitted else {})))
+        return
+    typer.echo(est.table())
+    s = est.shape
+    typer.echo(f"inputs: {s.device}, {s.world_size} x {s.strategy}, batch {s.batch_size} x seq_len {s.seq_len}, "
+               f"quant {s.quant}, r {s.r}, optim {s.optim}, logits at {s.logit_fraction:.3g} of the positions")
+    typer.echo(f"trainable parameters: {est.trainable_params:,} of {est.total_params:,}")
+    if fitted:
+        typer.echo(f"largest batch at {fitted['seq_len']} tokens: {fitted['max_batch_size']} "
+                   f"(budget {fitted['budget_gib']} GiB)")
+        for row in fitted["table"]:
+            typer.echo(f"  seq_len {row['seq_len']:>6}: batch {row['max_batch_size']:>5}  ({row['tokens']:,} tokens)")
+
+
+def _choices(section, name: str) -> str:
+    """Help of a flag setting a Literal field of a config section: the field and its values, read from the type."""
+    from typing import get_args
+
+    from qtune.config import RunConfig
+
+    key = next(k for k, f in RunConfig.model_fields.items() if f.default_factory is section)
+    return f"{key}.{name}: {', '.join(get_args(section.model_fields[name].annotation))}."
+
+
+def _names(value: Optional[str]):
+    """A comma-separated flag value as a list of names (None when the flag was not given)."""
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
 @app.command()
 def estimate(
-    model: Annotated[str, typer.Option(help="Hub id, model directory (a config.json alone is enough), .gguf or alias.")] = "smollm2-135m-instruct",
-    quant: Annotated[str, typer.Option(help="none, fp16, bf16, int8, nf4 or fp4.")] = "nf4",
-    double_quant: Annotated[bool, typer.Option(help="4-bit: double quantization.")] = True,
-    r: Annotated[int, typer.Option("--r", min=0, help="LoRA rank; 0 = full fine-tuning.")] = 16,
-    target_modules: Annotated[str, typer.Option(help="all-linear or comma-separated module names.")] = "all-linear",
-    dora: Annotated[bool, typer.Option("--dora", help="DoRA magnitude vectors.")] = False,
-    lora_dropout: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.05,
-    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
-    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 512,
-    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per micro-batch.")] = 1,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward.")] = True,
-    device: Annotated[str, typer.Option(help="cuda (peak allocated) or cpu (peak RSS).")] = "cuda",
-    compute_dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run config: estimate the run "
+                                                   "'qtune train' would launch with it (its data is prepared for the "
+                                                   "longest sample and the supervised share).")] = None,
+    set_: SetOpt = None,
+    model: Annotated[Optional[str], typer.Option(help="model.name: hub id, model directory (a config.json alone is "
+                                                 "enough), .gguf or alias.")] = None,
+    quant: Annotated[Optional[str], typer.Option(help=_choices(QuantConfig, "quant"))] = None,
+    double_quant: Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant", help="quant.double_quant.")] = None,
+    r: Annotated[Optional[int], typer.Option("--r", min=0, help="lora.r; 0 = full fine-tuning (estimate only).")] = None,
+    target_modules: Annotated[Optional[str], typer.Option(help="lora.target_modules: all-linear or comma-separated names.")] = None,
+    dora: Annotated[Optional[bool], typer.Option("--dora/--no-dora", help="lora.use_dora.")] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option(help="lora.lora_dropout.")] = None,
+    optim: Annotated[Optional[str], typer.Option(help=_choices(TrainConfig, "optim"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="train.batch_size (sequences per micro-batch).")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
+                                                                   help="train.gradient_checkpointing.")] = None,
+    compute_dtype: Annotated[Optional[str], typer.Option(help=_choices(QuantConfig, "compute_dtype"))] = None,
+    upcast_frozen: Annotated[Optional[bool], typer.Option("--upcast-frozen/--no-upcast-frozen", help="train.upcast_frozen "
+                                                          "(PEFT's fp32 upcast on a quantized base, the stock recipe).")] = None,
+    skip_modules: Annotated[Optional[str], typer.Option(help="quant.skip_modules, comma-separated.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(min=1, help="Tokens per sequence (default: the longest training "
+                                                   "sample with --config, else data.max_length).")] = None,
+    device: Annotated[Optional[Device], typer.Option(help="Peak allocated on cuda or peak RSS on cpu (default: where "
+                                                     "'qtune train' would run here).")] = None,
     world_size: Annotated[int, typer.Option(min=1, help="Data-parallel GPUs; the estimate is per GPU.")] = 1,
-    strategy: Annotated[str, typer.Option(help="ddp or fsdp (with --world-size > 1).")] = "ddp",
-    upcast_frozen: Annotated[bool, typer.Option(
-        help="PEFT's fp32 upcast of embeddings, norms and LM head on a quantized base (the stock recipe; qtune's "
-        "train.upcast_frozen is off).")] = True,
-    logit_fraction: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="Share of positions whose logits are computed (qtune's response-only logits: the "
-        "supervised share, e.g. 0.4).")] = 1.0,
-    skip_modules: Annotated[str, typer.Option(help="Comma-separated linear layers left unquantized (quant.skip_modules).")] = "",
+    strategy: Annotated[Strategy, typer.Option(help="Data parallelism with --world-size > 1.")] = "ddp",
+    logit_fraction: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Share of positions whose logits "
+                              "are computed (default: the supervised share with --config, else 1).")] = None,
     fit_gib: Annotated[Optional[float], typer.Option("--fit", min=0.0, help="Also answer the largest batch that fits GIB.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object; peak_gib is the predicted peak.")] = False,
+    trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
-    """Predict peak training memory from the model's config alone (no weights), term by term."""
+    """Predict peak training memory, term by term, from the model's config alone (no weights): of the run a
+    config describes (--config, --set), or of qtune's defaults changed by the flags (each flag sets the config
+    field its help names)."""
+    flags = {"model.name": model, "quant.quant": quant, "quant.double_quant": double_quant,
+             "quant.compute_dtype": compute_dtype, "quant.skip_modules": _names(skip_modules),
+             "lora.r": r or None, "lora.use_dora": dora, "lora.lora_dropout": lora_dropout,
+             "lora.target_modules": target_modules if target_modules in (None, "all-linear") else _names(target_modules),
+             "train.optim": optim, "train.batch_size": batch_size,
+             "train.gradient_checkpointing": gradient_checkpointing, "train.upcast_frozen": upcast_frozen}
     try:
         _quiet_libraries()
-        from qtune.model.memory import TrainShape, count_model, estimate as run_estimate, fit, load_model_config
+        from qtune.model.memory import estimate as run_estimate
+        from qtune.model.memory import fit
 
-        checks = {"quant": (quant, ("none", "fp16", "bf16", "int8", "nf4", "fp4")), "optimizer": (optimizer, ("adamw", "sgd")),
-                  "device": (device, ("cuda", "cpu")), "compute-dtype": (compute_dtype, ("auto", "float32", "float16", "bfloat16")),
-                  "strategy": (strategy, ("ddp", "fsdp"))}
-        for opt, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise QtuneError(f"--{opt} {value!r}: expected one of {', '.join(allowed)}")
-        if strategy == "fsdp" and world_size < 2:
-            raise QtuneError("--strategy fsdp shards over GPUs: pass --world-size 2 or more")
-        tm = target_modules if target_modules == "all-linear" else tuple(t.strip() for t in target_modules.split(",") if t.strip())
-        shape = TrainShape(quant=quant, double_quant=double_quant, r=r, target_modules=tm, use_dora=dora,
-                           lora_dropout=lora_dropout, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
-                           gradient_checkpointing=gradient_checkpointing, device=device, compute_dtype=compute_dtype,
-                           world_size=world_size, strategy=strategy, upcast_frozen=upcast_frozen,
-                           logit_fraction=logit_fraction)
-        conf = load_model_config(model)
-        counts = count_model(conf, tuple(m.strip() for m in skip_modules.split(",") if m.strip()))
+        cfg = _estimate_config(config, set_, {k: v for k, v in flags.items() if v is not None}, trust_remote_code)
+        counts, shape = _estimate_inputs(cfg, config is not None, r == 0, seq_len, device, world_size, strategy,
+                                         logit_fraction)
         est = run_estimate(counts, shape)
         fitted = None
         if fit_gib is not None:
-            fitted = fit(counts, shape, fit_gib, getattr(conf, "max_position_embeddings", None))
+            fitted = fit(counts, shape, fit_gib, getattr(counts.config, "max_position_embeddings", None))
     except QtuneError as e:
         _fail(str(e))
-    if json_out:
-        out = est.to_dict() | ({"fit": fitted} if fitted else {})
-        typer.echo(dumps(out))
-        return
-    typer.echo(est.table())
-    typer.echo(f"trainable parameters: {est.trainable_params:,} of {est.total_params:,}")
-    if fitted:
-        typer.echo(f"largest batch at {seq_len} tokens: {fitted['max_batch_size']} (budget {fit_gib} GiB)")
-        for row in fitted["table"]:
-            typer.echo(f"  seq_len {row['seq_len']:>6}: batch {row['max_batch_size']:>5}  ({row['tokens']:,} tokens)")
+    _echo_estimate(est, fitted, json_out)
 
 
 @app.command()

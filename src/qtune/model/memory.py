@@ -18,12 +18,18 @@ On CPU (peak resident set size) two terms are added: the interpreter, libraries,
 pages of the memory-mapped checkpoint that loading a quantized model leaves resident. CPU figures assume glibc's
 fixed mmap threshold that ``qtune sweep`` sets (:data:`qtune.study.sweep.MMAP_THRESHOLD`); with glibc's default
 dynamic threshold the heap keeps freed activations and peak RSS is higher.
+
+The inputs (:class:`TrainShape`) are those of a :class:`qtune.config.RunConfig`: build them with
+:meth:`TrainShape.from_config` (or :func:`run_config_inputs`), so an estimate counts the run ``qtune train`` would
+launch; the fields a run config also has take its defaults.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+from qtune.config import DataConfig, LoraSettings, QuantConfig, TrainConfig
 
 GIB = 1024**3
 
@@ -35,6 +41,18 @@ NESTED_BLOCKSIZE = 256
 """Double quantization: the 8-bit absmax constants are themselves quantized in blocks of 256 with one fp32 scale
 each (QLoRA paper, section 3 "Double Quantization"; bitsandbytes ``quantize_4bit(compress_statistics=True)``)."""
 
+BNB_OPTIM_BLOCKSIZE = 256
+"""bitsandbytes 8-bit optimizers (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"): each of the
+two Adam states is stored as uint8 with one fp32 absmax per block of values. The paper used blocks of 2048; the
+bitsandbytes release qtune pins (0.50) uses 256 (``Optimizer2State.init_state``: ``blocksize = 256``)."""
+BNB_MIN_8BIT_SIZE = 4096
+"""bitsandbytes 8-bit optimizers keep fp32 states for tensors of fewer elements (``min_8bit_size``, default 4096)."""
+BNB_QMAP_BYTES = 2 * 256 * 4
+"""The two 256-entry fp32 quantization maps (signed and unsigned dynamic maps) an 8-bit optimizer holds once."""
+BNB_PAGED_MIN_SIZE = 100_000
+"""bitsandbytes paged optimizers put the states of tensors of at least this many elements in CUDA unified memory
+(``Optimizer8bit.get_state_buffer``: ``p.numel() < 1e5`` stays an ordinary tensor)."""
+
 CPU_RUNTIME_BYTES = int(0.53 * GIB)
 """Resident set size of a ``qtune train`` process before the model loads: Python with torch, transformers, peft,
 datasets and bitsandbytes imported (0.47 GiB), the tokenizer and the prepared splits (0.06 GiB); measured with
@@ -45,50 +63,107 @@ ALLOCATOR_OVERHEAD = 0.05
 2 MiB segments for large blocks) and freed blocks are kept for reuse (PyTorch docs, "CUDA semantics: memory
 management"). Reported apart; not part of ``peak_gib``."""
 
+Device = Literal["cuda", "cpu"]
+"""Where the estimate is for: cuda (peak allocated) or cpu (peak resident set size)."""
+Strategy = Literal["ddp", "fsdp"]
+"""Data parallelism over ``world_size`` GPUs: ddp (replicated model) or fsdp (sharded)."""
+
+
+def _default(section, name: str):
+    """The default of a :class:`qtune.config.RunConfig` field, so TrainShape cannot drift from it."""
+    return section.model_fields[name].default
+
+
+def effective_optim(cfg) -> str:
+    """The optimizer a run of ``cfg`` trains with: ``train.optim``, except that LoRA+ (``lora.loraplus_lr_ratio``)
+    builds PEFT's ``create_loraplus_optimizer`` over ``torch.optim.AdamW`` (:func:`qtune.model.adapters.
+    loraplus_optimizer`), which the Trainer uses instead of ``train.optim``."""
+    return "adamw_torch" if cfg.lora.loraplus_lr_ratio is not None else cfg.train.optim
+
 
 @dataclass(frozen=True)
 class TrainShape:
-    """What the estimate depends on besides the model config.
+    """What the estimate depends on besides the model config; build it with :meth:`from_config`.
+
+    The fields a :class:`qtune.config.RunConfig` also has take the run config's defaults (read from the config
+    classes, not restated here); the others describe where the run goes.
 
     Attributes:
-        quant: none (fp32), fp16, bf16, int8, nf4 or fp4, as in :class:`qtune.config.QuantConfig`.
-        double_quant: 4-bit only; quantize the quantization constants too.
-        r: LoRA rank; 0 means full fine-tuning (every parameter trainable; needs a 16/32-bit base).
-        target_modules: PEFT target modules ("all-linear" or a list of names).
+        quant: none (fp32), fp16, bf16, int8, nf4 or fp4 (``quant.quant``).
+        double_quant: 4-bit only; quantize the quantization constants too (``quant.double_quant``).
+        compute_dtype: auto (bfloat16 on cuda, float32 on cpu, as :func:`qtune.model.quantize.compute_dtype`),
+            float32, float16 or bfloat16 (``quant.compute_dtype``).
+        r: LoRA rank (``lora.r``); 0 means full fine-tuning (every parameter trainable; needs a 16/32-bit base),
+            which a run config cannot ask for.
+        target_modules: PEFT target modules, "all-linear" or a tuple of names (``lora.target_modules``).
         use_dora: DoRA magnitude vectors (PEFT ``use_dora``); counted in the trainable parameters.
         lora_dropout: dropout on the LoRA input; > 0 keeps one dropped copy of each adapted layer's input.
-        optimizer: adamw (two fp32 states per trainable parameter) or sgd (none).
-        batch_size: sequences per forward pass (micro-batch).
-        seq_len: tokens per sequence (padded length of the longest batch).
+        optim: transformers' optimizer name (``train.optim``, or adamw_torch under LoRA+, :func:`effective_optim`):
+            adamw_torch / adamw_torch_fused (two states per trainable parameter in its dtype), adamw_8bit (two
+            8-bit states + block-wise fp32 absmax, bitsandbytes) or paged_adamw_8bit (the same in CUDA unified
+            memory for large tensors).
+        batch_size: sequences per forward pass (micro-batch, ``train.batch_size``).
+        seq_len: tokens per sequence (``data.max_length``, or the longest training sample).
         gradient_checkpointing: keep only each decoder layer's input and recompute the rest in backward.
+        offload_activations: with checkpointing on cuda, those layer inputs live in pinned CPU memory.
+        upcast_frozen: on a quantized base, PEFT's ``prepare_model_for_kbit_training`` casts the 16-bit
+            embeddings, norms and LM head to fp32 (``train.upcast_frozen``).
         device: cuda (peak allocated) or cpu (peak resident set size, with the runtime term).
-        compute_dtype: auto (bfloat16 on cuda, float32 on cpu, as :func:`qtune.model.quantize.compute_dtype`),
-            float32, float16 or bfloat16.
         world_size: data-parallel processes (GPUs); the estimate is per GPU.
         strategy: ddp (every GPU holds the whole model, plus DDP's gradient buckets) or fsdp (weights, gradients
             and optimizer states sharded over ``world_size``, one decoder layer gathered at a time).
-        upcast_frozen: on a quantized base, PEFT's ``prepare_model_for_kbit_training`` casts the 16-bit
-            embeddings, norms and LM head to fp32 (qtune's ``train.upcast_frozen``; off by default in qtune).
         logit_fraction: share of the b x s positions whose LM-head logits are computed (1.0: all). qtune's
             ``train.response_logits_only`` computes them only where a label is supervised.
     """
 
-    quant: str = "nf4"
-    double_quant: bool = True
-    r: int = 16
-    target_modules: str | tuple[str, ...] = "all-linear"
-    use_dora: bool = False
-    lora_dropout: float = 0.05
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    batch_size: int = 1
-    seq_len: int = 512
-    gradient_checkpointing: bool = True
-    device: Literal["cuda", "cpu"] = "cuda"
-    compute_dtype: str = "auto"
+    quant: str = _default(QuantConfig, "quant")
+    double_quant: bool = _default(QuantConfig, "double_quant")
+    compute_dtype: str = _default(QuantConfig, "compute_dtype")
+    r: int = _default(LoraSettings, "r")
+    target_modules: str | tuple[str, ...] = _default(LoraSettings, "target_modules")
+    use_dora: bool = _default(LoraSettings, "use_dora")
+    lora_dropout: float = _default(LoraSettings, "lora_dropout")
+    optim: str = _default(TrainConfig, "optim")
+    batch_size: int = _default(TrainConfig, "batch_size")
+    seq_len: int = _default(DataConfig, "max_length")
+    gradient_checkpointing: bool = _default(TrainConfig, "gradient_checkpointing")
+    offload_activations: bool = _default(TrainConfig, "offload_activations")
+    upcast_frozen: bool = _default(TrainConfig, "upcast_frozen")
+    device: Device = "cuda"
     world_size: int = 1
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    upcast_frozen: bool = True
+    strategy: Strategy = "ddp"
     logit_fraction: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg, seq_len: int | None = None, device: Device | None = None,
+                    supervised_share: float | None = None, world_size: int = 1,
+                    strategy: Strategy = "ddp") -> TrainShape:
+        """The shape of a run of :class:`qtune.config.RunConfig` ``cfg``.
+
+        Args:
+            seq_len: tokens per sequence; default ``data.max_length`` (a bound: the longest sample may be shorter).
+            device: default cuda when a GPU is visible, else cpu (where ``qtune train`` would run here).
+            supervised_share: supervised (response) tokens / all tokens of the training split; with
+                ``train.response_logits_only`` the logits term counts that share of the positions. None: every
+                position (a bound).
+            world_size, strategy: the launcher's process count and data parallelism (a config has neither).
+        """
+        if device is None:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        tm = cfg.lora.target_modules
+        share = 1.0
+        if cfg.train.response_logits_only and supervised_share:
+            share = min(1.0, supervised_share)
+        return cls(
+            quant=cfg.quant.quant, double_quant=cfg.quant.double_quant, compute_dtype=cfg.quant.compute_dtype,
+            r=cfg.lora.r, target_modules=tm if isinstance(tm, str) else tuple(tm), use_dora=cfg.lora.use_dora,
+            lora_dropout=cfg.lora.lora_dropout, optim=effective_optim(cfg), batch_size=cfg.train.batch_size,
+            seq_len=seq_len or cfg.data.max_length, gradient_checkpointing=cfg.train.gradient_checkpointing,
+            offload_activations=cfg.train.offload_activations, upcast_frozen=cfg.train.upcast_frozen,
+            device=device, world_size=world_size, strategy=strategy, logit_fraction=share,
+        )
 
     def compute_bytes(self) -> int:
         """Bytes per element of activations and of the non-quantized weights as loaded."""
@@ -100,19 +175,31 @@ class TrainShape:
             return _DTYPE_BYTES[self.compute_dtype]
         return 2 if self.device == "cuda" else 4
 
+    def load_bytes(self) -> int:
+        """Bytes per element of the non-quantized weights as loaded (fp32 for quant none)."""
+        return 4 if self.quant == "none" else self.compute_bytes()
+
     @property
     def quantized(self) -> bool:
         return self.quant in ("int8", "nf4", "fp4")
 
+    @property
+    def upcast(self) -> bool:
+        """PEFT's fp32 upcast of the 16-bit non-quantized parameters applies."""
+        return self.quantized and self.load_bytes() < 4 and self.upcast_frozen
+
 
 @dataclass
 class Term:
-    """One line of the breakdown: ``bytes`` and where the formula comes from."""
+    """One line of the breakdown: ``bytes`` and where the formula comes from.
+
+    ``in_peak`` False: left out of the peak, for the reason ``why_not_in_peak`` gives."""
 
     name: str
     bytes: int
     source: str
     in_peak: bool = True
+    why_not_in_peak: str = "not concurrent with the larger phase"
 
     @property
     def gib(self) -> float:
@@ -127,7 +214,9 @@ class ModelCounts:
         quantizable: (name, out_features, in_features) of each nn.Linear bitsandbytes replaces.
         kept_params: elements of every other parameter (embeddings, lm_head, norms, biases), kept 16/32-bit.
         buffer_bytes: bytes of registered buffers (rotary inv_freq, fp32).
-        trainable: {rank: trainable parameter count as PEFT reports it} filled lazily.
+        param_tensors: (elements, belongs to an nn.Embedding) of every parameter tensor, tied ones once: what full
+            fine-tuning trains, tensor by tensor (8-bit optimizers treat small and embedding tensors apart).
+        trainable: {(rank, target modules, DoRA): trainable tensors as PEFT makes them} filled lazily.
     """
 
     quantizable: list[tuple[str, int, int]]
@@ -141,6 +230,7 @@ class ModelCounts:
     vocab: int
     lm_head_params: int
     config: object = None
+    param_tensors: tuple[tuple[int, bool], ...] = ()
     trainable: dict = field(default_factory=dict)
 
     @property
@@ -148,9 +238,10 @@ class ModelCounts:
         return sum(o * i for _, o, i in self.quantizable) + self.quantizable_bias + self.kept_params
 
 
-def load_model_config(model: str):
-    """A transformers ``PretrainedConfig`` from a hub id, a directory holding (only) ``config.json``, a .gguf file
-    or the ``smollm2-135m-instruct`` alias.
+def load_model_config(model):
+    """A transformers ``PretrainedConfig`` from a :class:`qtune.config.ModelConfig` (its revision and remote-code
+    switch apply) or a name: a hub id, a directory holding (only) ``config.json``, a .gguf file or the
+    ``smollm2-135m-instruct`` alias.
 
     Raises:
         QtuneError: the path holds no config.json or the config cannot be read.
@@ -161,11 +252,12 @@ def load_model_config(model: str):
     from qtune.errors import QtuneError
     from qtune.model.load import resolve_model
 
-    path = resolve_model(ModelConfig(name=model), require_weights=False)
+    cfg = model if isinstance(model, ModelConfig) else ModelConfig(name=model)
+    path = resolve_model(cfg, require_weights=False)
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise QtuneError(f"{model}: cannot read the model config ({str(e).splitlines()[0]})") from None
+        raise QtuneError(f"{cfg.name}: cannot read the model config ({str(e).splitlines()[0]})") from None
 
 
 def _meta_model(config):
@@ -185,6 +277,9 @@ def count_model(config, skip_modules: tuple[str, ...] = ()) -> ModelCounts:
     full precision (``get_keys_to_not_convert``: the output embedding / lm_head, tied weights and the last
     module); embeddings and norms are not linear layers and stay 16/32-bit (bitsandbytes docs, "Quantization";
     QLoRA paper, section 4).
+
+    Raises:
+        QtuneError: a name of ``skip_modules`` matches no linear layer.
     """
     import torch
     from transformers.quantizers.base import get_keys_to_not_convert
@@ -208,6 +303,7 @@ def count_model(config, skip_modules: tuple[str, ...] = ()) -> ModelCounts:
                 seen.add(id(mod.bias))
     kept = sum(p.numel() for p in model.parameters() if id(p) not in seen)  # parameters() dedups tied weights
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    embedding = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     h = text.hidden_size
     heads = text.num_attention_heads
@@ -219,17 +315,22 @@ def count_model(config, skip_modules: tuple[str, ...] = ()) -> ModelCounts:
         intermediate=getattr(text, "intermediate_size", 4 * h), kv_dim=kv * head_dim,
         layers=text.num_hidden_layers, vocab=text.vocab_size,
         lm_head_params=out_emb.weight.numel() if out_emb is not None else 0, config=config,
+        param_tensors=tuple((p.numel(), id(p) in embedding) for p in model.parameters()),
     )
 
 
-def peft_trainable(counts: ModelCounts, shape: TrainShape) -> int:
-    """Trainable parameters as PEFT counts them: a LoRA ``LoraConfig`` attached to the meta model.
+def trainable_tensors(counts: ModelCounts, shape: TrainShape) -> tuple[tuple[int, bool], ...]:
+    """(elements, belongs to an nn.Embedding) of each trainable parameter tensor: PEFT's ``LoraConfig`` attached
+    to the meta model, or every parameter for full fine-tuning (r = 0).
 
     LoRA adds r x (in + out) per adapted linear layer (Hu et al. 2021); DoRA adds a magnitude vector of out_features
-    (Liu et al. 2024). Full fine-tuning (r = 0) trains every parameter.
+    (Liu et al. 2024).
+
+    Raises:
+        QtuneError: PEFT rejects ``shape.target_modules`` (e.g. a name matching no module).
     """
     if shape.r == 0:
-        return counts.total_params
+        return counts.param_tensors
     target = shape.target_modules if isinstance(shape.target_modules, str) else tuple(shape.target_modules)
     key = (shape.r, target, shape.use_dora)
     if key not in counts.trainable:
@@ -244,8 +345,13 @@ def peft_trainable(counts: ModelCounts, shape: TrainShape) -> int:
 
             raise QtuneError(f"target modules {list(target) if isinstance(target, tuple) else target}: "
                              f"{str(e).splitlines()[0]}") from None
-        counts.trainable[key] = model.get_nb_trainable_parameters()[0]
+        counts.trainable[key] = tuple((p.numel(), False) for p in model.parameters() if p.requires_grad)
     return counts.trainable[key]
+
+
+def peft_trainable(counts: ModelCounts, shape: TrainShape) -> int:
+    """Trainable parameters as PEFT counts them (see :func:`trainable_tensors`)."""
+    return sum(n for n, _ in trainable_tensors(counts, shape))
 
 
 def quantized_weight_bytes(numel: int, quant: str) -> int:
@@ -269,6 +375,39 @@ def quant_constant_bytes(numel: int, out_features: int, quant: str, double_quant
     if not double_quant:
         return 4 * blocks + code
     return blocks + 4 * (-(-blocks // NESTED_BLOCKSIZE)) + 4 + 256 * 4 + code
+
+
+def optimizer_state_bytes(tensors, optim: str, param_bytes: int, device: str = "cuda") -> tuple[int, int]:
+    """Adam states of the trainable ``tensors`` ((elements, is an embedding) pairs) under transformers' ``optim``:
+    (bytes PyTorch's allocator holds, bytes in CUDA unified memory).
+
+    adamw_torch / adamw_torch_fused: exp_avg and exp_avg_sq per parameter in its dtype (``param_bytes``;
+    Loshchilov & Hutter 2019). adamw_8bit (bitsandbytes, Dettmers et al. 2022): both states uint8 with one fp32
+    absmax per :data:`BNB_OPTIM_BLOCKSIZE` values each, plus the two quantization maps once; tensors below
+    :data:`BNB_MIN_8BIT_SIZE` elements and embeddings (transformers' Trainer registers nn.Embedding weights for
+    32-bit states) keep two fp32 states. paged_adamw_8bit: the same, but on cuda the states of tensors of at least
+    :data:`BNB_PAGED_MIN_SIZE` elements are paged (``cudaMallocManaged``): outside PyTorch's allocator, moved to CPU
+    memory when the GPU runs short. Raises ValueError for an optimizer qtune does not offer.
+    """
+    if optim in ("adamw_torch", "adamw_torch_fused"):
+        return 2 * param_bytes * sum(n for n, _ in tensors), 0
+    if optim not in ("adamw_8bit", "paged_adamw_8bit"):
+        raise ValueError(f"optimizer {optim!r} is not modelled")
+    paged = optim == "paged_adamw_8bit" and device == "cuda"
+    allocated = managed = 0
+    eight_bit = False
+    for n, is_embedding in tensors:
+        if n < BNB_MIN_8BIT_SIZE or is_embedding:
+            states = 2 * 4 * n
+        else:
+            states = 2 * n
+            allocated += 2 * 4 * -(-n // BNB_OPTIM_BLOCKSIZE)  # absmax1, absmax2: ordinary tensors
+            eight_bit = True
+        if paged and n >= BNB_PAGED_MIN_SIZE:
+            managed += states
+        else:
+            allocated += states
+    return allocated + (BNB_QMAP_BYTES if eight_bit else 0), managed
 
 
 @dataclass
@@ -313,7 +452,7 @@ class MemoryEstimate:
         """The breakdown as aligned text lines (GiB), sources included."""
         rows = [f"{'term':<22} {'GiB':>9}  source"]
         for t in self.terms:
-            mark = "" if t.in_peak else " (not concurrent with the larger phase; not in peak)"
+            mark = "" if t.in_peak else f" ({t.why_not_in_peak}; not in peak)"
             rows.append(f"{t.name:<22} {t.gib:>9.3f}  {t.source}{mark}")
         rows.append(f"{'peak':<22} {self.peak_gib:>9.3f}  {'peak allocated' if self.shape.device == 'cuda' else 'peak RSS'}")
         if self.shape.device == "cuda":
@@ -341,12 +480,7 @@ def _layer_activation_bytes(c: ModelCounts, s: TrainShape, e: int, er: int) -> i
     return per
 
 
-def estimate(counts: ModelCounts, s: TrainShape) -> MemoryEstimate:
-    """Predict peak training memory for model ``counts`` under ``s``; see the module docstring for the model.
-
-    Raises:
-        QtuneError: full fine-tuning (r = 0) of a quantized base, or a non-positive batch/sequence length.
-    """
+def _check_shape(s: TrainShape) -> None:
     from qtune.errors import QtuneError
 
     if s.r == 0 and s.quantized:
@@ -355,87 +489,141 @@ def estimate(counts: ModelCounts, s: TrainShape) -> MemoryEstimate:
         raise QtuneError("batch size and sequence length must be positive")
     if s.world_size < 1:
         raise QtuneError(f"world size must be at least 1, got {s.world_size}")
-    e = s.compute_bytes()
-    load = 4 if s.quant == "none" else e  # bytes per element of non-quantized weights as loaded
-    tokens = s.batch_size * s.seq_len
-    lin = sum(o * i for _, o, i in counts.quantizable)
-    kept = counts.kept_params + counts.quantizable_bias
 
+
+def _weight_terms(c: ModelCounts, s: TrainShape) -> list[Term]:
+    """The frozen base: weights and buffers as loaded, quantization constants, PEFT's fp32 upcast."""
+    load = s.load_bytes()
+    kept = c.kept_params + c.quantizable_bias
     if s.quantized:
-        qweights = sum(quantized_weight_bytes(o * i, s.quant) for _, o, i in counts.quantizable)
-        weights = qweights + kept * load + counts.buffer_bytes
-        constants = sum(quant_constant_bytes(o * i, o, s.quant, s.double_quant) for _, o, i in counts.quantizable)
+        qweights = sum(quantized_weight_bytes(o * i, s.quant) for _, o, i in c.quantizable)
+        weights = qweights + kept * load + c.buffer_bytes
+        constants = sum(quant_constant_bytes(o * i, o, s.quant, s.double_quant) for _, o, i in c.quantizable)
     else:
-        weights = (lin + kept) * load + counts.buffer_bytes
+        weights = (sum(o * i for _, o, i in c.quantizable) + kept) * load + c.buffer_bytes
         constants = 0
-    terms = [
+    return [
         Term("frozen_weights", weights, "parameters + buffers after load, as get_memory_footprint(): bitsandbytes "
              "packs 4-bit weights two per byte, int8 one per byte; embeddings, lm_head and norms stay 16/32-bit"),
         Term("quant_constants", constants, "bitsandbytes QuantState: absmax per 64 weights, fp32 or 8-bit + fp32 "
              "per 256 with double quantization (QLoRA sec. 3); int8: fp32 per row (LLM.int8())"),
+        Term("kbit_fp32_upcast", kept * (4 - load) if s.upcast else 0, "PEFT prepare_model_for_kbit_training casts "
+             "the non-quantized 16-bit parameters (embeddings, lm_head, norms) to fp32"),
     ]
-    upcast = kept * (4 - load) if s.quantized and load < 4 and s.upcast_frozen else 0
-    terms.append(Term("kbit_fp32_upcast", upcast, "PEFT prepare_model_for_kbit_training casts the non-quantized "
-                      "16-bit parameters (embeddings, lm_head, norms) to fp32"))
 
-    trainable = peft_trainable(counts, s)
-    p_bytes = load if s.r == 0 else 4  # PEFT keeps adapter weights fp32 (autocast_adapter_dtype)
-    terms.append(Term("lora_params", 0 if s.r == 0 else trainable * 4, "trainable LoRA (and DoRA) parameters as "
-                      "PEFT counts them, fp32; 0 for full fine-tuning (they are the frozen_weights term)"))
-    terms.append(Term("gradients", trainable * p_bytes, "one gradient per trainable parameter, in its dtype"))
-    opt = 2 * trainable * p_bytes if s.optimizer == "adamw" else 0
-    terms.append(Term("optimizer_states", opt, "AdamW: exp_avg and exp_avg_sq per trainable parameter "
-                      "(Loshchilov & Hutter 2019; 4 x 28 GB = 112 GB for 7B fp32 full fine-tuning with grads)"))
 
-    er = 4 if (s.quantized and load < 4 and s.upcast_frozen) or load == 4 else e  # follows the embedding's dtype
-    layer = _layer_activation_bytes(counts, s, e, er) * tokens
+_OPTIMIZER_SOURCES = {
+    "adamw_torch": "AdamW: exp_avg and exp_avg_sq per trainable parameter (Loshchilov & Hutter 2019; 4 x 28 GB = "
+                   "112 GB for 7B fp32 full fine-tuning with grads)",
+    "adamw_8bit": "bitsandbytes 8-bit AdamW: two uint8 states + fp32 absmax per 256 values (Dettmers et al. 2022, "
+                  "block-wise quantization); fp32 states for tensors under 4096 elements and embeddings",
+}
+
+
+def _training_state_terms(c: ModelCounts, s: TrainShape) -> tuple[list[Term], int, int]:
+    """Trainable parameters, their gradients and the optimizer states: (terms, trainable count, gradient bytes)."""
+    tensors = trainable_tensors(c, s)
+    trainable = sum(n for n, _ in tensors)
+    p_bytes = s.load_bytes() if s.r == 0 else 4  # PEFT keeps adapter weights fp32 (autocast_adapter_dtype)
+    allocated, managed = optimizer_state_bytes(tensors, s.optim, p_bytes, s.device)
+    source = _OPTIMIZER_SOURCES["adamw_8bit" if s.optim.endswith("8bit") else "adamw_torch"]
+    terms = [
+        Term("lora_params", 0 if s.r == 0 else trainable * 4, "trainable LoRA (and DoRA) parameters as PEFT "
+             "counts them, fp32; 0 for full fine-tuning (they are the frozen_weights term)"),
+        Term("gradients", trainable * p_bytes, "one gradient per trainable parameter, in its dtype"),
+        Term("optimizer_states", allocated, source),
+    ]
+    if s.optim.startswith("paged_"):
+        terms.append(Term("paged_optimizer_states", managed, "bitsandbytes paged optimizer: the 8-bit states of "
+                          "tensors of 1e5 elements or more in CUDA unified memory (cudaMallocManaged)", in_peak=False,
+                          why_not_in_peak="outside PyTorch's allocator; paged to CPU memory when the GPU runs short"))
+    return terms, trainable, trainable * p_bytes
+
+
+def _activation_terms(c: ModelCounts, s: TrainShape) -> tuple[list[Term], int]:
+    """Tensors saved for the backward pass and autocast's weight copies: (terms, one layer's backward workspace)."""
+    e, load = s.compute_bytes(), s.load_bytes()
+    tokens = s.batch_size * s.seq_len
+    er = 4 if s.upcast or load == 4 else e  # the residual stream follows the embedding's dtype
+    layer = _layer_activation_bytes(c, s, e, er) * tokens
     if s.gradient_checkpointing:
-        saved = counts.layers * er * counts.hidden * tokens
+        saved = c.layers * er * c.hidden * tokens
         saved_src = "gradient checkpointing keeps each decoder layer's input (Chen et al. 2016): L x b x s x h"
         workspace = layer
     else:
-        saved = counts.layers * layer
+        saved = c.layers * layer
         saved_src = "every layer's saved tensors (Korthikanti et al. 2022, adapted to LLaMA; see _layer_activation_bytes)"
         workspace = 0
     # Backward of one layer: gradients of its largest activations, and a 4-bit weight dequantized to compute dtype.
-    workspace += 2 * e * max(counts.hidden, counts.intermediate) * tokens
+    workspace += 2 * e * max(c.hidden, c.intermediate) * tokens
     if s.quantized and s.quant != "int8":
-        workspace += e * max(o * i for _, o, i in counts.quantizable)
-    terms.append(Term("activations", saved, saved_src))
-
+        workspace += e * max(o * i for _, o, i in c.quantizable)
+    if s.offload_activations and s.gradient_checkpointing and s.device == "cuda":
+        terms = [Term("activations", 0, "the checkpointed layer inputs are offloaded (train.offload_activations)"),
+                 Term("offloaded_activations", saved, saved_src + "; held in pinned CPU memory (torch.autograd.graph."
+                      "save_on_cpu)", in_peak=False, why_not_in_peak="in CPU memory, not on the GPU")]
+    else:
+        terms = [Term("activations", saved, saved_src)]
     casts = 0
     if e < 4 and s.device == "cuda":
-        if s.quantized and load < 4 and s.upcast_frozen:  # lm_head upcast to fp32, cast back to 16-bit by autocast
-            casts = counts.lm_head_params * e
+        if s.upcast:  # lm_head upcast to fp32, cast back to 16-bit by autocast
+            casts = c.lm_head_params * e
         elif s.quant == "none" and s.r == 0:  # autocast caches a 16-bit copy of each trainable fp32 weight
-            casts = (lin + kept) * e
+            casts = (sum(o * i for _, o, i in c.quantizable) + c.kept_params + c.quantizable_bias) * e
     terms.append(Term("autocast_copies", casts, "torch.autocast keeps 16-bit copies of fp32 weights used in "
                       "matmuls for the backward pass (PyTorch AMP docs)"))
+    return terms, workspace
 
-    logits = int(12 * min(1.0, s.logit_fraction) * tokens * counts.vocab)
+
+def _loss_terms(c: ModelCounts, s: TrainShape, workspace: int) -> list[Term]:
+    """The logits/loss phase and one layer's backward workspace: only the larger of the two is in the peak."""
+    tokens = s.batch_size * s.seq_len
+    logits = int(12 * min(1.0, s.logit_fraction) * tokens * c.vocab)
     logit_src = ("logits + fp32 upcast + log-softmax in forward, then saved log-softmax, its gradient and the "
                  "logits' gradient in fp32 (transformers ForCausalLMLoss): 12 bytes x positions x V, positions = "
                  + ("b x s" if s.logit_fraction >= 1 else "supervised tokens only (response-only logits)"))
-    terms.append(Term("logits_loss", logits, logit_src, in_peak=logits >= workspace))
-    terms.append(Term("layer_workspace", workspace, "backward of one decoder layer: recomputed activations under "
-                      "checkpointing, activation gradients, one dequantized 4-bit weight (QLoRA)",
-                      in_peak=workspace > logits))
+    return [
+        Term("logits_loss", logits, logit_src, in_peak=logits >= workspace),
+        Term("layer_workspace", workspace, "backward of one decoder layer: recomputed activations under "
+             "checkpointing, activation gradients, one dequantized 4-bit weight (QLoRA)", in_peak=workspace > logits),
+    ]
+
+
+def _cpu_terms(c: ModelCounts, s: TrainShape) -> list[Term]:
+    """Peak RSS only: the checkpoint pages a quantized load leaves mapped, and the Python runtime."""
+    ckpt = 0
+    if s.quantized:
+        dtype = str(getattr(c.config, "dtype", None) or "float32").removeprefix("torch.")
+        ckpt = sum(o * i for _, o, i in c.quantizable) * _DTYPE_BYTES.get(dtype, 4)
+    return [
+        Term("checkpoint_pages", ckpt, "CPU: transformers memory-maps the safetensors file and keeps the mapping "
+             "alive; the original weights of the quantized layers were read through it, so their pages stay "
+             "resident (SmolLM2-135M: 0.396 GiB measured in /proc/self/smaps, 0.396 predicted)"),
+        Term("runtime", CPU_RUNTIME_BYTES, "Python + torch/transformers/peft/datasets, tokenizer and splits "
+             "(measured RSS before the model loads)"),
+    ]
+
+
+def estimate(counts: ModelCounts, s: TrainShape) -> MemoryEstimate:
+    """Predict peak training memory for model ``counts`` under ``s``; see the module docstring for the model.
+
+    Raises:
+        QtuneError: full fine-tuning (r = 0) of a quantized base, a non-positive batch/sequence length or world
+            size, or target modules PEFT rejects.
+    """
+    _check_shape(s)
+    terms = _weight_terms(counts, s)
+    state_terms, trainable, grad_bytes = _training_state_terms(counts, s)
+    activation_terms, workspace = _activation_terms(counts, s)
+    terms += state_terms + activation_terms + _loss_terms(counts, s, workspace)
     if s.world_size > 1:
-        _distribute(terms, counts, s, e, load, trainable * p_bytes)
+        _distribute(terms, counts, s, grad_bytes)
     if s.device == "cpu":
-        ckpt = 0
-        if s.quantized:
-            dtype = str(getattr(counts.config, "dtype", None) or "float32").removeprefix("torch.")
-            ckpt = lin * _DTYPE_BYTES.get(dtype, 4)
-        terms.append(Term("checkpoint_pages", ckpt, "CPU: transformers memory-maps the safetensors file and keeps "
-                          "the mapping alive; the original weights of the quantized layers were read through it, so "
-                          "their pages stay resident (SmolLM2-135M: 0.396 GiB measured in /proc/self/smaps, 0.396 predicted)"))
-        terms.append(Term("runtime", CPU_RUNTIME_BYTES, "Python + torch/transformers/peft/datasets, tokenizer and "
-                          "splits (measured RSS before the model loads)"))
+        terms += _cpu_terms(counts, s)
     return MemoryEstimate(s, terms, trainable, counts.total_params)
 
 
-def _distribute(terms: list[Term], counts: ModelCounts, s: TrainShape, e: int, load: int, grad_bytes: int) -> None:
+def _distribute(terms: list[Term], counts: ModelCounts, s: TrainShape, grad_bytes: int) -> None:
     """Per-GPU terms under data parallelism, changed in place.
 
     DDP (PyTorch DDP notes): each GPU keeps the whole model and allreduces gradients through buckets that hold a
@@ -448,7 +636,8 @@ def _distribute(terms: list[Term], counts: ModelCounts, s: TrainShape, e: int, l
         terms.append(Term("ddp_buckets", grad_bytes, "DDP gradient buckets: a second copy of the gradients, "
                           "allreduced across ranks (PyTorch DistributedDataParallel notes)"))
         return
-    sharded = {"frozen_weights", "quant_constants", "kbit_fp32_upcast", "lora_params", "gradients", "optimizer_states"}
+    sharded = {"frozen_weights", "quant_constants", "kbit_fp32_upcast", "lora_params", "gradients", "optimizer_states",
+               "paged_optimizer_states"}
     layer_bytes = 0
     for t in terms:
         if t.name in sharded:
@@ -494,37 +683,52 @@ def fit(counts: ModelCounts, s: TrainShape, budget_gib: float, max_seq_len: int 
     return {"budget_gib": budget_gib, "seq_len": s.seq_len, "max_batch_size": b, "peak_gib": round(p, 3), "table": table}
 
 
-def run_config_inputs(cfg, seq_len: int | None = None, device: str | None = None,
-                      supervised_share: float | None = None) -> tuple[ModelCounts, TrainShape]:
-    """Model counts and training shape of a :class:`qtune.config.RunConfig` (micro-batch ``train.batch_size``,
-    ``seq_len`` defaulting to ``data.max_length``) on ``device`` (default: cuda when visible).
-
-    ``supervised_share``: supervised (response) tokens / all tokens of the training split; with
-    ``train.response_logits_only`` the logits term counts that share of the ``batch_size x seq_len`` positions
-    (default: all positions, a bound)."""
-    from dataclasses import replace
-
-    import torch
-    from transformers import AutoConfig
-
-    from qtune.model.load import resolve_model
-
-    conf = AutoConfig.from_pretrained(resolve_model(cfg.model, require_weights=False))
-    tm = cfg.lora.target_modules
-    shape = TrainShape(
-        quant=cfg.quant.quant, double_quant=cfg.quant.double_quant, r=cfg.lora.r,
-        target_modules=tm if isinstance(tm, str) else tuple(tm), use_dora=cfg.lora.use_dora,
-        lora_dropout=cfg.lora.lora_dropout, batch_size=cfg.train.batch_size, seq_len=seq_len or cfg.data.max_length,
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
-        device=device or ("cuda" if torch.cuda.is_available() else "cpu"), compute_dtype=cfg.quant.compute_dtype,
-        upcast_frozen=cfg.train.upcast_frozen,
-    )
-    if cfg.train.response_logits_only and supervised_share:
-        shape = replace(shape, logit_fraction=min(1.0, supervised_share))
-    return count_model(conf, tuple(cfg.quant.skip_modules)), shape
+def training_split_stats(train) -> tuple[int, float]:
+    """(tokens of the longest sample, supervised tokens / all tokens) of a tokenized training split (columns
+    ``input_ids`` and ``labels``, -100 marking unsupervised positions): the ``seq_len`` and ``supervised_share``
+    of :meth:`TrainShape.from_config` for a run on that split."""
+    total = sum(len(x) for x in train["input_ids"])
+    supervised = sum(sum(1 for t in lab if t != -100) for lab in train["labels"])
+    return max(len(x) for x in train["input_ids"]), supervised / max(total, 1)
 
 
-def estimate_run_config(cfg, seq_len: int | None = None, device: str | None = None,
-                        supervised_share: float | None = None) -> MemoryEstimate:
-    """Estimate for a :class:`qtune.config.RunConfig`; see :func:`run_config_inputs`."""
-    return estimate(*run_config_inputs(cfg, seq_len, device, supervised_share))
+def prepared_split_stats(cfg) -> tuple[int, float]:
+    """:func:`training_split_stats` of the training split ``qtune train`` would prepare for ``cfg``: the data is
+    read, cleaned, tokenized with the model's tokenizer and split as in training, in a temporary directory that is
+    removed afterwards. The split is deterministic (``data.seed``), so a run of ``cfg`` trains on the same one.
+
+    Raises:
+        QtuneError: the model's tokenizer or the data cannot be loaded (see
+            :func:`qtune.data.prepare.prepare_dataset`).
+    """
+    import tempfile
+
+    from qtune.data.prepare import prepare_dataset
+    from qtune.model.load import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(cfg.model, require_weights=False), cfg.model)
+    with tempfile.TemporaryDirectory(prefix="qtune-estimate-") as tmp:
+        splits, _ = prepare_dataset(cfg.data, tokenizer, tmp)
+        return training_split_stats(splits["train"])
+
+
+def run_config_inputs(cfg, seq_len: int | None = None, device: Device | None = None,
+                      supervised_share: float | None = None, world_size: int = 1,
+                      strategy: Strategy = "ddp") -> tuple[ModelCounts, TrainShape]:
+    """Model counts and training shape of a :class:`qtune.config.RunConfig`: the model config as ``cfg.model``
+    names it (no weights), counted with ``quant.skip_modules``, and :meth:`TrainShape.from_config` (see there for
+    the arguments).
+
+    Raises:
+        QtuneError: the model config cannot be read, or a skip module names no linear layer.
+    """
+    shape = TrainShape.from_config(cfg, seq_len, device, supervised_share, world_size, strategy)
+    return count_model(load_model_config(cfg.model), tuple(cfg.quant.skip_modules)), shape
+
+
+def estimate_run_config(cfg, seq_len: int | None = None, device: Device | None = None,
+                        supervised_share: float | None = None, world_size: int = 1,
+                        strategy: Strategy = "ddp") -> MemoryEstimate:
+    """Estimate for a :class:`qtune.config.RunConfig`; see :func:`run_config_inputs`. ``qtune estimate --config``
+    and ``qtune sweep`` both call this, so they print and record the same breakdown for the same inputs."""
+    return estimate(*run_config_inputs(cfg, seq_len, device, supervised_share, world_size, strategy))

@@ -237,18 +237,26 @@ def read_metrics(path: Path) -> list[dict]:
     return out
 
 
-def _longest_train_sample(rd: RunDir) -> tuple[int | None, float | None]:
-    """(most tokens of one training sample, supervised share of all training tokens); (None, None) without
-    the split."""
+def run_estimate(rd: RunDir, device: str, world_size: int = 1):
+    """The memory estimate of the finished run in ``rd`` (:func:`qtune.model.memory.estimate_run_config`), from its
+    saved config, on ``device`` (cuda: the run measured peak allocated; cpu: peak RSS) over ``world_size``
+    processes, with ``seq_len`` the longest sample and the supervised share of the run's own training split
+    (:func:`qtune.model.memory.training_split_stats`). A sweep's run is one ``qtune train`` process (DDP over
+    ``world_size`` when a launcher started more). Without the split: ``data.max_length`` and every position (bounds).
+
+    Raises:
+        QtuneError: the saved config or the model config cannot be read.
+    """
+    from qtune.model.memory import estimate_run_config, training_split_stats
+
     try:
         from qtune.data.prepare import load_splits
 
-        train = load_splits(rd.data)["train"]
-        total = sum(len(x) for x in train["input_ids"])
-        supervised = sum(sum(1 for t in lab if t != -100) for lab in train["labels"])
-        return max(len(x) for x in train["input_ids"]), supervised / max(total, 1)
-    except Exception:  # noqa: BLE001 - the estimate is optional; a missing split only drops it
-        return None, None
+        seq, share = training_split_stats(load_splits(rd.data)["train"])
+    except Exception:  # noqa: BLE001 - a missing or unreadable split only loosens the estimate to its bounds
+        seq, share = None, None
+    return estimate_run_config(load_config(rd.config, saved_run=True), seq_len=seq, device=device,
+                               supervised_share=share, world_size=world_size)
 
 
 def collect_result(run: Run, rd: RunDir, rc: int, wall: float, log: str, base: Path | None) -> dict:
@@ -278,12 +286,8 @@ def collect_result(run: Run, rd: RunDir, rc: int, wall: float, log: str, base: P
     result["estimate_gib"] = None
     if status == "ok":
         try:
-            from qtune.model.memory import estimate_run_config
-
-            seq, share = _longest_train_sample(rd)
             device = "cuda" if result["peak_allocated_gib"] is not None else "cpu"
-            est = estimate_run_config(load_config(rd.config, saved_run=True), seq_len=seq, device=device,
-                                      supervised_share=share)
+            est = run_estimate(rd, device, summary.get("world_size") or 1)
             result["estimate_gib"] = round(est.peak_gib, 4)
             result["estimate"] = est.to_dict()
         except Exception as e:  # noqa: BLE001 - an estimate failure must not lose a finished run

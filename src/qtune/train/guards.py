@@ -55,13 +55,14 @@ class NonFiniteLossGuard(TrainerCallback):
         )
 
 
-def oom_message(cfg: RunConfig, total_bytes: float) -> str:
+def oom_message(cfg: RunConfig, total_bytes: float, world_size: int = 1, strategy: str = "ddp") -> str:
     """The two-line explanation printed when training runs out of GPU memory: the memory model's breakdown
-    (:mod:`qtune.model.memory`) for this config, and the largest micro-batch it expects to fit in 90% of the GPU."""
+    (:mod:`qtune.model.memory`) for this config on ``world_size`` GPUs under ``strategy`` (ddp or fsdp), and the
+    largest micro-batch it expects to fit in 90% of the GPU. Every position's logits are counted (a bound)."""
     from qtune.model.memory import estimate, fit, run_config_inputs
 
     t = cfg.train
-    counts, shape = run_config_inputs(cfg, device="cuda")
+    counts, shape = run_config_inputs(cfg, device="cuda", world_size=world_size, strategy=strategy)
     est = estimate(counts, shape)
     terms = " + ".join(f"{term.name} {term.gib:.2f}" for term in est.terms if term.in_peak and term.bytes)
     budget = 0.9 * total_bytes / GIB
@@ -72,12 +73,25 @@ def oom_message(cfg: RunConfig, total_bytes: float) -> str:
         shorter = [row for row in fitted["table"] if row["max_batch_size"] >= 1]
         advice = (f"batch_size {shorter[-1]['max_batch_size']} x max_length {shorter[-1]['seq_len']}" if shorter else
                   "nothing: the weights alone do not fit; use a smaller model or 4-bit weights (quant.quant=nf4)")
+    per_gpu = f" per GPU ({world_size} x {strategy})" if world_size > 1 else ""
     return (
-        f"out of GPU memory (batch_size {t.batch_size} x max_length {cfg.data.max_length}): memory model (GiB): "
-        f"{terms} = {est.peak_gib:.2f} GiB; GPU has {total_bytes / GIB:.2f} GiB\n"
+        f"out of GPU memory (batch_size {t.batch_size} x max_length {cfg.data.max_length}): memory model (GiB"
+        f"{per_gpu}): {terms} = {est.peak_gib:.2f} GiB; GPU has {total_bytes / GIB:.2f} GiB\n"
         f"largest that should fit: {advice}; lower train.batch_size (raise train.gradient_accumulation_steps to "
         "keep the effective batch) or data.max_length, or turn train.gradient_checkpointing on"
     )
+
+
+def distributed_layout() -> tuple[int, str]:
+    """(world size, strategy) of this training process as the Trainer runs it: accelerate's state, which
+    transformers' Trainer sets up from the launcher (torchrun / accelerate launch): its process count, and fsdp
+    when its distributed type is FSDP, else ddp. (1, "ddp") before any Trainer exists."""
+    from accelerate.state import AcceleratorState, DistributedType, is_initialized
+
+    if not is_initialized():
+        return 1, "ddp"
+    state = AcceleratorState()
+    return state.num_processes, "fsdp" if state.distributed_type == DistributedType.FSDP else "ddp"
 
 
 def gpu_total_bytes() -> float:
@@ -86,11 +100,13 @@ def gpu_total_bytes() -> float:
 
 
 @contextlib.contextmanager
-def explain_out_of_memory(model, cfg: RunConfig, total_bytes: float | None = None):
+def explain_out_of_memory(model, cfg: RunConfig, total_bytes: float | None = None, world_size: int | None = None,
+                          strategy: str | None = None):
     """Context manager: running out of GPU memory inside becomes a :class:`QtuneError` (see :func:`oom_message`);
     other errors pass through unchanged.
 
-    ``total_bytes`` is the device's memory (default: the current CUDA device's).
+    ``total_bytes`` is the device's memory (default: the current CUDA device's); ``world_size`` and ``strategy``
+    default to the Trainer's (:func:`distributed_layout`).
     """
     try:
         yield
@@ -100,4 +116,5 @@ def explain_out_of_memory(model, cfg: RunConfig, total_bytes: float | None = Non
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         total = gpu_total_bytes() if total_bytes is None else total_bytes
-        raise QtuneError(oom_message(cfg, total)) from None
+        known_world, known_strategy = distributed_layout()
+        raise QtuneError(oom_message(cfg, total, world_size or known_world, strategy or known_strategy)) from None
