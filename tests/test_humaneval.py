@@ -190,7 +190,7 @@ def test_cli_unwritable_out_still_prints_the_score(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["pass@1"] == 0.0 and summary["results"] is None
-    warning = f"{blocker / 'x' / 'samples_results.jsonl'}: cannot write: Not a directory"
+    warning = f"{blocker / 'x' / 'samples_results.jsonl'}: cannot write (Not a directory)"
     assert summary["warning"] == warning
     assert result.stderr == f"warning: {warning}\n"
     result = runner.invoke(app, ["eval", "--humaneval-samples", str(EXIT_STATUS_CASE), "--out", str(blocker)])

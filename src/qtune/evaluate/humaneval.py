@@ -300,14 +300,14 @@ def _looks_like_code(line: str) -> bool:
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> str | None:
     """Write ``rows`` as JSONL to ``path`` (its directory made if missing); None when written, else why not
-    (``PATH: cannot write: REASON``), so a caller can warn and keep what it computed."""
+    (``PATH: cannot write (REASON)``), so a caller can warn and keep what it computed."""
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(dumps(row) + "\n")
     except OSError as e:
-        return f"{path}: cannot write: {e.strerror or e}"
+        return f"{path}: cannot write ({e.strerror or e})"
     return None
 
 
@@ -464,7 +464,7 @@ def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: 
     try:  # before the model is loaded and answers generated
         out.mkdir(exist_ok=True)
     except OSError as e:
-        raise QtuneError(f"{out}: cannot write: {e.strerror or e}") from None
+        raise QtuneError(f"{out}: cannot write ({e.strerror or e})") from None
     model, tokenizer, cfg = load_trained(rd.root, trust_remote_code=trust_remote_code)
     if next(model.parameters()).device.type == "cpu":
         dequantize_for_inference(model)  # same weights, ~4x faster generation on CPU (measured on SmolLM2 NF4)
@@ -490,7 +490,7 @@ def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: 
     try:
         (out / f"{who}.json").write_text(dumps(summary, indent=2), encoding="utf-8")
     except OSError as e:
-        unwritten.append(f"{out / f'{who}.json'}: cannot write: {e.strerror or e}")
+        unwritten.append(f"{out / f'{who}.json'}: cannot write ({e.strerror or e})")
     if any(unwritten):
         summary["warning"] = "; ".join(u for u in unwritten if u)
     return summary

@@ -94,7 +94,10 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "fp16", ove
     out.parent.mkdir(parents=True, exist_ok=True)
     # written beside OUT and renamed into place, qtune.json (listing the files) last: a killed export leaves no
     # half-written OUT
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{TMP_PREFIX}{out.name}-"))
+    try:
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{TMP_PREFIX}{out.name}-"))
+    except OSError as e:
+        raise QtuneError(f"{out}: cannot write ({e.strerror})") from None
     try:
         merged.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
@@ -103,6 +106,9 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "fp16", ove
                 "lora": {"r": cfg.lora.r, "lora_alpha": cfg.lora.lora_alpha},
                 "files": sorted([MERGED_META, *(p.name for p in staging.iterdir())])}
         (staging / MERGED_META).write_text(dumps(meta, indent=2), encoding="utf-8")
+    except OSError as e:  # named after the output the user gave, not the staging folder beside it
+        shutil.rmtree(staging, ignore_errors=True)
+        raise QtuneError(f"{out}: cannot write ({e.strerror})") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -158,6 +164,14 @@ def _source_metadata(model_cfg) -> dict:
         sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
         fields[key] = (field.contents(), vtype, sub)
     return fields
+
+
+def _remove(path: Path) -> None:
+    """Delete a staging file if there is one (on a read-only file system even a missing one raises)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _to_rotary_halves(w, n_heads: int):
@@ -218,60 +232,67 @@ def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(TMP_PREFIX + out.name)  # renamed to OUT once complete: a killed export leaves no half file
-    writer = gguf.GGUFWriter(str(staging), "llama")
-    for key, (value, vtype, sub_type) in source.items():
-        if key.startswith("general.") and key not in GGUF_KEYS_THAT_DIFFER and key != "general.architecture":
-            writer.add_key_value(key, value, vtype, sub_type)
-    if "general.name" not in source:
-        writer.add_name(Path(run_dir).resolve().name)
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_freq_base(float(theta))
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_vocab_size(c.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    try:
+        writer = gguf.GGUFWriter(str(staging), "llama")
+        for key, (value, vtype, sub_type) in source.items():
+            if key.startswith("general.") and key not in GGUF_KEYS_THAT_DIFFER and key != "general.architecture":
+                writer.add_key_value(key, value, vtype, sub_type)
+        if "general.name" not in source:
+            writer.add_name(Path(run_dir).resolve().name)
+        writer.add_block_count(c.num_hidden_layers)
+        writer.add_context_length(c.max_position_embeddings)
+        writer.add_embedding_length(c.hidden_size)
+        writer.add_feed_forward_length(c.intermediate_size)
+        writer.add_head_count(c.num_attention_heads)
+        writer.add_head_count_kv(c.num_key_value_heads)
+        writer.add_rope_freq_base(float(theta))
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+        writer.add_vocab_size(c.vocab_size)
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
 
-    vocab = len(tokenizer)
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    tokens = tokenizer.convert_ids_to_tokens(list(range(vocab)))
-    tokens += [f"[PAD{i}]" for i in range(vocab, c.vocab_size)]
-    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(vocab)]
-    types += [gguf.TokenType.UNUSED] * (c.vocab_size - vocab)
-    writer.add_tokenizer_model("gpt2")
-    pre = source.get("tokenizer.ggml.pre", (None,))[0]
-    if pre is None:
-        print("warning: --gguf: the base did not come from a GGUF file, so its llama.cpp pre-tokenizer name is "
-              "unknown; wrote 'default' (llama.cpp may split text differently than the tokenizer did)")
-    writer.add_tokenizer_pre(pre or "default")
-    if "tokenizer.ggml.add_space_prefix" in source:
-        writer.add_add_space_prefix(bool(source["tokenizer.ggml.add_space_prefix"][0]))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec.get("merges", [])])
-    for name, setter in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-                         ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
-        if getattr(tokenizer, name, None) is not None:
-            setter(getattr(tokenizer, name))
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-    writer.add_chat_template(export_chat_template(cfg.data.template, tokenizer))
+        vocab = len(tokenizer)
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        tokens = tokenizer.convert_ids_to_tokens(list(range(vocab)))
+        tokens += [f"[PAD{i}]" for i in range(vocab, c.vocab_size)]
+        types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(vocab)]
+        types += [gguf.TokenType.UNUSED] * (c.vocab_size - vocab)
+        writer.add_tokenizer_model("gpt2")
+        pre = source.get("tokenizer.ggml.pre", (None,))[0]
+        if pre is None:
+            print("warning: --gguf: the base did not come from a GGUF file, so its llama.cpp pre-tokenizer name is "
+                  "unknown; wrote 'default' (llama.cpp may split text differently than the tokenizer did)")
+        writer.add_tokenizer_pre(pre or "default")
+        if "tokenizer.ggml.add_space_prefix" in source:
+            writer.add_add_space_prefix(bool(source["tokenizer.ggml.add_space_prefix"][0]))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec.get("merges", [])])
+        for name, setter in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                             ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
+            if getattr(tokenizer, name, None) is not None:
+                setter(getattr(tokenizer, name))
+        writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+        writer.add_chat_template(export_chat_template(cfg.data.template, tokenizer))
 
-    for hf_name, t in state.items():
-        name = gguf_names[hf_name]
-        t = t.detach().to("cpu", torch.float32)
-        if hf_name.endswith("q_proj.weight"):
-            t = _to_rotary_halves(t, c.num_attention_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            t = _to_rotary_halves(t, c.num_key_value_heads)
-        array = t.numpy().astype("float32" if t.ndim == 1 else "float16")
-        writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        for hf_name, t in state.items():
+            name = gguf_names[hf_name]
+            t = t.detach().to("cpu", torch.float32)
+            if hf_name.endswith("q_proj.weight"):
+                t = _to_rotary_halves(t, c.num_attention_heads)
+            elif hf_name.endswith("k_proj.weight"):
+                t = _to_rotary_halves(t, c.num_key_value_heads)
+            array = t.numpy().astype("float32" if t.ndim == 1 else "float16")
+            writer.add_tensor(name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    except OSError as e:  # named after the output the user gave, not the staging file beside it
+        _remove(staging)
+        raise QtuneError(f"{out}: cannot write ({e.strerror})") from None
+    except BaseException:
+        _remove(staging)
+        raise
     os.replace(staging, out)
     return out
