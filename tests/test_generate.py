@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings as hsettings, strategies as st
+from typer.testing import CliRunner
 
+from qtune.cli import app
 from qtune.data.templates import ALPACA_HEADER, ALPACA_STOP
 from qtune.evaluate.humaneval import generate_answers, generation_settings, problem_prompt
 from qtune.generate import AnswerEnd, Engine, GenerationSettings, StreamState, _StopTrimmer
@@ -115,10 +117,11 @@ class Passes:
     ("answer text\n### Instruction:\nmore", "answer text\n", "### Instruction:"),  # stops at the colon, as before
     ("### Example\ncode", "### Example\ncode", None),
     ("    ### Step 1: do x\n### Step 2: do y", "    ### Step 1: do x\n### Step 2: do y", None),
+    (" word" * 200 + "\n### Answer:\nmore", " word" * 200 + "\n", "### Answer:\n"),  # past HEADER_TAIL_TOKENS
 ])
 def test_a_model_that_writes_a_header_line_stops_there(engine, script, answer, stop_mark):
     ids = engine.encode(engine.prompt("Write a loop."))
-    settings = GenerationSettings(max_new_tokens=40)
+    settings = GenerationSettings(max_new_tokens=240)
     with scripted(engine, script):
         state = StreamState()
         pieces = list(engine.stream(ids, settings, state))
@@ -231,3 +234,41 @@ def test_humaneval_settings_and_prompts_that_do_not_fit_are_clear_errors(engine)
     with pytest.raises(QtuneError, match=rf"^Toy/long: the prompt has {n} tokens; with --max-new-tokens 400 at "
                                          rf"most 112 fit in the model's context of 512$"):
         generate_answers(engine, TOY + [long], generation_settings(1, 400))
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--temperature", "6"], "error: --temperature: temperature must be in [0, 5], got 6.0"),
+    (["--top-p", "0"], "error: --top-p: top_p must be in (0, 1], got 0.0"),
+    (["--samples", "2"], "error: --samples 2 needs --temperature above 0 (greedy decoding repeats one answer)"),
+])
+def test_cli_humaneval_settings_out_of_range_are_one_line_before_loading(tiny_model_dir, tmp_path, monkeypatch,
+                                                                         option, message):
+    import json
+
+    import qtune.model.adapters
+
+    rd = make_tiny_run(tiny_model_dir, tmp_path / "run")
+    problems = tmp_path / "toy.jsonl"
+    problems.write_text("".join(json.dumps({**p, "test": "def check(c):\n    pass\n"}) + "\n" for p in TOY))
+    monkeypatch.setattr(qtune.model.adapters, "load_trained", lambda *a, **k: pytest.fail("the model was loaded"))
+    result = CliRunner().invoke(app, ["eval", "--run", str(rd.root), "--humaneval", str(problems), *option])
+    assert result.exit_code == 2 and result.output == message + "\n", result.output
+
+
+@pytest.mark.slow
+def test_smollm2_humaneval_answers_equal_its_former_loop(smol_dir, tmp_path):
+    """The real model (NF4, dequantized for CPU as ``qtune eval --humaneval`` does) on the first HumanEval
+    problems: the one path gives exactly the answers of HumanEval's former loop."""
+    from qtune.evaluate.humaneval import default_humaneval_path, load_problems
+    from qtune.model.quantize import dequantize_for_inference
+
+    if not default_humaneval_path().is_file():
+        pytest.skip("shared HumanEval file not present")
+    problems = list(load_problems().values())[:3]
+    smol = Engine(str(make_tiny_run(smol_dir, tmp_path / "run", random_adapter=False, lora={"r": 4}).root))
+    assert dequantize_for_inference(smol.model) == 210  # 30 layers x 7 linears
+    prompts = [problem_prompt(p, smol.template, smol.tokenizer) for p in problems]
+    new = generate_answers(smol, problems, generation_settings(1, 48), batch_size=2)
+    old = reference_generate_answers(smol.model, smol.tokenizer, prompts, max_new_tokens=48, batch_size=2,
+                                     stops=ALPACA_STOP)
+    assert new == old and len({a[0] for a in new}) == 3 and all(a[0] for a in new)  # 3 different answers

@@ -54,8 +54,9 @@ MAX_STOP_CHARS = 64
 """Longest extra stop string, in characters (the preparation cost grows with the length too)."""
 LOCK_POLL_S = 0.1
 """How often a generation waiting for the engine checks whether it was cancelled meanwhile, in seconds."""
-HEADER_TAIL_TOKENS = 64
-"""Generated tokens :class:`HeaderStop` decodes to find the last line; a header line is far shorter."""
+HEADER_TAIL_TOKENS = 192
+"""Generated tokens :class:`HeaderStop` decodes to find the last line: a header line has at most 45 characters,
+and a byte-level token spells at least one byte of a character of at most 4."""
 
 
 class SettingsError(ValueError):
@@ -104,7 +105,8 @@ class GenerationSettings:
 
 @dataclass
 class Completion:
-    """One finished answer: text, token counts and why it ended ("stop": EOS or a stop string; "length")."""
+    """One finished answer: text, token counts and why it ended ("stop": EOS, a stop string or a header line;
+    "length")."""
 
     text: str
     prompt_tokens: int
