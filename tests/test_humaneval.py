@@ -278,8 +278,8 @@ def test_dequantized_nf4_model_gives_the_same_logits(tiny_model_dir):
     import torch
 
     from qtune.config import ModelConfig, QuantConfig
-    from qtune.evaluate.humaneval import dequantize_for_inference
     from qtune.model.load import load_model
+    from qtune.model.quantize import dequantize_for_inference
 
     ids = torch.tensor([[1, 50, 300, 7, 1000, 42]])
     model = load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="nf4"))
@@ -292,32 +292,3 @@ def test_dequantized_nf4_model_gives_the_same_logits(tiny_model_dir):
         out = model(input_ids=ids).logits
     assert not any(type(m).__name__ == "Linear4bit" for m in model.modules())
     assert torch.allclose(reference, out, atol=1e-5, rtol=1e-5), (reference - out).abs().max()
-
-
-def test_answers_end_at_the_templates_stop_strings(tokenizer):
-    """A model that runs past its answer into a new ``### Instruction:`` section: generation is told to stop
-    there (transformers' stop_strings) and the answer is cut before it."""
-    import torch
-
-    from qtune.data.templates import ALPACA_STOP
-    from qtune.evaluate.humaneval import generate_answers
-
-    answer = "```python\ndef f():\n    return 1\n```"
-    tail = tokenizer.encode(answer + "\n\n### Instruction:\nWrite more", add_special_tokens=False)
-
-    class Scripted(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-            self.kwargs = None
-
-        def generate(self, input_ids, **kwargs):
-            self.kwargs = kwargs
-            return torch.cat([input_ids, torch.tensor([tail] * len(input_ids))], dim=1)
-
-    model = Scripted()
-    out = generate_answers(model, tokenizer, ["a prompt", "another, longer prompt"], stops=ALPACA_STOP)
-    assert [a[0].strip() for a in out] == [answer, answer]
-    assert model.kwargs["stop_strings"] == list(ALPACA_STOP) and model.kwargs["tokenizer"] is tokenizer
-    plain = generate_answers(model, tokenizer, ["a prompt"])
-    assert plain[0][0].endswith("Write more") and "stop_strings" not in model.kwargs

@@ -321,7 +321,7 @@ def generate(
     """Answer an instruction with base + adapter, in the template the adapter was trained with."""
     try:
         _quiet_libraries()
-        from qtune.serve.engine import Engine, GenerationSettings
+        from qtune.generate import Engine, GenerationSettings
 
         settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         answer = Engine(str(run)).answer(prompt, input, settings)
@@ -524,7 +524,7 @@ QuantOpt = Annotated[Optional[str], typer.Option(
 
 
 def _generation_settings(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float):
-    from qtune.serve.engine import GenerationSettings
+    from qtune.generate import GenerationSettings
 
     try:
         return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -547,7 +547,7 @@ def chat(
     try:
         settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty)
         _quiet_libraries()
-        from qtune.serve.engine import Engine
+        from qtune.generate import Engine
         from qtune.serve.session import ChatSession
 
         engine = Engine(str(run), quant)
@@ -618,7 +618,7 @@ def serve(
                 raise QtuneError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
         _quiet_libraries()
         from qtune.serve.api import create_app, run_server
-        from qtune.serve.engine import Engine
+        from qtune.generate import Engine
 
         engine = Engine(str(run), quant)
         engine.prompt_budget(settings)

@@ -35,7 +35,14 @@ ALPACA_PREAMBLE = ALPACA_NO_INPUT.split("\n\n", 1)[0]
 """The no-input preamble: the alpaca template's system prompt (a conversation's system message replaces it)."""
 ALPACA_TURN = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_STOP = ("### Instruction:", "### Input:", "### Response:")
-"""Section headers that end an alpaca answer when the model runs on past its answer instead of emitting EOS."""
+"""The template's own section headers: an alpaca answer ends before the first of them, wherever it appears (the
+model ran on past its answer instead of emitting EOS)."""
+ALPACA_HEADER = r"### [^\s:][^\n\r:]{0,39}:[ \t\r]*"
+"""One line in the alpaca template's section-header form (a regular expression for the line without its newline):
+``###``, a space, a label of 1 to 40 characters without a colon, a colon, then nothing but spaces, e.g.
+``### Answer:`` or ``### Expected Output:``. An alpaca answer also ends where a line of this form begins
+(:class:`qtune.generate.AnswerEnd`); ``### Example`` (no colon) or ``### Step 1: do x`` (text after the colon) is
+no such line."""
 
 
 def check_messages(messages: Sequence[Message]) -> None:

@@ -383,52 +383,62 @@ def problem_prompt(problem: dict, template: str, tokenizer=None) -> str:
     return format_prompt(HUMANEVAL_INSTRUCTION, problem["prompt"].strip("\n"), template, tokenizer)
 
 
-def generate_answers(model, tokenizer, prompts: list[str], samples: int = 1, max_new_tokens: int = 384,
-                     temperature: float = 0.0, top_p: float = 0.95, batch_size: int = 8,
-                     seed: int = 0, progress=None, stops: tuple[str, ...] = ()) -> list[list[str]]:
-    """``samples`` answers per prompt, batched with left padding; greedy when ``temperature`` is 0.
+def generation_settings(samples: int = 1, max_new_tokens: int = 384, temperature: float = 0.0,
+                        top_p: float = 0.95):
+    """The decoding settings of a HumanEval run (:class:`qtune.generate.GenerationSettings`).
 
-    Generation stops at the EOS token, at any of ``stops`` (the template's section headers, which a model writes
-    when it runs past its answer; the answer is cut before it) or after ``max_new_tokens`` tokens; a batch ends
-    when its last row does. Returns one list of answers (decoded,
-    special tokens dropped) per prompt. ``progress(done, total)`` is called after each batch.
+    Raises:
+        QtuneError: ``samples`` above 1 with greedy decoding, or a setting out of range (named as its option).
     """
-    import torch
-
-    from qtune.data.tokenize import encode_prompt
+    from qtune.generate import GenerationSettings, SettingsError
 
     if samples > 1 and temperature == 0:
         raise QtuneError(f"--samples {samples} needs --temperature above 0 (greedy decoding repeats one answer)")
+    try:
+        return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    except SettingsError as e:
+        raise QtuneError(f"--{e.field.replace('_', '-')}: {e}") from None
+
+
+def generate_answers(engine, problems: list[dict], settings, samples: int = 1, batch_size: int = 8, seed: int = 0,
+                     progress=None) -> list[list[str]]:
+    """``samples`` answers per problem to :func:`problem_prompt`, through the one batched generation path
+    (:meth:`qtune.generate.Engine.generate_batch` of ``engine``, with ``settings`` from
+    :func:`generation_settings`): sorted longest first, batches of ``batch_size`` left-padded prompts, greedy when
+    the temperature is 0, the random generator seeded with ``seed`` first.
+
+    Generation stops at the EOS token, where the answer ends (:class:`qtune.generate.AnswerEnd`: for alpaca, the
+    template's section headers, which a model writes when it runs past its answer; the answer is cut before
+    them) or after ``settings.max_new_tokens`` tokens; a batch ends when its last row does. Returns one list of
+    answers (decoded, special tokens dropped) per problem, in order. ``progress(done, total)`` is called after
+    each batch.
+
+    Raises:
+        QtuneError: ``samples`` above 1 with greedy decoding, or a problem whose prompt does not fit in the
+            model's context with ``max_new_tokens`` (or ``max_new_tokens`` leaves no room for any).
+    """
+    import torch
+
+    from qtune.generate import SettingsError
+
+    if samples > 1 and settings.temperature == 0:
+        raise QtuneError(f"--samples {samples} needs --temperature above 0 (greedy decoding repeats one answer)")
+    try:
+        budget = engine.prompt_budget(settings)
+    except SettingsError as e:
+        raise QtuneError(f"--max-new-tokens {settings.max_new_tokens}: {e}") from None
+    inputs = [p["prompt"].strip("\n") for p in problems]
+    for p, text in zip(problems, inputs):
+        n = len(engine.encode(engine.prompt(HUMANEVAL_INSTRUCTION, text)))
+        if n > budget:
+            raise QtuneError(f"{p['task_id']}: the prompt has {n} tokens; with --max-new-tokens "
+                             f"{settings.max_new_tokens} at most {budget} fit in the model's context of "
+                             f"{engine.context_length}")
     torch.manual_seed(seed)
-    dev = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    jobs = [(i, encode_prompt(p, tokenizer)) for i, p in enumerate(prompts) for _ in range(samples)]
-    # longest first, so a batch holds prompts of similar length (little padding)
-    order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][1]))
-    answers: list[list[str]] = [[] for _ in prompts]
-    out_by_job: dict[int, str] = {}
-    sample = temperature > 0
-    with torch.no_grad():
-        for b in range(0, len(order), batch_size):
-            batch = [jobs[j][1] for j in order[b:b + batch_size]]
-            width = max(len(x) for x in batch)
-            ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=dev)
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=dev)
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=sample,
-                temperature=temperature if sample else None, top_p=top_p if sample else None,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
-                **({"stop_strings": list(stops), "tokenizer": tokenizer} if stops else {}),
-            )
-            for row, j in enumerate(order[b:b + batch_size]):
-                text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
-                cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-                out_by_job[j] = text[:min(cuts)] if cuts else text
-            if progress:
-                progress(min(b + batch_size, len(order)), len(order))
-    for j, (i, _) in enumerate(jobs):
-        answers[i].append(out_by_job[j])
-    return answers
+    flat = engine.generate_batch([HUMANEVAL_INSTRUCTION] * (len(problems) * samples), settings,
+                                 inputs=[text for text in inputs for _ in range(samples)], batch_size=batch_size,
+                                 progress=progress)
+    return [flat[i * samples:(i + 1) * samples] for i in range(len(problems))]
 
 
 def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: int | None = None,
@@ -445,9 +455,12 @@ def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: 
 
     Raises:
         QtuneError: no trained adapter in ``run_dir``, ``run_dir/humaneval`` cannot be made, bad problems file,
-            bad ``limit``/``samples``/``ks``.
+            bad ``limit``/``samples``/``ks``, a decoding setting out of range (:func:`generation_settings`), or a
+            prompt that does not fit in the context with ``max_new_tokens``.
     """
+    from qtune.generate import Engine
     from qtune.model.adapters import load_trained
+    from qtune.model.quantize import dequantize_for_inference
     from qtune.rundir import RunDir
 
     rd = RunDir(Path(run_dir)).require_adapter()
@@ -459,6 +472,7 @@ def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: 
     for k in ks:
         if not 1 <= k <= samples:
             raise QtuneError(f"--k {k}: expected 1 to --samples ({samples})")
+    settings = generation_settings(samples, max_new_tokens, temperature, top_p)
     chosen = list(problems.values())[:limit]
     out = rd.root / "humaneval"
     try:  # before the model is loaded and answers generated
@@ -468,17 +482,13 @@ def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: 
     model, tokenizer, cfg = load_trained(rd.root, trust_remote_code=trust_remote_code)
     if next(model.parameters()).device.type == "cpu":
         dequantize_for_inference(model)  # same weights, ~4x faster generation on CPU (measured on SmolLM2 NF4)
-    prompts = [problem_prompt(p, cfg.data.template, tokenizer) for p in chosen]
-    from qtune.data.templates import ALPACA_STOP
-
-    kwargs = dict(samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                  batch_size=batch_size, seed=cfg.train.seed, progress=progress,
-                  stops=ALPACA_STOP if cfg.data.template == "alpaca" else ())
+    engine = Engine.from_model(model, tokenizer, cfg.data.template, rd.root.name, cfg)
+    kwargs = dict(samples=samples, batch_size=batch_size, seed=cfg.train.seed, progress=progress)
     if base:
         with model.disable_adapter():
-            answers = generate_answers(model, tokenizer, prompts, **kwargs)
+            answers = generate_answers(engine, chosen, settings, **kwargs)
     else:
-        answers = generate_answers(model, tokenizer, prompts, **kwargs)
+        answers = generate_answers(engine, chosen, settings, **kwargs)
     rows = [{"task_id": p["task_id"], "completion": extract_code(a, p), "answer": a}
             for p, many in zip(chosen, answers) for a in many]
     who = "base" if base else "adapter"
@@ -494,36 +504,3 @@ def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: 
     if any(unwritten):
         summary["warning"] = "; ".join(u for u in unwritten if u)
     return summary
-
-
-def dequantize_for_inference(model) -> int:
-    """Replace every bitsandbytes 4-bit weight by its dequantized copy in a plain ``torch.nn.Linear``, in place.
-
-    The 4-bit layers compute ``x @ dequantize(W)`` in the compute dtype on every call; the replacement holds
-    ``dequantize(W)`` once, in that dtype, so outputs are the same up to float rounding order while CPU generation
-    skips the per-token dequantization. LoRA layers keep their adapters (only their base layer is replaced).
-    Call it before any forward pass: on a CPU with AVX512-BF16, bitsandbytes' first forward repacks the weights
-    for its bf16 kernel with bf16 scales, and undoing that (done here) is not exact. Returns the number of layers
-    replaced.
-    """
-    import bitsandbytes as bnb
-    import torch
-
-    from qtune.model.quantize import dequantized_weight
-
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, bnb.nn.Linear4bit):
-                w = dequantized_weight(child)
-                dtype = child.compute_dtype or torch.float32
-                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                         device=w.device, dtype=dtype)
-                with torch.no_grad():
-                    linear.weight.copy_(w.to(dtype))
-                    if child.bias is not None:
-                        linear.bias.copy_(child.bias.to(dtype))
-                linear.requires_grad_(False)
-                setattr(parent, name, linear)
-                replaced += 1
-    return replaced

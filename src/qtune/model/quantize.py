@@ -90,3 +90,33 @@ def dequantized_weight(layer) -> torch.Tensor:
     if getattr(state, "packing_format_for_cpu", False):
         data, state = F._convert_weight_packed_for_cpu_inverse(data, state)
     return F.dequantize_4bit(data, state).float()
+
+
+def dequantize_for_inference(model) -> int:
+    """Replace every bitsandbytes 4-bit weight by its dequantized copy in a plain ``torch.nn.Linear``, in place.
+
+    The 4-bit layers compute ``x @ dequantize(W)`` in the compute dtype on every call; the replacement holds
+    ``dequantize(W)`` once, in that dtype, so outputs are the same up to float rounding order while CPU generation
+    skips the per-token dequantization. LoRA layers keep their adapters (only their base layer is replaced).
+    Call it before any forward pass: on a CPU with AVX512-BF16, bitsandbytes' first forward repacks the weights
+    for its bf16 kernel with bf16 scales, and undoing that (done here) is not exact. Returns the number of layers
+    replaced.
+    """
+    import bitsandbytes as bnb
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                w = dequantized_weight(child)
+                dtype = child.compute_dtype or torch.float32
+                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                         device=w.device, dtype=dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(w.to(dtype))
+                    if child.bias is not None:
+                        linear.bias.copy_(child.bias.to(dtype))
+                linear.requires_grad_(False)
+                setattr(parent, name, linear)
+                replaced += 1
+    return replaced

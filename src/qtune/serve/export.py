@@ -28,7 +28,7 @@ from qtune.data.templates import export_chat_template
 from qtune.errors import QtuneError
 from qtune.jsonio import dumps
 from qtune.rundir import TMP_PREFIX, refuse_user_places
-from qtune.serve.engine import MERGED_META
+from qtune.generate import MERGED_META
 
 MERGE_DTYPES = ("fp16", "bf16")
 

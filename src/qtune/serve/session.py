@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
 from qtune.data.templates import Message, check_messages
-from qtune.serve.engine import Engine, GenerationSettings, StreamState
+from qtune.generate import Engine, GenerationSettings, StreamState
 
 
 class ContextOverflow(ValueError):
