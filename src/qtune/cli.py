@@ -427,7 +427,8 @@ def sweep(
 def report(
     sweep_dir: Annotated[Path, typer.Argument(help="Sweep directory written by 'qtune sweep'.")],
 ) -> None:
-    """Figures (PNG) and report.md for a sweep: memory vs estimate, memory over time, loss, LR, Pareto front."""
+    """Figures (PNG) and report.md for a sweep: memory per configuration (measured and estimated), full fine-tuning
+    vs the best configuration, memory over time, training loss, learning rate, validation loss vs memory."""
     try:
         _writes_to(sweep_dir)
         _quiet_libraries()

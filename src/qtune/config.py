@@ -245,7 +245,7 @@ REQUIRE_CUDA_MESSAGE = ("train.require_cuda: this config is sized for a CUDA GPU
 ``qtune sweep``)."""
 
 
-def check_require_cuda(cfg: "RunConfig", source: str | Path | None = None) -> None:
+def check_require_cuda(cfg: RunConfig, source: str | Path | None = None) -> None:
     """Raises QtuneError (:data:`REQUIRE_CUDA_MESSAGE`, prefixed with ``source``) when ``cfg.train.require_cuda``
     is set and no CUDA GPU is visible; imports torch only for such a config."""
     if cfg.train.require_cuda:

@@ -26,7 +26,7 @@ Each run executes in its own process, so its peak memory is its own. A rerun ski
 (``retry_failed`` reruns failures). A failed run (exception, out of memory, NaN loss) is recorded with its error
 and the sweep goes on. Each finished run also gets the validation loss of its base alone (the quantization-only
 setup: same weights, adapter disabled), computed once per distinct base; the table shows each base as its own row
-(setup "quantization only" for an 8/4-bit base, "base (no fine-tuning)" for a 16/32-bit one) beside the trained
+(setup "quantization only" for an 8/4-bit base, "no fine-tuning" for a 16/32-bit one) beside the trained
 runs ("LoRA only" on a 16/32-bit base, "quantization + LoRA").
 
 ``qtune sweep --dry-run`` (:func:`plan`) prints the expanded grid and each run's memory estimate without training.
@@ -74,7 +74,7 @@ SHORT = {"quant.quant": "", "lora.r": "r", "train.learning_rate": "lr", "train.b
 QUANTIZED = ("int8", "nf4", "fp4")
 """``quant.quant`` values that quantize the frozen base (bitsandbytes); none, fp16 and bf16 keep it 32/16-bit."""
 
-SETUPS = ("quantization only", "base (no fine-tuning)", "LoRA only", "quantization + LoRA")
+SETUPS = ("quantization only", "no fine-tuning", "LoRA only", "quantization + LoRA")
 """The study's setups, in the table's order: a base evaluated alone (8/4-bit: quantization only; 16/32-bit: the
 reference), then the trained runs on a 16/32-bit base (LoRA only) and on a quantized one."""
 
@@ -358,9 +358,9 @@ def plan(path: str | Path, device: str | None = None) -> dict:
 def format_plan(p: dict) -> str:
     """:func:`plan`'s result as the text ``qtune sweep --dry-run`` prints (GiB)."""
     metric = "peak allocated" if p["device"] == "cuda" else "peak RSS"
-    lines = [f"{p['path']}: {len(p['runs'])} training runs, {len(p['bases'])} bases evaluated alone; memory "
-             f"estimates for {p['device']} ({metric}, GiB; sequence length data.max_length, logits at every "
-             "position: an upper bound)"]
+    lines = [(f"{p['path']}: {len(p['runs'])} training runs, {len(p['bases'])} bases evaluated alone; memory "
+              f"estimates for {p['device']} ({metric}, GiB; sequence length data.max_length, logits at every "
+              "position: an upper bound)")]
     if p["set"]:
         lines.append("every run: " + " ".join(f"{k}={_fmt(v)}" for k, v in p["set"].items()))
     heads = ("run", "setup", "quant", "r", "estimate GiB", "trainable", "overrides")
@@ -620,7 +620,7 @@ def val_halves(run_dir: str | Path) -> list[dict]:
     model, tokenizer, _ = load_trained(rd.root)
     collate = padding_collator(tokenizer)
     cut = (len(val) + 1) // 2
-    return [split_loss(model, val.select(range(0, cut)), collate),
+    return [split_loss(model, val.select(range(cut)), collate),
             split_loss(model, val.select(range(cut, len(val))), collate)]
 
 
@@ -634,7 +634,7 @@ def run_val_halves(run_dir: str | Path, timeout_s: float | None = None) -> list[
             "print(json.dumps(val_halves(sys.argv[1])))")
     try:
         proc = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True,
-                              timeout=timeout_s, env=qtune_env())
+                              timeout=timeout_s, env=qtune_env(), check=False)
     except subprocess.TimeoutExpired:
         raise QtuneError(f"{run_dir}: validation halves timed out after {timeout_s} s") from None
     if proc.returncode != 0:
@@ -741,9 +741,10 @@ def table_rows(results: list[dict]) -> list[dict]:
         lora = cfg.get("lora", {})
         variant = ("dora" if lora.get("use_dora") else "rslora" if lora.get("use_rslora") else
                    "loraplus" if lora.get("loraplus_lr_ratio") else "loftq" if lora.get("init") == "loftq" else "lora")
-        quant = cfg.get("quant", {}).get("quant", r["labels"].get("quant"))
+        labels = r.get("labels") or {}
+        quant = cfg.get("quant", {}).get("quant", labels.get("quant"))
         row = {"run": r["run"], "status": r["status"], "setup": setup_of(quant), "quant": quant,
-               "r": lora.get("r", r["labels"].get("r")), "variant": r["labels"].get("variant", variant),
+               "r": lora.get("r", labels.get("r")), "variant": labels.get("variant", variant),
                "learning_rate": cfg.get("train", {}).get("learning_rate"), "batch_size": cfg.get("train", {}).get("batch_size")}
         for key, _ in COLUMNS:
             row.setdefault(key, r.get(key))
