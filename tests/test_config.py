@@ -120,7 +120,8 @@ FLOAT_FIELDS = _float_fields()
 def test_the_float_fields_are_found():
     names = {n for n, _ in FLOAT_FIELDS}
     assert {"train.learning_rate", "lora.lora_alpha", "train.max_grad_norm", "train.weight_decay", "data.split",
-            "lora.lora_dropout", "lora.loraplus_lr_ratio", "sweep.alpha_per_r", "sweep.timeout_s"} <= names
+            "lora.lora_dropout", "lora.loraplus_lr_ratio", "sweep.alpha_per_r", "sweep.timeout_s",
+            "sweep.reference_memory_gb"} <= names
 
 
 @pytest.mark.parametrize("bad", [".inf", "-.inf", ".nan", "1e400"])
@@ -130,8 +131,9 @@ def test_every_float_field_refuses_non_finite_numbers(tmp_path, name, annotation
 
     section, field = name.split(".")
     is_tuple = typing.get_origin(annotation) is tuple
-    value = f"[{bad}, 0.5, 0.5]" if is_tuple else bad  # a tuple field: its first element
-    where = f"{name}.0" if is_tuple else name
+    is_dict = typing.get_origin(annotation) is dict
+    value = f"[{bad}, 0.5, 0.5]" if is_tuple else f"{{x: {bad}}}" if is_dict else bad  # a tuple's first, a dict's x
+    where = f"{name}.0" if is_tuple else f"{name}.x" if is_dict else name
     if section == "sweep":
         from qtune.study.sweep import load_sweep
 
@@ -139,7 +141,7 @@ def test_every_float_field_refuses_non_finite_numbers(tmp_path, name, annotation
         spec.write_text(f"axes: {{lora.r: [4]}}\n{field}: {value}\n")
         with pytest.raises(QtuneError) as err:
             load_sweep(spec)
-        where = field
+        where = where.removeprefix("sweep.")
     else:
         with pytest.raises(QtuneError) as err:
             load_config(None, [f"{name}={value}"])

@@ -163,7 +163,7 @@ def test_sweep_records_success_and_failure(sweep_dir):
     assert len((he / "adapter_results.jsonl").read_text().splitlines()) == 2 and (he / "base.json").is_file()
     table = (d / "results.md").read_text()
     assert "| r4-target_modules=all-linear | ok |" in table and "failed" in table and "HumanEval pass@1" in table
-    assert (d / "results.csv").read_text().count("\n") == 3
+    assert (d / "results.csv").read_text().count("\n") == 4  # header, the nf4 base alone, two runs
 
 
 def test_rerun_skips_finished_runs(sweep_dir):
@@ -194,7 +194,7 @@ def test_a_val_loss_from_an_older_qtune_is_measured_again(sweep_dir, tmp_path):
         assert again[key] == good[key], key
 
 
-def test_report_writes_five_figures_and_markdown(sweep_dir):
+def test_report_writes_six_figures_and_markdown(sweep_dir):
     d, _, _ = sweep_dir
     res = runner.invoke(app, ["report", str(d)])
     assert res.exit_code == 0, res.output
@@ -202,7 +202,7 @@ def test_report_writes_five_figures_and_markdown(sweep_dir):
         png = d / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     md = (d / "report.md").read_text()
-    assert "**r4-target_modules=all-linear**" in md and md.count("![") == 5 and "Failed runs: r4-target_modules=no_such_module" in md
+    assert "**r4-target_modules=all-linear**" in md and md.count("![") == 6 and "Failed runs: r4-target_modules=no_such_module" in md
 
 
 def test_report_on_an_empty_directory_is_one_line(tmp_path):

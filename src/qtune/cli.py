@@ -165,7 +165,7 @@ def train(
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Fine-tune LoRA adapters on a (quantized) base model; prints the run directory."""
-    from qtune.config import load_config
+    from qtune.config import check_require_cuda, load_config
 
     try:
         if resume is not None:
@@ -180,6 +180,7 @@ def train(
             cfg.train.output_dir = str(resume)
         else:
             cfg = load_config(config, set_)
+        check_require_cuda(cfg)  # before the libraries load: a GPU-sized config refuses at once on a CPU
         _remote_code(cfg, trust_remote_code)
         _writes_to(cfg.train.output_dir)
         _quiet_libraries()
@@ -490,12 +491,23 @@ def estimate(
 def sweep(
     config: Annotated[Path, typer.Option("--config", "-c", help="Sweep file (YAML): base config, set, axes, output_dir.")],
     final: Annotated[bool, typer.Option("--final", help="Retrain the best configuration and evaluate it once on test.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the expanded grid and each run's memory estimate; "
+                                          "train nothing, write nothing.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="--dry-run: estimate for cuda or cpu (default: cuda for a "
+                                                  "train.require_cuda config or when a GPU is visible).")] = None,
 ) -> None:
     """Grid of quantization x LoRA rank (x lr, batch, variant): one training process per run, resumable."""
     try:
         _quiet_libraries()
-        from qtune.study.sweep import load_sweep, run_sweep
+        from qtune.study.sweep import format_plan, load_sweep, plan, run_sweep
 
+        if dry_run:
+            if final:
+                raise QtuneError("--dry-run trains nothing; drop --final")
+            typer.echo(format_plan(plan(config, device)))
+            return
+        if device is not None:
+            raise QtuneError("--device applies to --dry-run only (a run's device is the machine's: CUDA when visible)")
         _writes_to(load_sweep(config)[0].output_dir)
         out = run_sweep(config, final=final, echo=typer.echo)
     except QtuneError as e:
@@ -507,7 +519,8 @@ def sweep(
 def report(
     sweep_dir: Annotated[Path, typer.Argument(help="Sweep directory written by 'qtune sweep'.")],
 ) -> None:
-    """Figures (PNG) and report.md for a sweep: memory vs estimate, memory over time, loss, LR, Pareto front."""
+    """Figures (PNG) and report.md for a sweep: memory per configuration (measured and estimated), full fine-tuning
+    vs the best configuration, memory over time, training loss, learning rate, validation loss vs memory."""
     try:
         _writes_to(sweep_dir)
         _quiet_libraries()

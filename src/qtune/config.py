@@ -219,6 +219,12 @@ class TrainConfig(_Strict):
     eval_at_end: bool = Field(True, description="Validation loss after the last step, saved in train_summary.json.")
     eval_batch_size: int = Field(8, gt=0, description="Sequences per forward pass when evaluating.")
     seed: int = Field(42, description="Seed of LoRA initialisation and data order.")
+    require_cuda: bool = Field(
+        False,
+        description="Refuse to start without a CUDA GPU (one error line before any weights load): for a config "
+        "sized for a GPU, such as a 7B model, that would not finish on a CPU. 'qtune sweep --dry-run' still "
+        "prints its grid and memory estimates on a CPU.",
+    )
     save_steps: int = Field(
         20, ge=0,
         description="Write a resumable checkpoint (adapter, optimizer, scheduler, RNG and trainer state) every N "
@@ -231,6 +237,22 @@ class TrainConfig(_Strict):
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         return self
+
+
+REQUIRE_CUDA_MESSAGE = ("train.require_cuda: this config is sized for a CUDA GPU and none is visible; nothing was "
+                        "started (qtune sweep --dry-run or qtune estimate predict its memory without one)")
+"""The one line that refuses a ``train.require_cuda`` config on a machine without CUDA (``qtune train`` and
+``qtune sweep``)."""
+
+
+def check_require_cuda(cfg: RunConfig, source: str | Path | None = None) -> None:
+    """Raises QtuneError (:data:`REQUIRE_CUDA_MESSAGE`, prefixed with ``source``) when ``cfg.train.require_cuda``
+    is set and no CUDA GPU is visible; imports torch only for such a config."""
+    if cfg.train.require_cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise QtuneError(f"{source}: {REQUIRE_CUDA_MESSAGE}" if source else REQUIRE_CUDA_MESSAGE)
 
 
 class RunConfig(_Strict):

@@ -15,12 +15,21 @@ A sweep file (YAML)::
     runs:                       # optional named configurations, each crossed with the axes (an ablation list)
       fp32: {quant.quant: none}
       nf4-lr5e-4: {train.learning_rate: 5.0e-4}
+    extra_runs:                 # optional named runs NOT crossed with the axes (``set`` still applies)
+      bf16-r16: {quant.quant: bf16, lora.r: 16}
     humaneval_limit: 20         # optional: greedy HumanEval pass@1 on the first N problems for each run
+    val_halves: true            # optional: also the validation loss of each half of the val split (ranking check)
+    reference_memory_gb:        # optional: published figures (decimal GB) drawn beside the report's estimates
+      full fine-tuning, fp32 + Adam (paper): 112
 
 Each run executes in its own process, so its peak memory is its own. A rerun skips runs whose result file exists
 (``retry_failed`` reruns failures). A failed run (exception, out of memory, NaN loss) is recorded with its error
 and the sweep goes on. Each finished run also gets the validation loss of its base alone (the quantization-only
-setup: same weights, adapter disabled), computed once per distinct base.
+setup: same weights, adapter disabled), computed once per distinct base; the table shows each base as its own row
+(setup "quantization only" for an 8/4-bit base, "no fine-tuning" for a 16/32-bit one) beside the trained
+runs ("LoRA only" on a 16/32-bit base, "quantization + LoRA").
+
+``qtune sweep --dry-run`` (:func:`plan`) prints the expanded grid and each run's memory estimate without training.
 """
 
 from __future__ import annotations
@@ -62,6 +71,25 @@ suggest, LoftQ initialisation)."""
 
 SHORT = {"quant.quant": "", "lora.r": "r", "train.learning_rate": "lr", "train.batch_size": "b"}
 
+QUANTIZED = ("int8", "nf4", "fp4")
+"""``quant.quant`` values that quantize the frozen base (bitsandbytes); none, fp16 and bf16 keep it 32/16-bit."""
+
+SETUPS = ("quantization only", "no fine-tuning", "LoRA only", "quantization + LoRA")
+"""The study's setups, in the table's order: a base evaluated alone (8/4-bit: quantization only; 16/32-bit: the
+reference), then the trained runs on a 16/32-bit base (LoRA only) and on a quantized one."""
+
+
+def base_name(quant: str | None) -> str:
+    """The table's name for a base evaluated alone: ``QUANT-base``, fp32 for ``quant.quant: none``."""
+    return f"{'fp32' if quant == 'none' else quant}-base"
+
+
+def setup_of(quant: str | None, trained: bool = True) -> str:
+    """The setup a run belongs to: see :data:`SETUPS` (``trained=False``: a base evaluated alone)."""
+    if not trained:
+        return SETUPS[0] if quant in QUANTIZED else SETUPS[1]
+    return SETUPS[3] if quant in QUANTIZED else SETUPS[2]
+
 
 class SweepSpec(BaseModel):
     """A validated sweep file."""
@@ -73,6 +101,9 @@ class SweepSpec(BaseModel):
     axes: dict[str, list[Any]] = Field(default_factory=dict, description="Grid axes: name -> values.")
     runs: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Named configurations (name -> dotted overrides), each crossed with the axes.")
+    extra_runs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Named runs added after the grid, not crossed with the axes (name -> dotted "
+        "overrides applied over set); the name is the run name.")
     humaneval_limit: int | None = Field(
         None, gt=0, strict=True, description="Greedy HumanEval pass@1 on the first N problems after each finished run.")
     humaneval_max_new_tokens: int = Field(384, gt=0, description="Most new tokens per HumanEval answer.")
@@ -80,6 +111,13 @@ class SweepSpec(BaseModel):
     alpha_per_r: float | None = Field(2.0, description="lora_alpha = alpha_per_r x r per run; None keeps the base's.")
     timeout_s: float | None = Field(None, gt=0, description="Per-run wall-clock limit; a run over it is failed.")
     retry_failed: bool = Field(False, description="Rerun runs whose result says failed.")
+    val_halves: bool = Field(
+        False, description="Also the validation loss of each half of the val split (first and second half of its "
+        "rows, same token-weighted function) per finished run, to check that the ranking holds on both: one more "
+        "validation pass per run.")
+    reference_memory_gb: dict[str, float] = Field(
+        default_factory=dict, description="Published memory figures (label -> decimal GB, as printed) that the "
+        "report draws beside qtune's estimates and measurement in memory_full_vs_best.png.")
 
 
 @dataclass
@@ -89,6 +127,8 @@ class Run:
     name: str
     overrides: dict[str, Any]
     labels: dict[str, Any] = field(default_factory=dict)
+    config: Any = field(default=None, repr=False, compare=False)
+    """The validated :class:`qtune.config.RunConfig` (set by :func:`expand`)."""
 
 
 def load_sweep(path: str | Path) -> tuple[SweepSpec, Path | None]:
@@ -104,7 +144,7 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Path | None]:
     except ValidationError as e:
         raise QtuneError(format_validation_error(e, str(path))) from None
     problems = []
-    if not spec.axes and not spec.runs:
+    if not spec.axes and not spec.runs and not spec.extra_runs:
         problems.append(f"{path}: no axes and no runs: nothing to sweep (e.g. axes: {{quant: [nf4, int8], r: [4, 16]}})")
     for axis, values in spec.axes.items():
         if not values:
@@ -116,19 +156,23 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Path | None]:
         if v not in VARIANTS:
             problems.append(f"{path}: axes.variant: unknown variant {v!r} (expected one of {', '.join(VARIANTS)})")
     axis_keys = {AXIS_KEYS.get(a, a) for a in spec.axes if a != "variant"}
-    for name, over in spec.runs.items():
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", str(name)):
-            problems.append(f"{path}: runs.{name}: a run name starts with a letter or digit and holds only letters, "
-                            "digits and . _ = + -")
-        if not isinstance(over, dict):
-            problems.append(f"{path}: runs.{name}: expected a mapping of dotted config keys to values")
-            continue
-        for key in over:
-            if "." not in str(key):
-                problems.append(f"{path}: runs.{name}.{key}: expected a dotted config key such as "
-                                f"{AXIS_KEYS.get(key, 'quant.quant')} (short axis names belong under axes)")
-            elif key in axis_keys:
-                problems.append(f"{path}: runs.{name}.{key}: also an axis; the axis would override it")
+    for section, entries in (("runs", spec.runs), ("extra_runs", spec.extra_runs)):
+        for name, over in entries.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", str(name)):
+                problems.append(f"{path}: {section}.{name}: a run name starts with a letter or digit and holds only "
+                                "letters, digits and . _ = + -")
+            if not isinstance(over, dict):
+                problems.append(f"{path}: {section}.{name}: expected a mapping of dotted config keys to values")
+                continue
+            for key in over:
+                if "." not in str(key):
+                    problems.append(f"{path}: {section}.{name}.{key}: expected a dotted config key such as "
+                                    f"{AXIS_KEYS.get(key, 'quant.quant')} (short axis names belong under axes)")
+                elif section == "runs" and key in axis_keys:
+                    problems.append(f"{path}: runs.{name}.{key}: also an axis; the axis would override it")
+    for label, gb in spec.reference_memory_gb.items():
+        if not gb > 0:
+            problems.append(f"{path}: reference_memory_gb.{label}: expected a positive number of GB (got {gb})")
     base = None
     if spec.base:
         base = (path.parent / spec.base).resolve()
@@ -156,9 +200,10 @@ def run_name(parts: list[str]) -> str:
 def expand(spec: SweepSpec, base: Path | None) -> tuple[list[Run], list[str]]:
     """The grid as runs, in file order, plus a note for each skipped combination (loftq on a non-4-bit base).
 
-    With ``runs``, every named configuration is crossed with the axes; its name leads the run name.
+    With ``runs``, every named configuration is crossed with the axes; its name leads the run name. The
+    ``extra_runs`` follow, each once, under its own name.
 
-    Every run's config is validated (``load_config``) before anything trains.
+    Every run's config is validated (``load_config``) before anything trains; each :class:`Run` keeps it.
 
     Raises:
         QtuneError: a run's config is invalid (every problem, one line each).
@@ -166,7 +211,8 @@ def expand(spec: SweepSpec, base: Path | None) -> tuple[list[Run], list[str]]:
     axes = list(spec.axes.items())
     runs, notes, problems = [], [], []
     named = list(spec.runs.items()) or [("", {})]
-    for (rname, rover), combo in itertools.product(named, itertools.product(*(values for _, values in axes))):
+    combos = list(itertools.product(named, itertools.product(*(values for _, values in axes)))) if axes or spec.runs else []
+    for (rname, rover), combo in combos:
         overrides = dict(spec.set) | rover
         labels, parts = ({"run": rname} if rname else {}), [rname]
         for (axis, _), value in zip(axes, combo):
@@ -180,8 +226,7 @@ def expand(spec: SweepSpec, base: Path | None) -> tuple[list[Run], list[str]]:
             overrides[key] = value
             prefix = SHORT.get(key, key.split(".")[-1] + "=")
             parts.append(f"{prefix}{_fmt(value)}")
-        if "lora.lora_alpha" not in overrides and spec.alpha_per_r is not None and "lora.r" in overrides:
-            overrides["lora.lora_alpha"] = spec.alpha_per_r * overrides["lora.r"]
+        _alpha_follows_r(spec, overrides)
         name = run_name(parts)
         try:
             cfg = load_config(base, set_args(overrides))
@@ -194,12 +239,153 @@ def expand(spec: SweepSpec, base: Path | None) -> tuple[list[Run], list[str]]:
             continue
         labels.setdefault("quant", cfg.quant.quant)
         labels.setdefault("r", cfg.lora.r)
-        runs.append(Run(name, overrides, labels))
+        runs.append(Run(name, overrides, labels, cfg))
+    for name, over in spec.extra_runs.items():
+        overrides = _alpha_follows_r(spec, dict(spec.set) | over)
+        try:
+            cfg = load_config(base, set_args(overrides))
+        except QtuneError as e:
+            problems += [f"{name}: {line}" for line in str(e).splitlines()]
+            continue
+        runs.append(Run(name, overrides, {"run": name, "quant": cfg.quant.quant, "r": cfg.lora.r}, cfg))
     seen = [r.name for r in runs]
     problems += [f"run name {n!r} occurs twice (rename a runs: entry)" for n in sorted({n for n in seen if seen.count(n) > 1})]
     if problems:
         raise QtuneError("\n".join(problems))
     return runs, notes
+
+
+def _alpha_follows_r(spec: SweepSpec, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set ``lora.lora_alpha = alpha_per_r x lora.r`` in ``overrides`` (in place) when the run sets a rank and no
+    alpha; returns ``overrides``."""
+    if "lora.lora_alpha" not in overrides and spec.alpha_per_r is not None and "lora.r" in overrides:
+        overrides["lora.lora_alpha"] = spec.alpha_per_r * overrides["lora.r"]
+    return overrides
+
+
+def check_cuda(runs: list[Run], path: str | Path) -> None:
+    """Raises QtuneError (one line) when a run's config has ``train.require_cuda`` and no CUDA GPU is visible,
+    before anything starts."""
+    from qtune.config import check_require_cuda
+
+    for r in runs:
+        check_require_cuda(r.config, path)
+
+
+FULL_FINETUNING = (
+    ("full fine-tuning, fp32 + AdamW", {"quant": "none", "compute_dtype": "float32"}),
+    ("full fine-tuning, bf16 + AdamW", {"quant": "bf16", "compute_dtype": "bfloat16"}),
+)
+"""The full fine-tuning references of the memory comparison: every parameter trainable with AdamW, fp32
+(weights, gradients, two AdamW states: 16 bytes per parameter) or bf16 throughout (8 bytes per parameter)."""
+
+
+def full_finetuning_estimates(model: str, inputs: dict) -> list[dict]:
+    """Estimated peak memory of full fine-tuning (:data:`FULL_FINETUNING`) of ``model`` at a run's shape.
+
+    Args:
+        model: the run's ``model.name`` (a config.json alone is enough).
+        inputs: the run's estimator inputs (``estimate["inputs"]`` of a result, :class:`qtune.model.memory.TrainShape`
+            fields); batch, sequence length, checkpointing and device are kept, the rest made full fine-tuning.
+
+    Returns:
+        [{"label", "gib" (peak allocated on cuda, peak RSS on cpu), "trainable_params"}] in FULL_FINETUNING order.
+
+    Raises:
+        QtuneError: the model config cannot be read.
+    """
+    from dataclasses import fields, replace
+
+    from qtune.model.memory import TrainShape, count_model, estimate, load_model_config
+
+    known = {f.name for f in fields(TrainShape)}
+    shape = TrainShape(**{k: tuple(v) if isinstance(v, list) else v for k, v in inputs.items() if k in known})
+    counts = count_model(load_model_config(model))
+    out = []
+    for label, change in FULL_FINETUNING:
+        est = estimate(counts, replace(shape, r=0, use_dora=False, lora_dropout=0.0, upcast_frozen=False, **change))
+        out.append({"label": label, "gib": round(est.peak_gib, 4), "trainable_params": est.trainable_params})
+    return out
+
+
+def plan(path: str | Path, device: str | None = None) -> dict:
+    """What ``qtune sweep`` would do, without training: the expanded grid with each run's memory estimate.
+
+    ``device``: cuda or cpu for the estimates; default cuda when a run has ``train.require_cuda`` (the config
+    targets a GPU) or a GPU is visible, else cpu. The estimate takes ``data.max_length`` as the sequence length and
+    logits at every position (no prepared data yet), an upper bound of the sweep's own estimate column.
+
+    Returns:
+        {"path", "device", "set", "runs": [{"run", "setup", "quant", "r", "overrides" (beyond ``set``),
+        "estimate_gib", "trainable_params"}], "bases": [{"quant", "setup", "runs"}] (each distinct base, evaluated
+        alone), "full_finetuning": see :func:`full_finetuning_estimates` (the first run's model and shape),
+        "notes", "humaneval_limit", "val_halves"}.
+
+    Raises:
+        QtuneError: invalid sweep file or run config, an unknown device, a model config that cannot be read.
+    """
+    from qtune.model.memory import estimate_run_config
+
+    spec, base = load_sweep(path)
+    runs, notes = expand(spec, base)
+    if device is None:
+        import torch
+
+        need = any(r.config.train.require_cuda for r in runs)
+        device = "cuda" if need or torch.cuda.is_available() else "cpu"
+    if device not in ("cuda", "cpu"):
+        raise QtuneError(f"--device {device!r}: expected cuda or cpu")
+    rows, bases, first_inputs = [], {}, None
+    for run in runs:
+        cfg = run.config
+        try:
+            est = estimate_run_config(cfg, device=device)
+        except (OSError, ValueError) as e:  # a hub id the estimator cannot reach (offline), an unreadable config
+            raise QtuneError(f"{run.name}: memory estimate: {cfg.model.name}: {str(e).splitlines()[0]}") from None
+        first_inputs = first_inputs or est.to_dict()["inputs"]
+        rows.append({"run": run.name, "setup": setup_of(cfg.quant.quant), "quant": cfg.quant.quant, "r": cfg.lora.r,
+                     "overrides": {k: v for k, v in run.overrides.items() if k not in spec.set or spec.set[k] != v},
+                     "estimate_gib": round(est.peak_gib, 4), "trainable_params": est.trainable_params})
+        key = json.dumps([cfg.model.model_dump(), cfg.quant.model_dump(), cfg.data.model_dump()], sort_keys=True)
+        bases.setdefault(key, {"quant": cfg.quant.quant, "setup": setup_of(cfg.quant.quant, trained=False),
+                               "runs": []})["runs"].append(run.name)
+    full = full_finetuning_estimates(runs[0].config.model.name, first_inputs) if runs else []
+    return {"path": str(path), "device": device, "set": dict(spec.set), "runs": rows, "bases": list(bases.values()),
+            "full_finetuning": full, "notes": notes, "humaneval_limit": spec.humaneval_limit,
+            "humaneval_base": spec.humaneval_base, "val_halves": spec.val_halves}
+
+
+def format_plan(p: dict) -> str:
+    """:func:`plan`'s result as the text ``qtune sweep --dry-run`` prints (GiB)."""
+    metric = "peak allocated" if p["device"] == "cuda" else "peak RSS"
+    lines = [(f"{p['path']}: {len(p['runs'])} training runs, {len(p['bases'])} bases evaluated alone; memory "
+              f"estimates for {p['device']} ({metric}, GiB; sequence length data.max_length, logits at every "
+              "position: an upper bound)")]
+    if p["set"]:
+        lines.append("every run: " + " ".join(f"{k}={_fmt(v)}" for k, v in p["set"].items()))
+    heads = ("run", "setup", "quant", "r", "estimate GiB", "trainable", "overrides")
+    table = [[r["run"], r["setup"], r["quant"], str(r["r"]), f"{r['estimate_gib']:.2f}", f"{r['trainable_params']:,}",
+              " ".join(f"{k}={_fmt(v)}" for k, v in r["overrides"].items())] for r in p["runs"]]
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(heads)]
+    right = {3, 4, 5}
+    for row in [list(heads)] + table:
+        lines.append("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    lines.append("bases evaluated alone (no training; adapter disabled after the base's first run):")
+    for b in p["bases"]:
+        lines.append(f"  {base_name(b['quant']):<10} {b['setup']:<22} base of {', '.join(b['runs'])}")
+    for f in p["full_finetuning"]:
+        lines.append(f"reference, not trained: {f['label']}: {f['gib']:.2f} GiB estimated "
+                     f"({f['trainable_params']:,} trainable)")
+    evals = ["validation loss and perplexity (token-weighted) of every run and base"]
+    if p["val_halves"]:
+        evals.append("the validation loss of each half of the val split")
+    if p["humaneval_limit"]:
+        evals.append(f"greedy HumanEval pass@1 on the first {p['humaneval_limit']} problems"
+                     + (" (bases too)" if p["humaneval_base"] else ""))
+    lines.append("evaluations: " + "; ".join(evals))
+    lines += p["notes"]
+    lines.append("dry run: nothing was trained")
+    return "\n".join(lines)
 
 
 def set_args(overrides: dict[str, Any]) -> list[str]:
@@ -375,7 +561,9 @@ def base_key(result: dict) -> str:
 def add_evaluations(res: dict, spec: SweepSpec, earlier: list[dict], echo=print) -> None:
     """Add to a finished run's record the validation loss of its base alone (``base_val_loss`` over
     ``base_val_tokens`` supervised tokens, from ``qtune eval`` or reused from an earlier run with the same base)
-    and, with ``spec.humaneval_limit``, greedy HumanEval pass@1 of the run and of its base unless
+    and perplexity (``base_val_perplexity``); with ``spec.val_halves`` the run's validation loss on each half of
+    the val split (``val_halves``: two :func:`qtune.train.validation.split_loss` records; ``val_loss_half1``,
+    ``val_loss_half2``); with ``spec.humaneval_limit``, greedy HumanEval pass@1 of the run and of its base unless
     ``spec.humaneval_base`` is off (``humaneval_pass@1``, ``base_humaneval_pass@1``). A failed evaluation is
     recorded in ``eval_error``; the run stays finished."""
     rd = (res.get("config") or {}).get("train", {}).get("output_dir")
@@ -385,9 +573,16 @@ def add_evaluations(res: dict, spec: SweepSpec, earlier: list[dict], echo=print)
         prev = next((r for r in same if r.get("base_val_tokens") is not None), None)
         if prev:
             res["base_val_loss"], res["base_val_tokens"] = prev["base_val_loss"], prev["base_val_tokens"]
+            res["base_val_perplexity"] = prev.get("base_val_perplexity", math.exp(min(prev["base_val_loss"], 50.0)))
         else:
             base = qtune_eval(["--run", rd, "--splits", "val"], spec.timeout_s)["base"]["val"]
             res["base_val_loss"], res["base_val_tokens"] = base["loss"], base["tokens"]
+            res["base_val_perplexity"] = base["perplexity"]
+        if spec.val_halves:
+            echo("    validation loss of each half of the val split ...")
+            halves = run_val_halves(rd, spec.timeout_s)
+            res["val_halves"] = halves
+            res["val_loss_half1"], res["val_loss_half2"] = halves[0]["loss"], halves[1]["loss"]
         if spec.humaneval_limit:
             he = ["--run", rd, "--humaneval", "--limit", str(spec.humaneval_limit),
                   "--max-new-tokens", str(spec.humaneval_max_new_tokens)]
@@ -405,6 +600,85 @@ def add_evaluations(res: dict, spec: SweepSpec, earlier: list[dict], echo=print)
         echo(f"    evaluation failed: {e}")
 
 
+def val_halves(run_dir: str | Path) -> list[dict]:
+    """The trained adapter's validation loss on each half of the run's val split: rows ``[0, ceil(n/2))`` and
+    ``[ceil(n/2), n)`` in split order, each :func:`qtune.train.validation.split_loss` (the one token-weighted
+    function of every other loss column). Two halves that rank the runs alike show the ranking is not noise.
+
+    Returns:
+        [first half, second half], each {"loss", "perplexity", "tokens"}.
+
+    Raises:
+        QtuneError: the run holds no trained adapter or no prepared validation split.
+    """
+    from qtune.data.prepare import load_splits
+    from qtune.data.tokenize import padding_collator
+    from qtune.model.adapters import load_trained
+    from qtune.train.validation import split_loss
+
+    rd = RunDir(Path(run_dir)).require_adapter()
+    splits = load_splits(rd.data)
+    if "val" not in splits or len(splits["val"]) < 2:
+        raise QtuneError(f"{run_dir}: no validation split of at least 2 rows to halve")
+    val = splits["val"].remove_columns([c for c in splits["val"].column_names if c == "row"])
+    model, tokenizer, _ = load_trained(rd.root)
+    collate = padding_collator(tokenizer)
+    cut = (len(val) + 1) // 2
+    return [split_loss(model, val.select(range(cut)), collate),
+            split_loss(model, val.select(range(cut, len(val))), collate)]
+
+
+def run_val_halves(run_dir: str | Path, timeout_s: float | None = None) -> list[dict]:
+    """:func:`val_halves` in a fresh process (the model's memory is freed with it).
+
+    Raises:
+        QtuneError: it failed or timed out (its last error line).
+    """
+    code = ("import json, sys; from qtune.study.sweep import val_halves; "
+            "print(json.dumps(val_halves(sys.argv[1])))")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True,
+                              timeout=timeout_s, env=qtune_env(), check=False)
+    except subprocess.TimeoutExpired:
+        raise QtuneError(f"{run_dir}: validation halves timed out after {timeout_s} s") from None
+    if proc.returncode != 0:
+        raise QtuneError(_last_error(proc.stderr + proc.stdout))
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ranking_stability(results: list[dict], k: int = 3) -> dict | None:
+    """Whether the two halves of the validation split rank the finished runs alike (:func:`val_halves`).
+
+    Returns:
+        None when fewer than ``k + 1`` finished runs have both halves; else {"k", "runs" (counted), "top" (the
+        ``k`` best by the whole val loss), "half1", "half2" (the ``k`` best by each half), "same_set" (both halves
+        name the same ``k`` runs as the whole split), "same_order" (in the same order too)}.
+    """
+    ok = [r for r in results if r.get("status") == "ok" and r.get("val_loss") is not None
+          and r.get("val_loss_half1") is not None and r.get("val_loss_half2") is not None]
+    if len(ok) <= k:
+        return None
+
+    def top(key: str) -> list[str]:
+        return [r["run"] for r in sorted(ok, key=lambda r: (r[key], r["run"]))[:k]]
+
+    full, a, b = top("val_loss"), top("val_loss_half1"), top("val_loss_half2")
+    return {"k": k, "runs": len(ok), "top": full, "half1": a, "half2": b,
+            "same_set": set(a) == set(full) == set(b), "same_order": a == full == b}
+
+
+def stability_line(results: list[dict], k: int = 3) -> str | None:
+    """One Markdown sentence on :func:`ranking_stability`, or None without the halves."""
+    st = ranking_stability(results, k)
+    if st is None:
+        return None
+    verdict = ("agree on the top {k} and their order" if st["same_order"] else
+               "agree on the top {k} runs, not on their order" if st["same_set"] else
+               "do not agree on the top {k}: the ranking below them is within noise").format(k=k)
+    return (f"Ranking check: the two halves of the validation split {verdict} (whole: {', '.join(st['top'])}; "
+            f"first half: {', '.join(st['half1'])}; second half: {', '.join(st['half2'])}; {st['runs']} runs).")
+
+
 def remeasure_val_loss(res: dict, timeout_s: float | None = None, echo=print) -> None:
     """Replace a result's validation figures with ``qtune eval``'s for its saved adapter (in place).
 
@@ -418,11 +692,12 @@ def remeasure_val_loss(res: dict, timeout_s: float | None = None, echo=print) ->
         ev = qtune_eval(["--run", str(rd), "--splits", "val"], timeout_s)
         adapter, base = ev["adapter"]["val"], ev["base"]["val"]
     except (QtuneError, KeyError, ValueError) as e:
-        res |= {"val_loss": None, "val_perplexity": None, "base_val_loss": None, "eval_error": str(e)}
+        res |= {"val_loss": None, "val_perplexity": None, "base_val_loss": None, "base_val_perplexity": None,
+                "eval_error": str(e)}
         echo(f"    evaluation failed: {e}")
         return
     res |= {"val_loss": adapter["loss"], "val_perplexity": adapter["perplexity"], "val_tokens": adapter["tokens"],
-            "base_val_loss": base["loss"], "base_val_tokens": base["tokens"]}
+            "base_val_loss": base["loss"], "base_val_tokens": base["tokens"], "base_val_perplexity": base["perplexity"]}
 
 
 def results_dir(sweep_dir: Path) -> Path:
@@ -449,13 +724,17 @@ def best_run(results: list[dict]) -> dict | None:
     return min(ok, key=lambda r: (round(r["val_loss"], 4), r.get("peak_gib") or math.inf, r["run"]))
 
 
-COLUMNS = [("run", "run"), ("status", "status"), ("quant", "quant"), ("r", "r"), ("variant", "variant"),
-           ("learning_rate", "lr"), ("batch_size", "batch"), ("peak_gib", "peak GiB"),
+COLUMNS = [("run", "run"), ("status", "status"), ("setup", "setup"), ("quant", "quant"), ("r", "r"),
+           ("variant", "variant"), ("learning_rate", "lr"), ("batch_size", "batch"), ("peak_gib", "peak GiB"),
            ("estimate_gib", "estimate GiB"), ("wall_time_s", "train s"), ("tokens_per_s", "tokens/s"),
            ("trainable_params", "trainable"), ("final_train_loss", "final train loss"), ("val_loss", "val loss"),
-           ("val_perplexity", "val ppl"), ("base_val_loss", "base val loss"),
+           ("val_perplexity", "val ppl"), ("val_loss_half1", "val loss, 1st half"),
+           ("val_loss_half2", "val loss, 2nd half"), ("base_val_loss", "base val loss"),
            ("humaneval_pass@1", "HumanEval pass@1"), ("base_humaneval_pass@1", "base HumanEval pass@1"),
            ("error", "error")]
+
+QUANT_ORDER = ("none", "fp16", "bf16", "int8", "nf4", "fp4")
+"""Table order of the base formats: most bits first."""
 
 
 def table_rows(results: list[dict]) -> list[dict]:
@@ -466,13 +745,50 @@ def table_rows(results: list[dict]) -> list[dict]:
         lora = cfg.get("lora", {})
         variant = ("dora" if lora.get("use_dora") else "rslora" if lora.get("use_rslora") else
                    "loraplus" if lora.get("loraplus_lr_ratio") else "loftq" if lora.get("init") == "loftq" else "lora")
-        row = {"run": r["run"], "status": r["status"], "quant": cfg.get("quant", {}).get("quant", r["labels"].get("quant")),
-               "r": lora.get("r", r["labels"].get("r")), "variant": r["labels"].get("variant", variant),
+        labels = r.get("labels") or {}
+        quant = cfg.get("quant", {}).get("quant", labels.get("quant"))
+        row = {"run": r["run"], "status": r["status"], "setup": setup_of(quant), "quant": quant,
+               "r": lora.get("r", labels.get("r")), "variant": labels.get("variant", variant),
                "learning_rate": cfg.get("train", {}).get("learning_rate"), "batch_size": cfg.get("train", {}).get("batch_size")}
         for key, _ in COLUMNS:
             row.setdefault(key, r.get(key))
         rows.append(row)
     return rows
+
+
+def base_rows(results: list[dict]) -> list[dict]:
+    """One row per distinct base (:func:`base_key`) that was evaluated alone: the quantization-only setup for an
+    8/4-bit base, the no-fine-tuning reference for a 16/32-bit one. Named by :func:`base_name` (``-2``, ``-3`` ...
+    when two bases share a format); its val loss, perplexity and HumanEval are the base's own (adapter disabled)."""
+    rows, seen, names = [], set(), []
+    for r in results:
+        if r.get("status") != "ok" or r.get("base_val_loss") is None or base_key(r) in seen:
+            continue
+        seen.add(base_key(r))
+        quant = (r.get("config") or {}).get("quant", {}).get("quant", r.get("labels", {}).get("quant"))
+        name = base_name(quant)
+        names.append(name)
+        if names.count(name) > 1:
+            name += f"-{names.count(name)}"
+        ppl = r.get("base_val_perplexity")
+        rows.append({"run": name, "status": "ok", "setup": setup_of(quant, trained=False), "quant": quant,
+                     "val_loss": r["base_val_loss"],
+                     "val_perplexity": ppl if ppl is not None else math.exp(min(r["base_val_loss"], 50.0)),
+                     "humaneval_pass@1": r.get("base_humaneval_pass@1"), "base_of": r["run"]})
+    return rows
+
+
+def _row_order(row: dict) -> tuple:
+    quant, r = row.get("quant"), row.get("r")
+    return (SETUPS.index(row["setup"]) if row.get("setup") in SETUPS else len(SETUPS),
+            QUANT_ORDER.index(quant) if quant in QUANT_ORDER else len(QUANT_ORDER),
+            r if isinstance(r, (int, float)) else -1, str(row["run"]))
+
+
+def study_rows(results: list[dict]) -> list[dict]:
+    """The results table: each base evaluated alone (:func:`base_rows`), then every run (:func:`table_rows`),
+    ordered by setup (:data:`SETUPS`), base format (:data:`QUANT_ORDER`), rank and name."""
+    return sorted(base_rows(results) + table_rows(results), key=_row_order)
 
 
 def _cell(v: Any) -> str:
@@ -486,9 +802,10 @@ def _cell(v: Any) -> str:
 
 
 def write_table(sweep_dir: str | Path, results: list[dict]) -> tuple[Path, Path]:
-    """``results.csv`` and ``results.md`` in the sweep directory; the Markdown names the best run."""
+    """``results.csv`` and ``results.md`` in the sweep directory (:func:`study_rows`: the bases evaluated alone
+    and every run); the Markdown names the best run and, with validation halves, whether they rank alike."""
     sweep_dir = Path(sweep_dir)
-    rows = table_rows(results)
+    rows = study_rows(results)
     csv_path, md_path = sweep_dir / "results.csv", sweep_dir / "results.md"
     with csv_path.open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=[k for k, _ in COLUMNS])
@@ -497,13 +814,16 @@ def write_table(sweep_dir: str | Path, results: list[dict]) -> tuple[Path, Path]
     lines = [md_table(rows), ""]
     best = best_run(results)
     lines.append(f"Best by validation loss (ties: less memory): **{best['run']}**" if best else "No finished run with a validation loss.")
+    stability = stability_line(results)
+    if stability:
+        lines += ["", stability]
     md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return csv_path, md_path
 
 
 def md_table(rows: list[dict]) -> str:
     """The rows as a GitHub Markdown table (error column only when some run failed)."""
-    optional = {"error", "humaneval_pass@1", "base_humaneval_pass@1"}  # shown only when some run has them
+    optional = {"error", "humaneval_pass@1", "base_humaneval_pass@1", "val_loss_half1", "val_loss_half2"}  # shown only when some run has them
     cols = [(k, h) for k, h in COLUMNS if k not in optional or any(r.get(k) is not None for r in rows)]
     out = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     out += ["| " + " | ".join(_cell(r.get(k)) for k, _ in cols) + " |" for r in rows]
@@ -517,10 +837,12 @@ def run_sweep(path: str | Path, final: bool = False, echo=print) -> dict:
         {"sweep_dir", "results": [...], "best": run name or None, "final": final record or None, "notes": [...]}.
 
     Raises:
-        QtuneError: invalid sweep file or run config (before anything trains).
+        QtuneError: invalid sweep file or run config, or ``train.require_cuda`` without a GPU (before anything
+            trains).
     """
     spec, base = load_sweep(path)
     runs, notes = expand(spec, base)
+    check_cuda(runs, path)
     sweep_dir = Path(spec.output_dir)
     (sweep_dir / "results").mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.yaml").write_text(Path(path).read_text(encoding="utf-8"), encoding="utf-8")

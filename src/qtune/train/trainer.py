@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
-from qtune.config import RunConfig, save_config
+from qtune.config import RunConfig, check_require_cuda, save_config
 from qtune.data.prepare import load_splits, prepare_dataset
 from qtune.data.tokenize import padding_collator, training_collator
 from qtune.errors import QtuneError
@@ -106,6 +106,7 @@ def use_liger(cfg: RunConfig) -> bool:
 
 def check_device_switches(cfg: RunConfig) -> None:
     """Raises QtuneError for switches that need CUDA when none is visible (they would do nothing on CPU)."""
+    check_require_cuda(cfg)
     if not device().startswith("cuda"):
         if cfg.train.offload_activations:
             raise QtuneError("train.offload_activations: needs a CUDA GPU (it moves saved activations to CPU memory)")
