@@ -17,6 +17,9 @@ from qtune.model.load import load_tokenizer, resolve_model  # noqa: E402
 
 CODEALPACA = Path(default_data_path())
 
+# Fixtures shared by the serving tests (tiny_run, engine, server), defined once for every test module.
+pytest_plugins = ["serve_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def smol_dir() -> str:

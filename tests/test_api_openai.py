@@ -11,8 +11,7 @@ from qtune.serve.api import CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS
 from qtune.serve.engine import GenerationSettings, StreamState
 from qtune.serve.session import fit_messages
 
-from serve_fixtures import scripted
-from test_serve import GREEDY, INDENTED, engine, server, tiny_run  # noqa: F401 (fixtures)
+from serve_fixtures import FILLER, GREEDY, INDENTED, scripted
 
 HI = [{"role": "user", "content": "Write a loop."}]
 
@@ -365,7 +364,6 @@ def test_an_empty_completion_prompt_is_a_400(client, engine):
 def test_a_completion_client_that_goes_away_frees_the_engine(client, engine):
     import time
 
-    from test_serve import FILLER
 
     with scripted(engine, FILLER, delay=0.03):  # 120 tokens: 3.6 s or more
         stream = client.completions.create(model=engine.name, prompt=PROMPT, max_tokens=120, stream=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -22,23 +21,8 @@ from qtune.serve.engine import Engine, GenerationSettings, StreamState
 from qtune.serve.session import ChatSession, ContextOverflow, Turn, fit_messages
 
 from conftest import CODEALPACA
-from serve_fixtures import free_port, make_tiny_run, scripted, scripted_engines, serve_process
+from serve_fixtures import FILLER, GREEDY, INDENTED, make_tiny_run, running, scripted, scripted_engines, serve_process
 
-GREEDY = GenerationSettings(max_new_tokens=12)
-INDENTED = "    return sorted(xs)\n\n    # done\n"
-"""An answer that starts with spaces and ends with a newline: every front end must keep it character for character."""
-FILLER = " word" * 480
-"""A scripted answer longer than any generation in these tests (each ' word' is one token)."""
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_model_dir, tmp_path_factory):
-    return make_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("serve") / "run")
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_run):
-    return Engine(str(tiny_run.root))
 
 
 # ---- templates: the server's prompt is the training prompt ------------------------------------------------------
@@ -346,33 +330,6 @@ def test_a_huge_message_is_refused_without_tokenizing_it(engine, monkeypatch):
 
 
 # ---- the server: OpenAI API on a free localhost port -------------------------------------------------------------
-
-@contextmanager
-def running(app_):
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app_, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    from qtune.serve.api import create_app
-
-    with running(create_app(engine, defaults=GREEDY)) as url:
-        yield url
-
 
 def test_openai_client_gets_completions_streaming_and_not(server, engine):
     import openai

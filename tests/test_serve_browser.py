@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from test_serve import GREEDY, engine, running, tiny_run  # noqa: F401 (fixtures)
+from serve_fixtures import FILLER, GREEDY, INDENTED, running, scripted, serve_process
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
@@ -103,8 +103,6 @@ def test_stop_ends_the_stream_and_closing_the_tab_cancels_it_and_deletes_the_tra
     from qtune.serve.api import create_app
     from qtune.serve.engine import GenerationSettings
 
-    from serve_fixtures import scripted
-    from test_serve import FILLER
 
     cache = tmp_path / "gradio"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))  # the app's cache folder, where transcripts live
@@ -173,8 +171,6 @@ def test_stop_ends_the_stream_and_closing_the_tab_cancels_it_and_deletes_the_tra
 def test_sigterm_while_the_web_app_streams_an_answer_exits_within_seconds(tiny_run):
     import signal
 
-    from serve_fixtures import serve_process
-    from test_serve import FILLER
 
     with serve_process(tiny_run.root, FILLER, 0.05, "--max-new-tokens", "400") as (server, url), \
             sync_api.sync_playwright() as p:
@@ -209,9 +205,6 @@ def code_blocks(page) -> list[str]:
 def test_answers_render_as_markdown_with_highlighted_code_kept_exactly(engine):
     from qtune.serve.api import create_app
     from qtune.serve.engine import GenerationSettings
-
-    from serve_fixtures import scripted
-    from test_serve import INDENTED
 
     app = create_app(engine, defaults=GenerationSettings(max_new_tokens=200))
     with running(app) as url, sync_api.sync_playwright() as p:
