@@ -84,8 +84,10 @@ def scripted(engine, text: str | None = None, delay: float = 0.0):
         step[0] += 1
         return forced
 
-    hooks = [engine.model.get_input_embeddings().register_forward_pre_hook(before),
-             engine.model.get_output_embeddings().register_forward_hook(after)]
+    hooks = [
+        engine.model.get_input_embeddings().register_forward_pre_hook(before),
+        engine.model.get_output_embeddings().register_forward_hook(after),
+    ]
     try:
         yield
     finally:
@@ -132,12 +134,12 @@ def serve_process(run_dir, text: str | None, delay: float, *options: str):
 
     port = free_port()
     tests = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)]),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)]), "OMP_NUM_THREADS": "1"}
     argv = ["serve", "--run", str(run_dir), "--port", str(port), *options]
     code = f"import serve_fixtures; serve_fixtures.slow_serve({argv!r}, {text!r}, {delay!r})"
-    process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

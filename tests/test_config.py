@@ -12,7 +12,12 @@ LAUNCH = sorted((CONFIG_DIR / "launch").glob("*.yaml"))
 
 def test_defaults_are_the_main_job():
     cfg = load_config()
-    assert (cfg.model.name, cfg.quant.quant, cfg.quant.double_quant, cfg.lora.r) == ("smollm2-135m-instruct", "nf4", True, 16)
+    assert (cfg.model.name, cfg.quant.quant, cfg.quant.double_quant, cfg.lora.r) == (
+        "smollm2-135m-instruct",
+        "nf4",
+        True,
+        16,
+    )
     assert cfg.lora.target_modules == "all-linear"
     assert Path(cfg.data.path).is_file()
     assert cfg.data.split == (0.90, 0.05, 0.05)
@@ -24,8 +29,10 @@ def test_every_shipped_config_validates(path):
 
 
 def test_overrides_parse_yaml_values():
-    cfg = load_config(None, ["lora.r=4", "train.learning_rate=1e-3", "lora.target_modules=[q_proj, v_proj]",
-                             "quant.double_quant=false"])
+    cfg = load_config(
+        None,
+        ["lora.r=4", "train.learning_rate=1e-3", "lora.target_modules=[q_proj, v_proj]", "quant.double_quant=false"],
+    )
     assert cfg.lora.r == 4 and cfg.train.learning_rate == 1e-3
     assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.quant.double_quant is False
 
@@ -109,7 +116,9 @@ def _float_fields():
     for section, info in RunConfig.model_fields.items():
         model = info.annotation
         assert issubclass(model, BaseModel)
-        out += [(f"{section}.{name}", f.annotation) for name, f in model.model_fields.items() if has_float(f.annotation)]
+        out += [
+            (f"{section}.{name}", f.annotation) for name, f in model.model_fields.items() if has_float(f.annotation)
+        ]
     out += [(f"sweep.{name}", f.annotation) for name, f in SweepSpec.model_fields.items() if has_float(f.annotation)]
     return out
 
@@ -119,9 +128,18 @@ FLOAT_FIELDS = _float_fields()
 
 def test_the_float_fields_are_found():
     names = {n for n, _ in FLOAT_FIELDS}
-    assert {"train.learning_rate", "lora.lora_alpha", "train.max_grad_norm", "train.weight_decay", "data.split",
-            "lora.lora_dropout", "lora.loraplus_lr_ratio", "sweep.alpha_per_r", "sweep.timeout_s",
-            "sweep.reference_memory_gb"} <= names
+    assert {
+        "train.learning_rate",
+        "lora.lora_alpha",
+        "train.max_grad_norm",
+        "train.weight_decay",
+        "data.split",
+        "lora.lora_dropout",
+        "lora.loraplus_lr_ratio",
+        "sweep.alpha_per_r",
+        "sweep.timeout_s",
+        "sweep.reference_memory_gb",
+    } <= names
 
 
 @pytest.mark.parametrize("bad", [".inf", "-.inf", ".nan", "1e400"])

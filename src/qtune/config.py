@@ -95,7 +95,8 @@ class LoraSettings(_Strict):
         "(Dettmers et al. 2023) used 0.1 for 7B-13B models and 0.05 for 33B-65B.",
     )
     adapter_name: str = Field(
-        "default", pattern=r"^[A-Za-z0-9_.-]+$",
+        "default",
+        pattern=r"^[A-Za-z0-9_.-]+$",
         description="PEFT adapter name used while training; the saved adapter is in RUN/adapter whatever the name.",
     )
     target_modules: str | list[str] = Field(
@@ -103,15 +104,22 @@ class LoraSettings(_Strict):
         description="Modules that get adapters: 'all-linear' (every linear layer but the LM head) or a list "
         "of module names such as [q_proj, v_proj].",
     )
-    use_dora: bool = Field(False, description="DoRA (Liu et al. 2024): learn a magnitude vector beside the LoRA direction (PEFT use_dora).")
-    use_rslora: bool = Field(False, description="Rank-stabilised LoRA (Kalajdzievski 2023): scale by lora_alpha / sqrt(r) (PEFT use_rslora).")
+    use_dora: bool = Field(
+        False, description="DoRA (Liu et al. 2024): learn a magnitude vector beside the LoRA direction (PEFT use_dora)."
+    )
+    use_rslora: bool = Field(
+        False, description="Rank-stabilised LoRA (Kalajdzievski 2023): scale by lora_alpha / sqrt(r) (PEFT use_rslora)."
+    )
     loraplus_lr_ratio: float | None = Field(
-        None, gt=0, description="LoRA+ (Hayou et al. 2024): learning rate of B = ratio x that of A, through PEFT's "
-        "create_loraplus_optimizer (the paper suggests 16). None: one learning rate."
+        None,
+        gt=0,
+        description="LoRA+ (Hayou et al. 2024): learning rate of B = ratio x that of A, through PEFT's "
+        "create_loraplus_optimizer (the paper suggests 16). None: one learning rate.",
     )
     init: Literal["default", "loftq"] = Field(
-        "default", description="Adapter initialisation: default (B = 0) or loftq (Li et al. 2023: A, B from the 4-bit "
-        "quantization error by SVD, qtune.model.loftq; nf4/fp4 bases only)."
+        "default",
+        description="Adapter initialisation: default (B = 0) or loftq (Li et al. 2023: A, B from the 4-bit "
+        "quantization error by SVD, qtune.model.loftq; nf4/fp4 bases only).",
     )
 
 
@@ -130,7 +138,9 @@ class DataConfig(_Strict):
     template: Literal["alpaca", "chat"] = Field(
         "alpaca", description="alpaca: the prompt format CodeAlpaca used; chat: the tokenizer's chat template."
     )
-    max_length: int = Field(512, gt=8, description="Token budget per sample (prompt + response + EOS); longer rows are dropped.")
+    max_length: int = Field(
+        512, gt=8, description="Token budget per sample (prompt + response + EOS); longer rows are dropped."
+    )
     split: tuple[float, float, float] = Field(
         (0.90, 0.05, 0.05), description="Train / validation / test fractions; they must sum to 1."
     )
@@ -166,7 +176,9 @@ class DataConfig(_Strict):
         if is_local_path(v) and not Path(v).expanduser().is_file():
             hint = ""
             if Path(v).expanduser().resolve().is_relative_to(shared_data_dir().resolve()):
-                hint = " (the shared data directory; set QTUNE_DATA_DIR to the folder holding codealpaca/ and humaneval/)"
+                hint = (
+                    " (the shared data directory; set QTUNE_DATA_DIR to the folder holding codealpaca/ and humaneval/)"
+                )
             raise ValueError(f"data file not found: {v}{hint}")
         return v
 
@@ -185,7 +197,8 @@ class TrainConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping by global norm.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
     offload_activations: bool = Field(
-        False, description="With gradient checkpointing, keep the checkpointed layer inputs in CPU memory (long context)."
+        False,
+        description="With gradient checkpointing, keep the checkpointed layer inputs in CPU memory (long context).",
     )
     packing: bool = Field(
         True,
@@ -211,9 +224,12 @@ class TrainConfig(_Strict):
     optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw_torch", description="Optimizer (transformers' names); the 8-bit ones are bitsandbytes' and need CUDA."
     )
-    eval_steps: int = Field(0, ge=0, description="Validation loss every N optimizer steps; 0: only after the last step.")
+    eval_steps: int = Field(
+        0, ge=0, description="Validation loss every N optimizer steps; 0: only after the last step."
+    )
     report_to: Literal["auto", "tensorboard", "none"] = Field(
-        "auto", description="Also log to TensorBoard under RUN/tensorboard (besides metrics.jsonl). auto: when the "
+        "auto",
+        description="Also log to TensorBoard under RUN/tensorboard (besides metrics.jsonl). auto: when the "
         "tensorboard package is installed; none: off.",
     )
     eval_at_end: bool = Field(True, description="Validation loss after the last step, saved in train_summary.json.")
@@ -226,7 +242,8 @@ class TrainConfig(_Strict):
         "prints its grid and memory estimates on a CPU.",
     )
     save_steps: int = Field(
-        20, ge=0,
+        20,
+        ge=0,
         description="Write a resumable checkpoint (adapter, optimizer, scheduler, RNG and trainer state) every N "
         "optimizer steps under RUN/checkpoints, atomically; 'qtune train --resume RUN' continues from the last "
         "one. 0: no checkpoints. The checkpoints are deleted once the run finishes.",
@@ -239,8 +256,10 @@ class TrainConfig(_Strict):
         return self
 
 
-REQUIRE_CUDA_MESSAGE = ("train.require_cuda: this config is sized for a CUDA GPU and none is visible; nothing was "
-                        "started (qtune sweep --dry-run or qtune estimate predict its memory without one)")
+REQUIRE_CUDA_MESSAGE = (
+    "train.require_cuda: this config is sized for a CUDA GPU and none is visible; nothing was "
+    "started (qtune sweep --dry-run or qtune estimate predict its memory without one)"
+)
 """The one line that refuses a ``train.require_cuda`` config on a machine without CUDA (``qtune train`` and
 ``qtune sweep``)."""
 
@@ -269,8 +288,9 @@ class RunConfig(_Strict):
         if self.lora.init == "loftq" and self.quant.quant not in ("nf4", "fp4"):
             raise ValueError(f"lora.init=loftq needs quant.quant nf4 or fp4 (got {self.quant.quant})")
         if self.quant.skip_modules and self.quant.quant not in ("int8", "nf4", "fp4"):
-            raise ValueError(f"quant.skip_modules needs a quantized base (quant.quant int8, nf4 or fp4; got "
-                             f"{self.quant.quant})")
+            raise ValueError(
+                f"quant.skip_modules needs a quantized base (quant.quant int8, nf4 or fp4; got {self.quant.quant})"
+            )
         return self
 
 
@@ -295,7 +315,9 @@ def _parse_override(item: str) -> tuple[list[str], object]:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
-        raise QtuneError(f"--set {item!r}: the value is not valid YAML (quote strings with brackets or colons)") from None
+        raise QtuneError(
+            f"--set {item!r}: the value is not valid YAML (quote strings with brackets or colons)"
+        ) from None
     return key.strip().split("."), value
 
 
@@ -309,8 +331,10 @@ def check_resume_overrides(overrides: list[str]) -> None:
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if key not in RESUME_SETTABLE:
-            raise QtuneError(f"--resume: continues the run with its saved config; --set {key} cannot change on resume "
-                             f"(allowed: {', '.join(RESUME_SETTABLE)}; anything else: a new run)")
+            raise QtuneError(
+                f"--resume: continues the run with its saved config; --set {key} cannot change on resume "
+                f"(allowed: {', '.join(RESUME_SETTABLE)}; anything else: a new run)"
+            )
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -379,7 +403,9 @@ def read_yaml(path: str | Path, what: str = "config file"):
         raise QtuneError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, saved_run: bool = False) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, saved_run: bool = False
+) -> RunConfig:
     """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate.
 
     ``saved_run=True`` reads a finished run's ``config.yaml`` for serving, evaluating or exporting: its data file

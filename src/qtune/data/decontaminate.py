@@ -43,7 +43,7 @@ def ngrams(text: str, n: int = NGRAM) -> set[str]:
     """The distinct ``n``-grams of :func:`words` of ``text``, each as its words joined by one space; empty when
     ``text`` has fewer than ``n`` words."""
     w = words(text)
-    return {" ".join(w[i:i + n]) for i in range(len(w) - n + 1)}
+    return {" ".join(w[i : i + n]) for i in range(len(w) - n + 1)}
 
 
 def default_benchmark_path(benchmark: str) -> Path:
@@ -72,8 +72,10 @@ def benchmark_documents(benchmark: str, path: str | Path | None = None) -> dict[
     """
     p = Path(path) if path is not None else default_benchmark_path(benchmark)
     if not p.is_file():
-        raise QtuneError(f"{p}: {benchmark} problems not found (needed to decontaminate against {benchmark}); set "
-                         "QTUNE_DATA_DIR to the folder holding humaneval/HumanEval.jsonl.gz")
+        raise QtuneError(
+            f"{p}: {benchmark} problems not found (needed to decontaminate against {benchmark}); set "
+            "QTUNE_DATA_DIR to the folder holding humaneval/HumanEval.jsonl.gz"
+        )
     docs: dict[str, list[str]] = {}
     for line, problem in read_jsonl(p):
         if not isinstance(problem, dict) or not all(isinstance(problem.get(k), str) for k in ("task_id", "prompt")):
@@ -120,8 +122,10 @@ class Overlap:
         """One line of counts, then one line per overlapped problem: its rows, each with the n-grams it shares
         (a copy of a problem shares most of them; a common idiom, a few)."""
         problems = self.problems
-        lines = [f"{self.benchmark}: {len(self.rows)} of {self.rows_checked} rows share a {self.n}-gram with "
-                 f"{len(problems)} of {len(self.problem_ngrams)} problems (lowercased \\w+ words)"]
+        lines = [
+            f"{self.benchmark}: {len(self.rows)} of {self.rows_checked} rows share a {self.n}-gram with "
+            f"{len(problems)} of {len(self.problem_ngrams)} problems (lowercased \\w+ words)"
+        ]
         for pid, rows in problems.items():
             shared = ", ".join(f"{row} ({self.rows[row][pid]})" for row in rows)
             lines.append(f"  {pid} ({self.problem_ngrams[pid]} {self.n}-grams): rows {shared}")

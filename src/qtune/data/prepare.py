@@ -53,12 +53,16 @@ def prepare_dataset(cfg: DataConfig, tokenizer, out_dir: str | Path):
         else:
             samples.append({**enc, "row": row["row"]})
     if not samples:
-        raise QtuneError(f"{cfg.path}: no usable rows left after cleaning ({card.rows_in} read; dropped {card.dropped})")
+        raise QtuneError(
+            f"{cfg.path}: no usable rows left after cleaning ({card.rows_in} read; dropped {card.dropped})"
+        )
 
     parts = split_indices(len(samples), cfg.split, cfg.seed)
     if not parts["train"]:
-        raise QtuneError(f"{cfg.path}: {len(samples)} usable rows leave no training rows after the validation and "
-                         f"test splits (data.split={list(cfg.split)}); use more rows or smaller val/test fractions")
+        raise QtuneError(
+            f"{cfg.path}: {len(samples)} usable rows leave no training rows after the validation and "
+            f"test splits (data.split={list(cfg.split)}); use more rows or smaller val/test fractions"
+        )
     splits = DatasetDict({name: Dataset.from_list([samples[i] for i in idx]) for name, idx in parts.items() if idx})
     card.splits = {name: len(ds) for name, ds in splits.items()}
     card.tokens = {name: int(sum(len(x) for x in ds["input_ids"])) for name, ds in splits.items()}

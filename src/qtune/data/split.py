@@ -22,6 +22,6 @@ def split_indices(n: int, fractions: tuple[float, float, float], seed: int) -> d
     n_val, n_test = sizes
     return {
         "val": sorted(order[:n_val]),
-        "test": sorted(order[n_val:n_val + n_test]),
-        "train": sorted(order[n_val + n_test:]),
+        "test": sorted(order[n_val : n_val + n_test]),
+        "train": sorted(order[n_val + n_test :]),
     }

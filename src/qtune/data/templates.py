@@ -56,8 +56,10 @@ def check_messages(messages: Sequence[Message]) -> None:
     for i, m in enumerate(body, start):
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if m.get("role") != expected:
-            raise ValueError(f"message {i}: expected role {expected!r} (system first, then user/assistant "
-                             f"alternating), got {m.get('role')!r}")
+            raise ValueError(
+                f"message {i}: expected role {expected!r} (system first, then user/assistant "
+                f"alternating), got {m.get('role')!r}"
+            )
         if not isinstance(m.get("content"), str):
             raise ValueError(f"message {i}: content must be text")
     if not body or body[-1]["role"] != "user":
@@ -156,16 +158,24 @@ def export_chat_template(template: Template, tokenizer) -> str:
     if template != "alpaca":
         raise ValueError(f"unknown template {template!r}; expected 'alpaca' or 'chat'")
     turn_head, turn_tail = ALPACA_TURN.split("{instruction}")
-    return "".join([
-        "{{- bos_token -}}" if adds_bos(tokenizer) else "",
-        "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] -}}"
-        "{%- set loop_messages = messages[1:] -%}",
-        "{%- else -%}", _jinja_literal(ALPACA_PREAMBLE), "{%- set loop_messages = messages -%}{%- endif -%}",
-        _jinja_literal("\n\n"),
-        "{%- for message in loop_messages -%}",
-        "{%- if message['role'] == 'user' -%}", _jinja_literal(turn_head), "{{- message['content'] -}}",
-        _jinja_literal(turn_tail),
-        "{%- elif loop.last -%}{{- message['content'] -}}{{- eos_token -}}",
-        "{%- else -%}{{- message['content'] -}}", _jinja_literal("\n\n"), "{%- endif -%}",
-        "{%- endfor -%}",
-    ])
+    return "".join(
+        [
+            "{{- bos_token -}}" if adds_bos(tokenizer) else "",
+            "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] -}}"
+            "{%- set loop_messages = messages[1:] -%}",
+            "{%- else -%}",
+            _jinja_literal(ALPACA_PREAMBLE),
+            "{%- set loop_messages = messages -%}{%- endif -%}",
+            _jinja_literal("\n\n"),
+            "{%- for message in loop_messages -%}",
+            "{%- if message['role'] == 'user' -%}",
+            _jinja_literal(turn_head),
+            "{{- message['content'] -}}",
+            _jinja_literal(turn_tail),
+            "{%- elif loop.last -%}{{- message['content'] -}}{{- eos_token -}}",
+            "{%- else -%}{{- message['content'] -}}",
+            _jinja_literal("\n\n"),
+            "{%- endif -%}",
+            "{%- endfor -%}",
+        ]
+    )

@@ -127,8 +127,10 @@ def resolve_model(cfg: ModelConfig, require_weights: bool = True) -> str:
         if not (path / "config.json").is_file():
             raise QtuneError(f"{name}: not a model directory (no config.json)")
         if require_weights and not any(path.glob("*.safetensors")):
-            raise QtuneError(f"{name}: no .safetensors weights; qtune loads weights from safetensors only (pickled "
-                             ".bin/.pt files can run code); convert the checkpoint to safetensors")
+            raise QtuneError(
+                f"{name}: no .safetensors weights; qtune loads weights from safetensors only (pickled "
+                ".bin/.pt files can run code); convert the checkpoint to safetensors"
+            )
         return str(path)
     return name
 
@@ -203,6 +205,8 @@ def load_model(model_path: str, cfg: ModelConfig, quant: QuantConfig):
     unmatched = unmatched_skip_modules(model, quant.skip_modules)
     if unmatched:
         last = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-2]
-        raise QtuneError(f"quant.skip_modules: {', '.join(map(repr, unmatched))} names no linear layer of "
-                         f"{model_path} (e.g. {last.rsplit('.', 1)[-1]!r})")
+        raise QtuneError(
+            f"quant.skip_modules: {', '.join(map(repr, unmatched))} names no linear layer of "
+            f"{model_path} (e.g. {last.rsplit('.', 1)[-1]!r})"
+        )
     return model

@@ -37,8 +37,10 @@ class LoftQReport:
     relative_error_after: float
 
     def line(self) -> str:
-        return (f"LoftQ: {self.layers} adapters initialised from the quantization error; relative error "
-                f"{self.relative_error_before:.4f} -> {self.relative_error_after:.4f}")
+        return (
+            f"LoftQ: {self.layers} adapters initialised from the quantization error; relative error "
+            f"{self.relative_error_before:.4f} -> {self.relative_error_after:.4f}"
+        )
 
 
 def _weight_files(model_path: str) -> dict[str, Path]:

@@ -67,8 +67,10 @@ def precision_warnings(q: QuantConfig, cuda: bool | None = None) -> list[str]:
     if q.quant in ("nf4", "fp4") and compute_dtype(q, cuda) == torch.float16:
         cuda = torch.cuda.is_available() if cuda is None else cuda
         better = "bfloat16 (this GPU has it)" if cuda and torch.cuda.is_bf16_supported() else "float32"
-        out.append(f"quant.compute_dtype float16 with {q.quant} weights: fp16 activations can overflow to inf "
-                   f"and the loss to NaN; use {better}")
+        out.append(
+            f"quant.compute_dtype float16 with {q.quant} weights: fp16 activations can overflow to inf "
+            f"and the loss to NaN; use {better}"
+        )
     return out
 
 
@@ -110,8 +112,9 @@ def dequantize_for_inference(model) -> int:
             if isinstance(child, bnb.nn.Linear4bit):
                 w = dequantized_weight(child)
                 dtype = child.compute_dtype or torch.float32
-                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                         device=w.device, dtype=dtype)
+                linear = torch.nn.Linear(
+                    child.in_features, child.out_features, bias=child.bias is not None, device=w.device, dtype=dtype
+                )
                 with torch.no_grad():
                     linear.weight.copy_(w.to(dtype))
                     if child.bias is not None:

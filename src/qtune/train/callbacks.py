@@ -90,8 +90,9 @@ class ProgressBar(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
-                            dynamic_ncols=True)  # a resumed run starts at its checkpoint's step
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True
+            )  # a resumed run starts at its checkpoint's step
 
     def on_step_end(self, args, state, control, **kwargs):
         # a step that logs moves the bar in on_log, together with its own figures (not the previous step's)
@@ -101,8 +102,12 @@ class ProgressBar(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         last = self.recorder.records[-1] if self.recorder.records else {}
         if self.bar is not None and "loss" in last and last.get("step") == state.global_step:
-            self.bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}",
-                                 tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{last['loss']:.4f}",
+                lr=f"{last['learning_rate']:.2e}",
+                tok_s=f"{last['tokens_per_s']:.0f}",
+                refresh=False,
+            )
             self.bar.update(state.global_step - self.bar.n)  # refreshes: the step count and its figures together
         if self.bar is not None and "eval_loss" in (logs or {}):
             self.bar.write(f"step {state.global_step}: val loss {logs['eval_loss']:.4f}")

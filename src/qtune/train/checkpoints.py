@@ -214,13 +214,17 @@ def checkpoint_problem(checkpoint: Path, losses: dict[int, float | None] | None 
     return None
 
 
-def last_good_checkpoint(checkpoints_dir: str | Path, losses: dict[int, float | None] | None = None
-                         ) -> tuple[Path | None, list[tuple[Path, str]]]:
+def last_good_checkpoint(
+    checkpoints_dir: str | Path, losses: dict[int, float | None] | None = None
+) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest complete checkpoint in ``checkpoints_dir`` that :func:`checkpoint_problem` verifies, and the
     newer ones it rejected, each with its reason: ``(checkpoint or None, [(checkpoint, reason), ...])``."""
     root = Path(checkpoints_dir)
-    found = [p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-             if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", p.name) and (p / STATE_FILE).is_file()]
+    found = [
+        p
+        for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", p.name) and (p / STATE_FILE).is_file()
+    ]
     rejected = []
     for ckpt in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True):
         problem = checkpoint_problem(ckpt, losses)
@@ -293,12 +297,18 @@ def record_resume(rd: RunDir, cfg: RunConfig, step: int) -> dict[str, tuple]:
     """
     saved = load_config(rd.config, saved_run=True).model_dump(mode="json")
     now = cfg.model_dump(mode="json")
-    changes = {f"{sec}.{key}": (saved[sec][key], value) for sec, fields in now.items() for key, value in fields.items()
-               if value != saved[sec][key] and f"{sec}.{key}" not in ("train.output_dir", "model.trust_remote_code")}
+    changes = {
+        f"{sec}.{key}": (saved[sec][key], value)
+        for sec, fields in now.items()
+        for key, value in fields.items()
+        if value != saved[sec][key] and f"{sec}.{key}" not in ("train.output_dir", "model.trust_remote_code")
+    }
     other = [k for k in changes if k not in RESUME_SETTABLE]
     if other:
-        raise QtuneError(f"{rd.root}: resuming with {', '.join(other)} changed from the saved config; only "
-                         f"{', '.join(RESUME_SETTABLE)} may change on resume")
+        raise QtuneError(
+            f"{rd.root}: resuming with {', '.join(other)} changed from the saved config; only "
+            f"{', '.join(RESUME_SETTABLE)} may change on resume"
+        )
     if changes:
         for sec, key in (("train", "output_dir"), ("model", "trust_remote_code")):
             now[sec][key] = saved[sec][key]
@@ -351,8 +361,9 @@ def train_from(trainer, checkpoint: Path | None) -> TrainOutput:
     return TrainOutput(trainer.state.global_step, 0.0, {})
 
 
-def save_final(rd: RunDir, model, tokenizer, summary: dict, cfg: RunConfig | None = None,
-               data_card: dict | None = None) -> None:
+def save_final(
+    rd: RunDir, model, tokenizer, summary: dict, cfg: RunConfig | None = None, data_card: dict | None = None
+) -> None:
     """Save the trained adapter and tokenizer to ``rd.adapter``, then ``summary`` to ``rd.summary``, then
     remove the checkpoints; a process killed at any point leaves a run that ``--resume`` completes.
 

@@ -71,8 +71,11 @@ def oom_message(cfg: RunConfig, total_bytes: float, world_size: int = 1, strateg
         advice = f"batch_size {fitted['max_batch_size']} x max_length {cfg.data.max_length}"
     else:
         shorter = [row for row in fitted["table"] if row["max_batch_size"] >= 1]
-        advice = (f"batch_size {shorter[-1]['max_batch_size']} x max_length {shorter[-1]['seq_len']}" if shorter else
-                  "nothing: the weights alone do not fit; use a smaller model or 4-bit weights (quant.quant=nf4)")
+        advice = (
+            f"batch_size {shorter[-1]['max_batch_size']} x max_length {shorter[-1]['seq_len']}"
+            if shorter
+            else "nothing: the weights alone do not fit; use a smaller model or 4-bit weights (quant.quant=nf4)"
+        )
     per_gpu = f" per GPU ({world_size} x {strategy})" if world_size > 1 else ""
     return (
         f"out of GPU memory (batch_size {t.batch_size} x max_length {cfg.data.max_length}): memory model (GiB"
@@ -96,12 +99,17 @@ def distributed_layout() -> tuple[int, str]:
 
 def gpu_total_bytes() -> float:
     """Total memory of the current CUDA device in bytes (0 without CUDA)."""
-    return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory) if torch.cuda.is_available() else 0.0
+    return (
+        float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+        if torch.cuda.is_available()
+        else 0.0
+    )
 
 
 @contextlib.contextmanager
-def explain_out_of_memory(model, cfg: RunConfig, total_bytes: float | None = None, world_size: int | None = None,
-                          strategy: str | None = None):
+def explain_out_of_memory(
+    model, cfg: RunConfig, total_bytes: float | None = None, world_size: int | None = None, strategy: str | None = None
+):
     """Context manager: running out of GPU memory inside becomes a :class:`QtuneError` (see :func:`oom_message`);
     other errors pass through unchanged.
 

@@ -29,8 +29,10 @@ def tensorboard_callback(report_to: str, log_dir: Path):
     if report_to == "none" or (report_to == "auto" and not tensorboard_available()):
         return None
     if not tensorboard_available():
-        raise QtuneError("train.report_to: tensorboard needs the tensorboard package (pip install tensorboard), "
-                         "or set train.report_to=none")
+        raise QtuneError(
+            "train.report_to: tensorboard needs the tensorboard package (pip install tensorboard), "
+            "or set train.report_to=none"
+        )
     from transformers.integrations import TensorBoardCallback
 
     callback = TensorBoardCallback()

@@ -61,8 +61,9 @@ def split_loss(model, dataset, collate, batch_size: int | None = None, progress=
                     continue
                 batch = {k: v.to(dev) for k, v in batch.items()}
                 logits = model(**batch, logits_to_keep=keep.to(dev), use_cache=False).logits[0]  # [K, V]
-                losses += torch.nn.functional.cross_entropy(logits.float(), next_labels[keep].to(dev),
-                                                            reduction="none").tolist()
+                losses += torch.nn.functional.cross_entropy(
+                    logits.float(), next_labels[keep].to(dev), reduction="none"
+                ).tolist()
     finally:
         model.train(was_training)
     count = len(losses)
@@ -146,18 +147,31 @@ class ValidationTrainer(Trainer):
         if self.is_world_process_zero():
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(dataset), desc=f"eval (step {self.state.global_step})", unit="sample",
-                       dynamic_ncols=True, leave=False)
+            bar = tqdm(
+                total=len(dataset),
+                desc=f"eval (step {self.state.global_step})",
+                unit="sample",
+                dynamic_ncols=True,
+                leave=False,
+            )
         try:
             with loaded_precision(self.loaded_dtypes):
-                result = split_loss(self.model, dataset, self.eval_collate,
-                                    progress=(lambda done: bar.update(done - bar.n)) if bar else None)
+                result = split_loss(
+                    self.model,
+                    dataset,
+                    self.eval_collate,
+                    progress=(lambda done: bar.update(done - bar.n)) if bar else None,
+                )
         finally:
             if bar is not None:
                 bar.close()
         p = metric_key_prefix
-        metrics = {f"{p}_loss": result["loss"], f"{p}_perplexity": result["perplexity"],
-                   f"{p}_tokens": result["tokens"], f"{p}_runtime": round(time.perf_counter() - start, 3)}
+        metrics = {
+            f"{p}_loss": result["loss"],
+            f"{p}_perplexity": result["perplexity"],
+            f"{p}_tokens": result["tokens"],
+            f"{p}_runtime": round(time.perf_counter() - start, 3),
+        }
         self.log(dict(metrics))  # log() adds epoch and token counts to the dict it gets
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
