@@ -227,7 +227,7 @@ def synthetic_samples(row: Row, vocab: int, lengths: list[list[int]] | None, n: 
 
     rng = random.Random(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         if lengths:
             p, t = lengths[rng.randrange(len(lengths))]
             t = min(t, row.seq)
@@ -435,7 +435,8 @@ def versions() -> dict:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| row | recipe | peak alloc / reserved GiB | peak RSS GiB | step s | tokens/s | real tokens/s | padding % | ratio (real tok/s) | first loss | val loss |",
+        "| row | recipe | peak alloc / reserved GiB | peak RSS GiB | step s | tokens/s | real tokens/s | padding % "
+        "| ratio (real tok/s) | first loss | val loss |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     stock = {r["row"]: r for r in results if r.get("recipe") == "stock" and "error" not in r}

@@ -94,7 +94,8 @@ def test_bad_jsonl_line_is_named(tmp_path, tiny_model_dir):
         (
             ["estimate", "--logit-fraction", "1.5"],
             2,
-            "error: Invalid value for '--logit-fraction': Input should be less than or equal to 1 (see 'qtune estimate --help')",
+            "error: Invalid value for '--logit-fraction': Input should be less than or equal to 1 "
+            "(see 'qtune estimate --help')",
         ),
         (["estimate", "--bogus"], 2, "error: No such option: --bogus (see 'qtune estimate --help')"),
         (["nosuch"], 2, "error: No such command 'nosuch'. (see 'qtune --help')"),

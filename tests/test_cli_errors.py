@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qtune.config import shared_data_dir
 from qtune.cli import main
+from qtune.config import shared_data_dir
 from qtune.rundir import RunDir
 from qtune.train.trainer import train
 

@@ -104,7 +104,8 @@ def test_jsonl_bom_crlf_and_line_numbers(tmp_path):
         ('[{"instruction": "a", "output": "b"}, [1, 2]]', "row 1: expected an object"),
         (
             '[{"prompt": "a", "completion": "b"}]',
-            "no column for instruction (column 'instruction'), output (column 'output'); expected columns ['input', 'instruction', 'output'], found ['completion', 'prompt']",
+            "no column for instruction (column 'instruction'), output (column 'output'); "
+            "expected columns ['input', 'instruction', 'output'], found ['completion', 'prompt']",
         ),
     ],
 )

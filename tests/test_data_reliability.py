@@ -108,9 +108,9 @@ def test_bad_columns_option_is_one_line(tmp_path):
         app, ["data", "prepare", "--data", str(src), "--out", str(tmp_path / "o"), "--columns", "instr=prompt"]
     )
     assert code.exit_code == 2
-    assert (
-        code.output
-        == "error: config: data.columns: keys must be among instruction, input, output; got ['instr'] (got {'instr': 'prompt'})\n"
+    assert code.output == (
+        "error: config: data.columns: keys must be among instruction, input, output; got ['instr'] "
+        "(got {'instr': 'prompt'})\n"
     )
     code = runner.invoke(
         app, ["data", "prepare", "--data", str(src), "--out", str(tmp_path / "o"), "--columns", "instruction"]
@@ -132,8 +132,8 @@ def test_bad_columns_option_is_one_line(tmp_path):
     )
     assert code.exit_code == 2
     assert (
-        "no column for instruction (column 'question'); expected columns ['completion', 'input', 'question'], found ['completion', 'prompt']"
-        in code.output
+        "no column for instruction (column 'question'); "
+        "expected columns ['completion', 'input', 'question'], found ['completion', 'prompt']" in code.output
     )
 
 
@@ -201,7 +201,7 @@ VALUE = st.one_of(
     st.dictionaries(TEXT, TEXT, max_size=2),
     st.sampled_from(["Sort a list.", "  sort A   list. ", "SORT a list.", "sorted(xs)", "Cafe\u0301"]),
 )
-ROW = st.fixed_dictionaries({}, optional={f: VALUE for f in FIELDS})
+ROW = st.fixed_dictionaries({}, optional=dict.fromkeys(FIELDS, VALUE))
 
 
 @settings(max_examples=200, deadline=None)

@@ -92,7 +92,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
     assert "global batch 4" in two.stdout and two.stdout.count("run directory:") == 1
     a, b = _losses(single), _losses(ddp)
     assert len(a) == len(b) == 10
-    assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-4
+    assert max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True)) < 1e-4
     assert len(list(tmp_path.rglob("adapter_model.safetensors"))) == 2  # one per run: ranks > 0 write nothing
     summary = json.loads((ddp / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 4

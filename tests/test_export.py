@@ -94,10 +94,10 @@ def test_gguf_metadata_matches_the_shipped_smollm2_gguf_key_by_key(smol_run, tmp
 def test_adapter_records_the_public_base_and_a_model_card(tiny_model_dir, tmp_path):
     import json
 
-    from serve_fixtures import make_tiny_run
-
     from qtune.config import load_config
     from qtune.model.adapters import SMOLLM2_HUB_ID, finish_adapter
+
+    from serve_fixtures import make_tiny_run
 
     rd = make_tiny_run(tiny_model_dir, tmp_path / "run")
     cfg = load_config(rd.config, [f"model.name={DEFAULT_MODEL}"], saved_run=True)
@@ -159,12 +159,12 @@ def test_prompt_token_ids_agree_across_training_merged_tokenizer_gguf_template_a
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     from transformers import AutoTokenizer
 
-    from serve_fixtures import make_tiny_run
-
     from qtune.data.templates import format_conversation
     from qtune.data.tokenize import encode_prompt
     from qtune.serve.engine import Engine, GenerationSettings
     from qtune.serve.session import fit_messages
+
+    from serve_fixtures import make_tiny_run
 
     rd = make_tiny_run(tiny_model_dir, tmp_path / "run", data={"template": template})
     merged, gguf_file = tmp_path / "merged", tmp_path / "model.gguf"
@@ -191,10 +191,10 @@ def test_prompt_token_ids_agree_across_training_merged_tokenizer_gguf_template_a
 @pytest.fixture(scope="module")
 def run_with_data(tiny_model_dir, tokenizer, tmp_path_factory):
     """A tiny run (random adapter) with its prepared data, as training leaves it."""
-    from serve_fixtures import make_tiny_run
-
     from qtune.config import load_config
     from qtune.data.prepare import prepare_dataset
+
+    from serve_fixtures import make_tiny_run
 
     rd = make_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("run") / "run")
     prepare_dataset(load_config(rd.config, saved_run=True).data, tokenizer, rd.data)

@@ -39,7 +39,7 @@ def test_two_space_answers_from_the_shared_cases_pass(tmp_path):
     problems = load_problems()
     rows = [json.loads(line) for line in INDENT_CASES.read_text().splitlines() if line.strip()]
     samples = [{"task_id": r["task_id"], "completion": extract_code(r["answer"], problems[r["task_id"]])} for r in rows]
-    for r, s in zip(rows, samples):  # canonical bodies written with two spaces: back to the canonical text
+    for r, s in zip(rows, samples, strict=True):  # canonical bodies written with two spaces: back to the canonical text
         assert s["completion"] == problems[r["task_id"]]["canonical_solution"], r["task_id"]
     assert score(problems, samples, tmp_path)["samples"] == len(rows) == 3
 
@@ -161,7 +161,8 @@ def test_raw_bodies_are_reindented_to_the_prompts_body(answer, expected):
             "\ndef add(a, b):\n    if a:\n        return a + b\n    return b\n",
         ),
         (
-            "import operator\n\ndef add(a, b):\n  '''Sum.\n  '''\n  return operator.add(a, b)\n\nThis uses operator.add.",
+            "import operator\n\ndef add(a, b):\n  '''Sum.\n  '''\n  return operator.add(a, b)\n\n"
+            "This uses operator.add.",
             "\nimport operator\n\ndef add(a, b):\n    '''Sum.\n  '''\n    return operator.add(a, b)\n",
         ),
         ("  def add(a, b):\n     return a + b\n", "\ndef add(a, b):\n    return a + b\n"),

@@ -3,16 +3,20 @@ lines), streamed and batched answers alike, and HumanEval generating through it 
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from qtune.cli import app
 from qtune.data.templates import ALPACA_HEADER, ALPACA_STOP
+from qtune.errors import QtuneError
 from qtune.evaluate.humaneval import generate_answers, generation_settings, problem_prompt
 from qtune.generate import AnswerEnd, Engine, GenerationSettings, StreamState, _StopTrimmer
-from qtune.errors import QtuneError
 
 from serve_fixtures import make_tiny_run, scripted
 
@@ -112,7 +116,7 @@ FRAGMENTS = [
 def test_streamed_pieces_join_to_the_batched_answer_however_the_text_is_split(fragments, splits):
     text = "".join(fragments)
     bounds = sorted({min(s, len(text)) for s in splits} | {0, len(text)})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    pieces = [text[a:b] for a, b in pairwise(bounds)]
     for end in (ALPACA_END, AnswerEnd((*ALPACA_STOP, "STOP"), ALPACA_HEADER), AnswerEnd(("STOP",), None)):
         assert "".join(streamed(end, pieces)) == cut(end, text)
 

@@ -29,7 +29,8 @@ CASES = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
 
 ADD = {
     "task_id": "Toy/0",
-    "prompt": 'import math\n\n\ndef add(a: int, b: int) -> int:\n    """Sum of a and b.\n    >>> add(2, 3)\n    5\n    """\n',
+    "prompt": 'import math\n\n\ndef add(a: int, b: int) -> int:\n    """Sum of a and b.\n'
+    '    >>> add(2, 3)\n    5\n    """\n',
     "entry_point": "add",
     "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
     "canonical_solution": "    return a + b\n",
@@ -135,7 +136,8 @@ def test_the_program_does_not_call_check_the_sandbox_does():
         ("\nimport sys\nsys.exit(0)\n", "error", "program ended before check() completed (SystemExit: 0)"),
         ("\nimport os\nos._exit(0)\n", "error", "program ended before check() completed (exit status 0)"),
         (
-            "\nimport unittest\nclass T(unittest.TestCase):\n    def test_nothing(self):\n        pass\nunittest.main()\n",
+            "\nimport unittest\nclass T(unittest.TestCase):\n    def test_nothing(self):\n"
+            "        pass\nunittest.main()\n",
             "error",
             "program ended before check() completed (SystemExit: False)",
         ),

@@ -81,7 +81,10 @@ def test_overwrite_refuses_what_qtune_did_not_write(case, tiny_model_dir, tmp_pa
         }[case]
     elif case == "old run":
         old_run(folder)
-        expected = "no .qtune-run marker, so not a run directory qtune created (or one from an older qtune); delete it yourself"
+        expected = (
+            "no .qtune-run marker, so not a run directory qtune created (or one from an older qtune); "
+            "delete it yourself"
+        )
     elif case in ("cwd", "parent of cwd", "home"):
         marked_run(folder)  # even a real run: never the folder the user stands in, or their home
         (folder / "sub").mkdir()
@@ -104,7 +107,10 @@ def test_overwrite_refuses_what_qtune_did_not_write(case, tiny_model_dir, tmp_pa
         marked_run(folder)
         (folder / "notes.md").write_text("mine\n")
         (folder / "plots").mkdir()
-        expected = "it holds notes.md, plots/, which qtune did not write; delete it yourself or choose another train.output_dir"
+        expected = (
+            "it holds notes.md, plots/, which qtune did not write; delete it yourself or choose another "
+            "train.output_dir"
+        )
     else:  # the run's data folder is a link to the user's own data
         marked_run(folder)
         user_folder(tmp_path / "mine")
@@ -125,9 +131,8 @@ def test_without_overwrite_a_folder_with_files_is_refused(tiny_model_dir, tmp_pa
     before = contents(tmp_path)
     result = CliRunner().invoke(app, train_args(tiny_model_dir, folder))
     assert result.exit_code == 2
-    assert (
-        result.output
-        == f"error: {folder}: run directory exists and is not empty; pass --overwrite or choose another train.output_dir\n"
+    assert result.output == (
+        f"error: {folder}: run directory exists and is not empty; pass --overwrite or choose another train.output_dir\n"
     )
     assert contents(tmp_path) == before
     (tmp_path / "file").write_text("x")
@@ -182,7 +187,10 @@ def test_a_failed_start_leaves_an_empty_folder_it_did_not_create(tiny_model_dir,
     assert result.exit_code == 2 and not (tmp_path / "new").exists()
 
 
-HOLD = "import sys, time; from qtune.rundir import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"
+HOLD = (
+    "import sys, time; from qtune.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
+    "print('held', flush=True); time.sleep(600)"
+)
 
 
 def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
@@ -258,7 +266,10 @@ def test_a_second_writer_is_refused_while_the_first_trains(tiny_model_dir, tmp_p
             time.sleep(0.05)
         before = contents(run)
         assert "checkpoints/checkpoint-2/trainer_state.json" in before
-        message = rf"error: {run}: in use by qtune process {first.pid} \(started [\d: -]+\); wait for it to finish or stop it\n"
+        message = (
+            rf"error: {run}: in use by qtune process {first.pid} \(started [\d: -]+\); "
+            r"wait for it to finish or stop it\n"
+        )
         for args in (
             ["train", "--resume", str(run)],
             ["train", "--config", str(cfg_file), "--overwrite"],

@@ -50,7 +50,8 @@ ENDED = "program ended before check() completed"
         # what pytest.main() ends with (no pytest in the sandbox's isolated interpreter)
         ("if __name__ == '__main__':\n    import sys\n    sys.exit(0)\n", "SystemExit: 0"),
         (
-            "import unittest\nclass T(unittest.TestCase):\n    def test_nothing(self):\n        pass\nunittest.main()\n",
+            "import unittest\nclass T(unittest.TestCase):\n    def test_nothing(self):\n"
+            "        pass\nunittest.main()\n",
             "SystemExit: False",
         ),
         ("import os\nos._exit(0)\n", "exit status 0"),
@@ -66,12 +67,14 @@ ENDED = "program ended before check() completed"
         ),
         ("import sys\ndef answer():\n    sys.exit(0)\n", "SystemExit: 0"),  # exits when check calls it
         (
-            "import os, sys\nfor m in ('passed', 'PASSED', 'OK', '1 passed', 'All tests passed', '0' * 32 + ' passed'):\n"
+            "import os, sys\n"
+            "for m in ('passed', 'PASSED', 'OK', '1 passed', 'All tests passed', '0' * 32 + ' passed'):\n"
             "    print(m)\n    print(m, file=sys.stderr)\nsys.stdout.flush()\nos._exit(0)\n",
             "exit status 0",
         ),
         (
-            "import os\nfor fd in range(3, 21):\n    for m in (b'passed\\n', b'0' * 32 + b' passed \\n', b'\\n' * 100):\n"
+            "import os\nfor fd in range(3, 21):\n"
+            "    for m in (b'passed\\n', b'0' * 32 + b' passed \\n', b'\\n' * 100):\n"
             "        try:\n            os.write(fd, m)\n        except OSError:\n            pass\nos._exit(0)\n",
             "exit status 0",
         ),
@@ -108,7 +111,8 @@ def test_a_program_that_ends_before_its_check_is_not_passed(body, tail, how):
         "import atexit, os\natexit.register(os._exit, 0)\nassert answer() == 1\n",  # no atexit handler runs
         "import os\nfor fd in range(3, 21):\n    try:\n        os.write(fd, b'passed\\n')\n    except OSError:\n"
         "        pass\n",  # bytes on the report pipe before the report
-        "import builtins\nbuiltins.eval = builtins.exec = builtins.compile = lambda *a, **k: None\n",  # boot keeps its own
+        # boot keeps its own
+        "import builtins\nbuiltins.eval = builtins.exec = builtins.compile = lambda *a, **k: None\n",
     ],
     ids=["atexit os._exit", "junk on fds", "patched builtins"],
 )
@@ -353,7 +357,7 @@ def test_killing_the_parent_is_refused():
 
 
 def test_parallel_workers_keep_order_and_overlap():
-    programs = ["import time\ntime.sleep(1)\nassert %d %% 2 == 0" % i for i in range(4)]
+    programs = [f"import time\ntime.sleep(1)\nassert {i} % 2 == 0" for i in range(4)]
     start = time.monotonic()
     results = run_programs(programs, SMALL, workers=2)
     assert [r.status for r in results] == ["passed", "failed", "passed", "failed"]

@@ -23,7 +23,6 @@ from qtune.serve.session import ChatSession, ContextOverflow, Turn, fit_messages
 from conftest import CODEALPACA
 from serve_fixtures import FILLER, GREEDY, INDENTED, make_tiny_run, running, scripted, scripted_engines, serve_process
 
-
 # ---- templates: the server's prompt is the training prompt ------------------------------------------------------
 
 
@@ -305,7 +304,7 @@ def test_fitting_leaves_out_exactly_the_fewest_pairs(engine, max_new_tokens):
 
     rng = random.Random(max_new_tokens)
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
-    for trial in range(4):
+    for _ in range(4):
         messages = [{"role": "system", "content": "You write Python."}]
         for i in range(41):
             pieces = ["x", "def", "  return", "\n", "(1, 2)", "élan"]

@@ -8,10 +8,10 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from qtune.errors import QtuneError
-from qtune.evaluate.perplexity import evaluate_run, split_loss
 from qtune.data.prepare import load_splits
 from qtune.data.tokenize import padding_collator
+from qtune.errors import QtuneError
+from qtune.evaluate.perplexity import evaluate_run, split_loss
 from qtune.model.adapters import load_trained, lora_config
 from qtune.rundir import RunDir
 from qtune.train.trainer import train
@@ -135,8 +135,8 @@ def test_eval_compares_base_and_adapter(fp32_run, tiny_model_dir):
     val = load_splits(fp32_run.data)["val"].remove_columns("row")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     tok_count = sum(sum(1 for x in lab[1:] if x != -100) for lab in val["labels"])
-    from qtune.model.load import load_tokenizer
     from qtune.config import ModelConfig
+    from qtune.model.load import load_tokenizer
 
     direct = split_loss(base, val, padding_collator(load_tokenizer(tiny_model_dir, ModelConfig())), batch_size=3)
     assert direct["tokens"] == tok_count == result["base"]["val"]["tokens"]
@@ -204,7 +204,7 @@ def test_fast_path_matches_the_stock_recipe(tiny_model_dir, tmp_path):
         runs[name] = (losses, load_file(tmp_path / name / "adapter" / "adapter_model.safetensors"))
     (fast, fast_w), (stock, stock_w) = runs["qtune"], runs["stock"]
     assert len(fast) == len(stock) == 20
-    for a, b in zip(fast, stock):
+    for a, b in zip(fast, stock, strict=True):
         assert a == pytest.approx(b, rel=1e-3)
     for key in stock_w:
         torch.testing.assert_close(fast_w[key], stock_w[key], atol=2e-3, rtol=2e-2)

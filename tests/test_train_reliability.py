@@ -1,10 +1,11 @@
 """Training arithmetic and failure handling: accumulation, schedule, NaN loss, out of memory, precision, safety."""
 
-from dataclasses import replace
 import json
 import math
 import re
 import warnings
+from dataclasses import replace
+from itertools import pairwise
 
 import pytest
 import torch
@@ -141,8 +142,8 @@ def test_cosine_schedule_counts_warmup_in_optimizer_steps(tiny_model_dir, tmp_pa
     assert probe.lrs == pytest.approx([scheduled(k - 1) for k in range(1, steps + 1)], rel=1e-6, abs=1e-12)
     assert probe.lrs.index(max(probe.lrs)) == warmup  # step warmup + 1, the first after warmup, runs at the peak
     assert max(probe.lrs) == pytest.approx(peak)
-    assert all(a < b for a, b in zip(probe.lrs[:warmup], probe.lrs[1 : warmup + 1]))
-    assert all(a > b for a, b in zip(probe.lrs[warmup:], probe.lrs[warmup + 1 :]))
+    assert all(a < b for a, b in pairwise(probe.lrs[: warmup + 1]))
+    assert all(a > b for a, b in pairwise(probe.lrs[warmup:]))
     assert probe.lrs[-1] < 0.05 * peak
     logged = [json.loads(x)["learning_rate"] for x in RunDir(tmp_path / "run").metrics.read_text().splitlines()]
     assert logged == pytest.approx(probe.lrs)
@@ -247,9 +248,9 @@ def test_diverged_run_names_no_checkpoint_then_resumes_at_a_lower_rate(tiny_mode
     )
     assert torch.isfinite(weights).all() and weights.abs().max() > 1e20  # finite, and still no good
     first, second = str(err.value).splitlines()
-    assert (
-        first
-        == "training stopped: loss is nan at step 2; no good checkpoint (checkpoint-1: its weights gave loss nan at step 2)"
+    assert first == (
+        "training stopped: loss is nan at step 2; "
+        "no good checkpoint (checkpoint-1: its weights gave loss nan at step 2)"
     )
     assert second.startswith(
         f"lower the learning rate and resume from step 0: qtune train --resume {run} "

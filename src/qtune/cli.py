@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from typer.core import TyperCommand
@@ -34,9 +34,9 @@ app = typer.Typer(
 data_app = typer.Typer(no_args_is_help=True, help="Dataset engineering.")
 app.add_typer(data_app, name="data")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run config; defaults when omitted.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML run config; defaults when omitted.")]
 SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override a config field: section.field=value (repeatable).")
+    list[str] | None, typer.Option("--set", help="Override a config field: section.field=value (repeatable).")
 ]
 RunOpt = Annotated[Path, typer.Option("--run", help="Run directory written by 'qtune train'.")]
 RemoteCodeOpt = Annotated[
@@ -100,14 +100,14 @@ def _column_pairs(columns: str) -> dict[str, str]:
 def data_prepare(
     data: Annotated[str, typer.Option(help="A .json/.jsonl/.parquet file or a hub dataset id.")],
     out: Annotated[Path, typer.Option(help="Output directory for the Arrow splits and the data card.")],
-    model: Annotated[Optional[str], typer.Option(help="Model whose tokenizer (and chat template) to use.")] = None,
-    template: Annotated[Optional[str], typer.Option(help="alpaca (default) or chat.")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Token budget per sample.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model whose tokenizer (and chat template) to use.")] = None,
+    template: Annotated[str | None, typer.Option(help="alpaca (default) or chat.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Token budget per sample.")] = None,
     columns: Annotated[
-        Optional[str], typer.Option(help="Column mapping, e.g. instruction=prompt,output=completion.")
+        str | None, typer.Option(help="Column mapping, e.g. instruction=prompt,output=completion.")
     ] = None,
     decontaminate: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(help="Drop rows sharing a 13-gram with this benchmark's problems (humaneval); repeatable."),
     ] = None,
     config: ConfigOpt = None,
@@ -150,7 +150,7 @@ def data_overlap(
     data: Annotated[str, typer.Option(help="A .json/.jsonl/.parquet file or a hub dataset id.")],
     benchmark: Annotated[str, typer.Option(help="Benchmark whose problems to look for: humaneval.")] = "humaneval",
     columns: Annotated[
-        Optional[str], typer.Option(help="Column mapping, e.g. instruction=prompt,output=completion.")
+        str | None, typer.Option(help="Column mapping, e.g. instruction=prompt,output=completion.")
     ] = None,
 ) -> None:
     """Count the rows that share a 13-gram with a benchmark's problems (nothing is dropped or written)."""
@@ -182,7 +182,7 @@ def train(
         ),
     ] = False,
     resume: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             help="Continue an interrupted run from its last good checkpoint, with its saved config and data; --set may "
             "change train.learning_rate and train.max_grad_norm (recorded in the run's config.yaml and resumes.jsonl)."
@@ -238,11 +238,11 @@ class _OptionalValueCommand(TyperCommand):
 
 @app.command("eval", cls=_OptionalValueCommand)
 def eval_(
-    run: Annotated[Optional[Path], typer.Option("--run", help="Run directory written by 'qtune train'.")] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="Run directory written by 'qtune train'.")] = None,
     splits: Annotated[str, typer.Option(help="Comma-separated splits to evaluate.")] = "val,test",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
     humaneval: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--humaneval",
             metavar="[PATH]",
@@ -251,20 +251,20 @@ def eval_(
         ),
     ] = None,
     humaneval_samples: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--humaneval-samples", help="Score an existing samples file (JSONL of task_id, completion); no --run."
         ),
     ] = None,
     problems: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--problems", help="HumanEval problems for --humaneval-samples (default: the shared HumanEval file)."
         ),
     ] = None,
-    limit: Annotated[Optional[int], typer.Option(help="--humaneval: only the first N problems.")] = None,
+    limit: Annotated[int | None, typer.Option(help="--humaneval: only the first N problems.")] = None,
     samples: Annotated[int, typer.Option(help="--humaneval: answers generated per problem.")] = 1,
-    k: Annotated[Optional[list[int]], typer.Option("--k", help="pass@k to report (repeatable); pass@1 always.")] = None,
+    k: Annotated[list[int] | None, typer.Option("--k", help="pass@k to report (repeatable); pass@1 always.")] = None,
     base: Annotated[bool, typer.Option("--base", help="--humaneval: the base model (adapter disabled).")] = False,
     temperature: Annotated[float, typer.Option(min=0.0, help="--humaneval: 0 for greedy decoding.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="--humaneval: nucleus sampling mass.")] = 0.95,
@@ -274,14 +274,14 @@ def eval_(
     memory_mb: Annotated[int, typer.Option(min=16, help="Sandbox: address space per process, MiB.")] = 1024,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Sandbox: programs run at once.")] = 2,
     results: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             help="--humaneval-samples: per-sample results JSONL (default: --out/STEM_results.jsonl, STEM the "
             "samples file's name without .jsonl)."
         ),
     ] = None,
     out: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--out", help="--humaneval-samples: directory for the per-sample results (default: the current one)."
         ),
@@ -445,7 +445,7 @@ _ESTIMATE_FLAGS = {
 """Config field -> ``qtune estimate`` flag: each flag is a shorthand for ``--set FIELD=VALUE``."""
 
 
-def _estimate_config(config: Optional[Path], set_: Optional[list[str]], flags: dict, trust_remote_code: bool):
+def _estimate_config(config: Path | None, set_: list[str] | None, flags: dict, trust_remote_code: bool):
     """The RunConfig ``qtune estimate`` counts: ``--config`` and ``--set`` read as ``qtune train`` reads them, then
     the flags given (``flags``: config field -> value). Each flag is first checked alone against the config types,
     so a bad value is reported under its flag's name (``--quant: Input should be 'none', ... (got 'nf5')``).
@@ -503,7 +503,7 @@ def _estimate_inputs(
     return counts, shape
 
 
-def _echo_estimate(est, fitted: Optional[dict], json_out: bool) -> None:
+def _echo_estimate(est, fitted: dict | None, json_out: bool) -> None:
     if json_out:
         typer.echo(dumps(est.to_dict() | ({"fit": fitted} if fitted else {})))
         return
@@ -533,7 +533,7 @@ def _choices(section, name: str) -> str:
     return f"{key}.{name}: {', '.join(get_args(section.model_fields[name].annotation))}."
 
 
-def _names(value: Optional[str]):
+def _names(value: str | None):
     """A comma-separated flag value as a list of names (None when the flag was not given)."""
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
@@ -541,7 +541,7 @@ def _names(value: Optional[str]):
 @app.command()
 def estimate(
     config: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--config",
             "-c",
@@ -552,51 +552,49 @@ def estimate(
     ] = None,
     set_: SetOpt = None,
     model: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="model.name: hub id, model directory (a config.json alone is enough), .gguf or alias."),
     ] = None,
-    quant: Annotated[Optional[str], typer.Option(help=_choices(QuantConfig, "quant"))] = None,
+    quant: Annotated[str | None, typer.Option(help=_choices(QuantConfig, "quant"))] = None,
     double_quant: Annotated[
-        Optional[bool], typer.Option("--double-quant/--no-double-quant", help="quant.double_quant.")
+        bool | None, typer.Option("--double-quant/--no-double-quant", help="quant.double_quant.")
     ] = None,
-    r: Annotated[
-        Optional[int], typer.Option("--r", min=0, help="lora.r; 0 = full fine-tuning (estimate only).")
-    ] = None,
+    r: Annotated[int | None, typer.Option("--r", min=0, help="lora.r; 0 = full fine-tuning (estimate only).")] = None,
     target_modules: Annotated[
-        Optional[str], typer.Option(help="lora.target_modules: all-linear or comma-separated names.")
+        str | None, typer.Option(help="lora.target_modules: all-linear or comma-separated names.")
     ] = None,
-    dora: Annotated[Optional[bool], typer.Option("--dora/--no-dora", help="lora.use_dora.")] = None,
-    lora_dropout: Annotated[Optional[float], typer.Option(help="lora.lora_dropout.")] = None,
-    optim: Annotated[Optional[str], typer.Option(help=_choices(TrainConfig, "optim"))] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="train.batch_size (sequences per micro-batch).")] = None,
+    dora: Annotated[bool | None, typer.Option("--dora/--no-dora", help="lora.use_dora.")] = None,
+    lora_dropout: Annotated[float | None, typer.Option(help="lora.lora_dropout.")] = None,
+    optim: Annotated[str | None, typer.Option(help=_choices(TrainConfig, "optim"))] = None,
+    batch_size: Annotated[int | None, typer.Option(help="train.batch_size (sequences per micro-batch).")] = None,
     gradient_checkpointing: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="train.gradient_checkpointing."),
     ] = None,
-    compute_dtype: Annotated[Optional[str], typer.Option(help=_choices(QuantConfig, "compute_dtype"))] = None,
+    compute_dtype: Annotated[str | None, typer.Option(help=_choices(QuantConfig, "compute_dtype"))] = None,
     upcast_frozen: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option(
             "--upcast-frozen/--no-upcast-frozen",
             help="train.upcast_frozen (PEFT's fp32 upcast on a quantized base, the stock recipe).",
         ),
     ] = None,
-    skip_modules: Annotated[Optional[str], typer.Option(help="quant.skip_modules, comma-separated.")] = None,
+    skip_modules: Annotated[str | None, typer.Option(help="quant.skip_modules, comma-separated.")] = None,
     seq_len: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             min=1,
             help="Tokens per sequence (default: the longest training sample with --config, else data.max_length).",
         ),
     ] = None,
     device: Annotated[
-        Optional[Device],
+        Device | None,
         typer.Option(help="Peak allocated on cuda or peak RSS on cpu (default: where 'qtune train' would run here)."),
     ] = None,
     world_size: Annotated[int, typer.Option(min=1, help="Data-parallel GPUs; the estimate is per GPU.")] = 1,
     strategy: Annotated[Strategy, typer.Option(help="Data parallelism with --world-size > 1.")] = "ddp",
     logit_fraction: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(
             min=0.0,
             max=1.0,
@@ -604,7 +602,7 @@ def estimate(
         ),
     ] = None,
     fit_gib: Annotated[
-        Optional[float], typer.Option("--fit", min=0.0, help="Also answer the largest batch that fits GIB.")
+        float | None, typer.Option("--fit", min=0.0, help="Also answer the largest batch that fits GIB.")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object; peak_gib is the predicted peak.")] = False,
     trust_remote_code: RemoteCodeOpt = False,
@@ -660,7 +658,7 @@ def sweep(
         ),
     ] = False,
     device: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="--dry-run: estimate for cuda or cpu (default: cuda for a "
             "train.require_cuda config or when a GPU is visible)."
@@ -704,7 +702,7 @@ def report(
 
 
 QuantOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--quant", help="Base weights for serving: nf4, fp4, int8, fp16, bf16 or none (fp32); default: the run's own."
     ),
@@ -726,7 +724,7 @@ def _generation_settings(max_new_tokens: int, temperature: float, top_p: float, 
 def chat(
     run: RunOpt,
     quant: QuantOpt = None,
-    system: Annotated[Optional[str], typer.Option(help="System prompt; default: the template's own.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt; default: the template's own.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 1.0,
@@ -784,7 +782,7 @@ def serve(
         str, typer.Option(help="Interface to bind; 0.0.0.0 exposes the server to the network.")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 7860,
-    auth: Annotated[Optional[str], typer.Option(help="Require USER:PASS for the web app and the API.")] = None,
+    auth: Annotated[str | None, typer.Option(help="Require USER:PASS for the web app and the API.")] = None,
     quant: QuantOpt = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Web requests generating at once; more wait in a queue.")] = 1,
     max_new_tokens: Annotated[int, typer.Option(help="Default most tokens per answer.")] = 256,
@@ -812,8 +810,8 @@ def serve(
                     f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host"
                 ) from None
         _quiet_libraries()
-        from qtune.serve.api import create_app, run_server
         from qtune.generate import Engine
+        from qtune.serve.api import create_app, run_server
 
         engine = Engine(str(run), quant)
         engine.prompt_budget(settings)
@@ -827,12 +825,8 @@ def serve(
 @app.command()
 def export(
     run: RunOpt,
-    merged: Annotated[
-        Optional[Path], typer.Option(help="Write base + adapter merged (16-bit safetensors) here.")
-    ] = None,
-    gguf: Annotated[
-        Optional[Path], typer.Option(help="Write base + adapter merged as one fp16 GGUF file here.")
-    ] = None,
+    merged: Annotated[Path | None, typer.Option(help="Write base + adapter merged (16-bit safetensors) here.")] = None,
+    gguf: Annotated[Path | None, typer.Option(help="Write base + adapter merged as one fp16 GGUF file here.")] = None,
     dtype: Annotated[str, typer.Option(help="Merged safetensors weights: fp16 or bf16.")] = "fp16",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     check: Annotated[

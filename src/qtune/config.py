@@ -250,7 +250,7 @@ class TrainConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _warmup_fits(self) -> "TrainConfig":
+    def _warmup_fits(self) -> TrainConfig:
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         return self
@@ -284,7 +284,7 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
-    def _loftq_needs_4bit(self) -> "RunConfig":
+    def _loftq_needs_4bit(self) -> RunConfig:
         if self.lora.init == "loftq" and self.quant.quant not in ("nf4", "fp4"):
             raise ValueError(f"lora.init=loftq needs quant.quant nf4 or fp4 (got {self.quant.quant})")
         if self.quant.skip_modules and self.quant.quant not in ("int8", "nf4", "fp4"):

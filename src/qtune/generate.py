@@ -33,9 +33,9 @@ import functools
 import json
 import re
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import regex
 import torch
@@ -283,7 +283,7 @@ class Engine:
         self._setup(model, tokenizer, template, path.resolve().name)
 
     @classmethod
-    def from_model(cls, model, tokenizer, template: str, name: str = "model", cfg=None) -> "Engine":
+    def from_model(cls, model, tokenizer, template: str, name: str = "model", cfg=None) -> Engine:
         """An engine on a model already loaded (e.g. by :func:`qtune.model.adapters.load_trained`), answering in
         ``template`` ("alpaca" or "chat"); ``cfg`` is the run's configuration, if any."""
         engine = cls.__new__(cls)
@@ -591,7 +591,7 @@ class Engine:
                 out = self.model.generate(
                     input_ids=ids, attention_mask=mask, stopping_criteria=criteria, **self._generate_kwargs(s)
                 )
-            for row, j in zip(out[:, width:].tolist(), order[b : b + size]):
+            for row, j in zip(out[:, width:].tolist(), order[b : b + size], strict=True):
                 if self.tokenizer.eos_token_id in row:
                     row = row[: row.index(self.tokenizer.eos_token_id)]
                 text = self.tokenizer.decode(row, skip_special_tokens=True)

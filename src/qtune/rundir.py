@@ -13,9 +13,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from qtune.errors import QtuneError
 
@@ -103,7 +103,7 @@ class RunDir:
         """Whether training finished: ``train_summary.json``, written after the adapter and tokenizer, exists."""
         return self.summary.is_file()
 
-    def require_adapter(self) -> "RunDir":
+    def require_adapter(self) -> RunDir:
         """Raises QtuneError unless this run directory holds a config and the adapter of a finished run."""
         if not self.config.is_file():
             raise QtuneError(f"{self.root}: not a qtune run directory (no config.yaml)")

@@ -147,7 +147,7 @@ def find_overlap(rows: Iterable[dict], benchmark: str, path: str | Path | None =
     """
     docs = benchmark_documents(benchmark, path)
     index = build_index(docs, n)
-    sizes = {pid: 0 for pid in docs}
+    sizes = dict.fromkeys(docs, 0)
     for pids in index.values():
         for pid in pids:
             sizes[pid] += 1
@@ -155,7 +155,7 @@ def find_overlap(rows: Iterable[dict], benchmark: str, path: str | Path | None =
     for row in rows:
         result.rows_checked += 1
         grams = set().union(*(ngrams(row[f], n) for f in FIELDS if isinstance(row.get(f), str)))
-        shared = {pid: 0 for pid in docs}
+        shared = dict.fromkeys(docs, 0)
         for gram in grams & index.keys():
             for pid in index[gram]:
                 shared[pid] += 1

@@ -15,7 +15,8 @@ Whitespace is looked at only to decide whether an input is empty (empty or white
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 Template = Literal["alpaca", "chat"]
 Message = dict[str, str]

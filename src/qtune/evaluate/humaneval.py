@@ -234,7 +234,7 @@ class _Lines:
         out: list[str] = []
         stack: list[int] = []  # widths of the open blocks
         shift = 0  # columns the current logical line moved, applied to its continuation lines
-        for i, (line, kind, width) in enumerate(zip(self.lines[:cut], self.kinds, self.widths)):
+        for i, (line, kind, width) in enumerate(zip(self.lines[:cut], self.kinds, self.widths, strict=False)):
             text = line.lstrip(" \t")
             if kind in ("blank", "verbatim"):
                 out.append(line if kind == "verbatim" else "")
@@ -359,7 +359,7 @@ def score_samples(
     results = run_programs(programs, limits, workers, checks=checks)
     counts: dict[str, int] = {}
     rows = []
-    for s, r in zip(samples, results):
+    for s, r in zip(samples, results, strict=True):
         per_task[s["task_id"]].append(r.status == "passed")
         counts[r.status] = counts.get(r.status, 0) + 1
         rows.append(
@@ -459,7 +459,7 @@ def generate_answers(
     except SettingsError as e:
         raise QtuneError(f"--max-new-tokens {settings.max_new_tokens}: {e}") from None
     inputs = [p["prompt"].strip("\n") for p in problems]
-    for p, text in zip(problems, inputs):
+    for p, text in zip(problems, inputs, strict=True):
         n = len(engine.encode(engine.prompt(HUMANEVAL_INSTRUCTION, text)))
         if n > budget:
             raise QtuneError(
@@ -539,7 +539,7 @@ def evaluate_run_humaneval(
         answers = generate_answers(engine, chosen, settings, **kwargs)
     rows = [
         {"task_id": p["task_id"], "completion": extract_code(a, p), "answer": a}
-        for p, many in zip(chosen, answers)
+        for p, many in zip(chosen, answers, strict=True)
         for a in many
     ]
     who = "base" if base else "adapter"

@@ -294,7 +294,10 @@ def _pids_of_uid(uid: int) -> list[int]:
 def _kill_uid(uid: int) -> None:
     """SIGKILL every process of ``uid``: ``kill(-1)`` sent by a helper running as that uid (the kernel takes the
     process list lock, so nothing forks past it); repeated until /proc shows none."""
-    code = f"import os\nos.setgroups([]); os.setgid({uid}); os.setuid({uid})\ntry: os.kill(-1, 9)\nexcept ProcessLookupError: pass"
+    code = (
+        f"import os\nos.setgroups([]); os.setgid({uid}); os.setuid({uid})\n"
+        "try: os.kill(-1, 9)\nexcept ProcessLookupError: pass"
+    )
     for _ in range(50):
         if not _pids_of_uid(uid):
             return

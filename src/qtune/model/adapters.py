@@ -245,7 +245,8 @@ def finish_adapter(adapter_dir: str | Path, cfg, summary: dict, data_card: dict 
         "",
         f"# LoRA adapter for {base}",
         "",
-        "Trained with qtune: a frozen, quantized base and a LoRA adapter (Hu et al. 2021; QLoRA, Dettmers et al. 2023).",
+        "Trained with qtune: a frozen, quantized base and a LoRA adapter "
+        "(Hu et al. 2021; QLoRA, Dettmers et al. 2023).",
         "",
         "| | |",
         "|---|---|",

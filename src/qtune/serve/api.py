@@ -50,8 +50,9 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request

@@ -4,8 +4,9 @@ The base is loaded again in fp16 or bf16 (never the 4-bit or 8-bit weights the a
 against: merging into quantized weights would round the update away), the adapter is loaded with PEFT and
 folded in with ``merge_and_unload``. Both exports embed the chat template the adapter was trained with
 (:func:`qtune.data.templates.export_chat_template`), not the base's, so tools that prompt through the embedded
-template (vLLM, llama.cpp's server, Ollama, LM Studio) send the prompt qtune trained on. The output directory loads with plain ``AutoModelForCausalLM`` and with
-``qtune chat/serve --run OUT`` (``qtune.json`` records the template).
+template (vLLM, llama.cpp's server, Ollama, LM Studio) send the prompt qtune trained on. The output directory
+loads with plain ``AutoModelForCausalLM`` and with ``qtune chat/serve --run OUT`` (``qtune.json`` records the
+template).
 
 The GGUF file (LLaMA architecture only) is written with the ``gguf`` package's ``GGUFWriter``: fp16 matrices,
 fp32 norms, tensor names from ``gguf``'s own name map, q/k rows reordered to the GGUF rotary layout, and the
@@ -26,9 +27,9 @@ from pathlib import Path
 
 from qtune.data.templates import export_chat_template
 from qtune.errors import QtuneError
+from qtune.generate import MERGED_META
 from qtune.jsonio import dumps
 from qtune.rundir import TMP_PREFIX, refuse_user_places
-from qtune.generate import MERGED_META
 
 MERGE_DTYPES = ("fp16", "bf16")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
 
 from qtune.data.templates import Message, check_messages
 from qtune.generate import Engine, GenerationSettings, StreamState
@@ -152,7 +152,7 @@ class ChatSession:
             out += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.assistant}]
         return out + [{"role": "user", "content": user}]
 
-    def ask(self, user: str, settings: GenerationSettings | None = None) -> "Reply":
+    def ask(self, user: str, settings: GenerationSettings | None = None) -> Reply:
         """Start the answer to ``user``; iterate the returned :class:`Reply` to stream it.
 
         Raises:

@@ -285,8 +285,8 @@ def resume_point(rd: RunDir) -> Path | None:
 def record_resume(rd: RunDir, cfg: RunConfig, step: int) -> dict[str, tuple]:
     """Compare ``cfg`` with the run's saved ``config.yaml`` before resuming it at optimizer step ``step``.
 
-    Changed fields of :data:`qtune.config.RESUME_SETTABLE` are saved: ``config.yaml`` is rewritten with ``cfg`` (atomically) and
-    one line ``{"step", "changes": {field: {"from", "to"}}}`` is appended to ``RUN/resumes.jsonl``.
+    Changed fields of :data:`qtune.config.RESUME_SETTABLE` are saved: ``config.yaml`` is rewritten with ``cfg``
+    (atomically) and one line ``{"step", "changes": {field: {"from", "to"}}}`` is appended to ``RUN/resumes.jsonl``.
 
     Returns:
         {field: (old, new)} of the changed fields (empty when nothing changed).
@@ -336,7 +336,7 @@ def keep_configured_learning_rate(trainer) -> None:
         load(checkpoint)
         if checkpoint is None or not wanted or list(sched.base_lrs) == wanted:
             return
-        for group, old, new in zip(trainer.optimizer.param_groups, sched.base_lrs, wanted):
+        for group, old, new in zip(trainer.optimizer.param_groups, sched.base_lrs, wanted, strict=True):
             group["lr"] = group["lr"] / old * new
             group["initial_lr"] = new
         sched.base_lrs = wanted
