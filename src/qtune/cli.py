@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from typer.core import TyperCommand
@@ -48,7 +48,8 @@ RemoteCodeOpt = Annotated[
 ]
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
+    """Print ``message`` as ``error: ...`` lines on stderr and exit with status 2."""
     for line in message.splitlines():
         typer.echo(f"error: {line}", err=True)
     raise typer.Exit(2)
@@ -227,7 +228,7 @@ class _OptionalValueCommand(TyperCommand):
     """``--humaneval`` takes an optional PATH: a bare ``--humaneval`` (last, or before another option) means the
     default problems file, passed on as an empty string."""
 
-    def parse_args(self, ctx, args):
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
         fixed = []
         for i, a in enumerate(args):
             fixed.append(a)
@@ -475,7 +476,7 @@ def _estimate_config(config: Path | None, set_: list[str] | None, flags: dict, t
 
 
 def _estimate_inputs(
-    cfg, from_file: bool, full_ft: bool, seq_len, device, world_size: int, strategy: str, logit_fraction
+    cfg, from_file: bool, full_ft: bool, seq_len, device, world_size: int, strategy: Strategy, logit_fraction
 ):
     """(counts, shape) for ``cfg``: with a config file the data is prepared as ``qtune train`` would (longest
     training sample, supervised share; what ``qtune sweep`` records for the run) unless ``--seq-len`` and

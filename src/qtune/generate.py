@@ -33,7 +33,7 @@ import functools
 import json
 import re
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +41,7 @@ import regex
 import torch
 from transformers import StoppingCriteria, StopStringCriteria, TextIteratorStreamer
 
-from qtune.data.templates import ALPACA_HEADER, ALPACA_STOP, Message, format_conversation, format_prompt
+from qtune.data.templates import ALPACA_HEADER, ALPACA_STOP, Message, Template, format_conversation, format_prompt
 from qtune.data.tokenize import encode_prompt
 from qtune.errors import QtuneError
 
@@ -283,7 +283,7 @@ class Engine:
         self._setup(model, tokenizer, template, path.resolve().name)
 
     @classmethod
-    def from_model(cls, model, tokenizer, template: str, name: str = "model", cfg=None) -> Engine:
+    def from_model(cls, model, tokenizer, template: Template, name: str = "model", cfg=None) -> Engine:
         """An engine on a model already loaded (e.g. by :func:`qtune.model.adapters.load_trained`), answering in
         ``template`` ("alpaca" or "chat"); ``cfg`` is the run's configuration, if any."""
         engine = cls.__new__(cls)
@@ -291,7 +291,7 @@ class Engine:
         engine._setup(model, tokenizer, template, name)
         return engine
 
-    def _setup(self, model, tokenizer, template: str, name: str) -> None:
+    def _setup(self, model, tokenizer, template: Template, name: str) -> None:
         self.model, self.tokenizer, self.template, self.name = model, tokenizer, template, name
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.stops = ALPACA_STOP if self.template == "alpaca" else ()
@@ -427,7 +427,7 @@ class Engine:
         settings: GenerationSettings | None = None,
         state: StreamState | None = None,
         cancel: threading.Event | None = None,
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, None]:
         """Yield the answer's text piece by piece as it is generated (``TextIteratorStreamer``).
 
         Generation ends at EOS, after ``max_new_tokens``, or where :meth:`answer_end` ends the answer (a stop
@@ -584,12 +584,12 @@ class Engine:
         for b in range(0, len(order), size):
             rows = [encoded[j] for j in order[b : b + size]]
             width = max(len(x) for x in rows)
-            ids = torch.tensor([[self._pad_id] * (width - len(x)) + x for x in rows], device=self.device)
+            batch = torch.tensor([[self._pad_id] * (width - len(x)) + x for x in rows], device=self.device)
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in rows], device=self.device)
             criteria = self._stopping_criteria(end, width)
             with self._lock:
                 out = self.model.generate(
-                    input_ids=ids, attention_mask=mask, stopping_criteria=criteria, **self._generate_kwargs(s)
+                    input_ids=batch, attention_mask=mask, stopping_criteria=criteria, **self._generate_kwargs(s)
                 )
             for row, j in zip(out[:, width:].tolist(), order[b : b + size], strict=True):
                 if self.tokenizer.eos_token_id in row:

@@ -144,12 +144,14 @@ def load_rows(
         items = items[:max_rows]
 
     found: set[str] = set()
+    objects: list[tuple[int, dict]] = []
     for idx, item in items:
         if not isinstance(item, dict):
             raise QtuneError(
                 f"{source}: {unit} {idx}: expected an object with {', '.join(FIELDS)}, got {type(item).__name__}"
             )
         found.update(item)
+        objects.append((idx, item))
     missing = [f for f in REQUIRED if columns[f] not in found]
     if missing:
         wanted = ", ".join(f"{f} (column {columns[f]!r})" for f in missing)
@@ -157,5 +159,5 @@ def load_rows(
             f"{source}: no column for {wanted}; expected columns {sorted(set(columns.values()))}, "
             f"found {sorted(found)}; map them with --columns instruction=NAME,output=NAME"
         )
-    rows = [{"row": idx, **{f: item.get(columns[f]) for f in FIELDS}} for idx, item in items]
+    rows = [{"row": idx, **{f: item.get(columns[f]) for f in FIELDS}} for idx, item in objects]
     return rows, unit

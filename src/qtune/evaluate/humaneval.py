@@ -18,11 +18,16 @@ import re
 import tokenize
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qtune.data.load import read_jsonl
+from qtune.data.templates import Template, format_prompt
 from qtune.errors import QtuneError
 from qtune.evaluate.sandbox import SandboxLimits, run_programs
 from qtune.jsonio import dumps
+
+if TYPE_CHECKING:
+    from qtune.generate import GenerationSettings
 
 
 def default_humaneval_path() -> Path:
@@ -32,13 +37,15 @@ def default_humaneval_path() -> Path:
     return shared_data_dir() / "humaneval" / "HumanEval.jsonl.gz"
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(1-based line number, object) for every line of a JSON Lines file of objects."""
     if not path.is_file():
         raise QtuneError(f"{path}: file not found")
-    rows = read_jsonl(path)
-    for n, row in rows:
+    rows = []
+    for n, row in read_jsonl(path):
         if not isinstance(row, dict):
             raise QtuneError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append((n, row))
     return rows
 
 
@@ -406,15 +413,15 @@ HUMANEVAL_INSTRUCTION = "Complete the following Python function. Write the whole
 """The instruction each problem is asked with; the problem's prompt (signature and docstring) is the input."""
 
 
-def problem_prompt(problem: dict, template: str, tokenizer=None) -> str:
+def problem_prompt(problem: dict, template: Template, tokenizer=None) -> str:
     """The model's prompt for a problem: :data:`HUMANEVAL_INSTRUCTION` with the problem's code as input, in the
     run's training template (:func:`qtune.data.templates.format_prompt`)."""
-    from qtune.data.templates import format_prompt
-
     return format_prompt(HUMANEVAL_INSTRUCTION, problem["prompt"].strip("\n"), template, tokenizer)
 
 
-def generation_settings(samples: int = 1, max_new_tokens: int = 384, temperature: float = 0.0, top_p: float = 0.95):
+def generation_settings(
+    samples: int = 1, max_new_tokens: int = 384, temperature: float = 0.0, top_p: float = 0.95
+) -> GenerationSettings:
     """The decoding settings of a HumanEval run (:class:`qtune.generate.GenerationSettings`).
 
     Raises:

@@ -64,8 +64,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from qtune.errors import QtuneError
 
@@ -442,10 +444,10 @@ def run_program(source: str, limits: SandboxLimits | None = None, slot: int = 0,
         os.close(nonce_w)
         with open(os.path.join(work, "program.py"), "w", encoding="utf-8", errors="surrogatepass") as f:
             f.write(source)
-        if root:  # the working directory when no namespace can be made
+        if uid is not None:  # root: the working directory when no namespace can be made
             os.chown(work, uid, uid)
             os.chown(os.path.join(work, "program.py"), uid, uid)
-        cfg = {
+        cfg: dict[str, Any] = {
             "uid": uid,
             "network": lim.network,
             "cpu_s": int(lim.cpu_s or -(-lim.timeout_s // 1)),
@@ -497,7 +499,7 @@ def run_program(source: str, limits: SandboxLimits | None = None, slot: int = 0,
                 except (ProcessLookupError, PermissionError):
                     pass
                 proc.wait()
-                if root:
+                if uid is not None:
                     _kill_uid(uid)
         seconds = time.monotonic() - start
         report = _boot_report(_read_available(report_r), nonce)
@@ -519,7 +521,7 @@ def run_programs(
     limits: SandboxLimits | None = None,
     workers: int = 2,
     on_result=None,
-    checks: list[str | None] | None = None,
+    checks: Sequence[str | None] | None = None,
 ) -> list[RunResult]:
     """Run each program with :func:`run_program` (``checks[i]`` its check expression, none by default),
     ``workers`` at a time; results in the order of ``sources``.

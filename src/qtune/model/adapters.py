@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-from qtune.config import LoraSettings
+from qtune.config import LoraSettings, RunConfig
 from qtune.errors import QtuneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def lora_config(lora: LoraSettings) -> LoraConfig:
     """The PEFT ``LoraConfig`` for a causal LM."""
     return LoraConfig(
         r=lora.r,
-        lora_alpha=lora.lora_alpha,
+        lora_alpha=lora.lora_alpha,  # type: ignore[arg-type]  # PEFT annotates int; it only divides by it
         lora_dropout=lora.lora_dropout,
         target_modules=lora.target_modules,
         use_dora=lora.use_dora,
@@ -30,7 +34,7 @@ def lora_config(lora: LoraSettings) -> LoraConfig:
     )
 
 
-def peft_model(model, lora: LoraSettings):
+def peft_model(model, lora: LoraSettings) -> PeftModel:
     """``get_peft_model`` with PEFT's complaint about target modules as one :class:`QtuneError` line.
 
     Raises:
@@ -80,7 +84,7 @@ def attach_lora(
     upcast_frozen: bool = True,
     offload_activations: bool = False,
     model_path: str | None = None,
-):
+) -> PeftModel:
     """Wrap a frozen base in a trainable LoRA ``PeftModel``.
 
     Args:
@@ -118,7 +122,9 @@ def attach_lora(
     return model
 
 
-def loraplus_optimizer(model, lora: LoraSettings, learning_rate: float, weight_decay: float):
+def loraplus_optimizer(
+    model, lora: LoraSettings, learning_rate: float, weight_decay: float
+) -> torch.optim.Optimizer | None:
     """AdamW with LoRA+ learning rates (B gets ``loraplus_lr_ratio`` x ``learning_rate``) via PEFT, or None
     when ``lora.loraplus_lr_ratio`` is unset (the Trainer then builds its own AdamW)."""
     if lora.loraplus_lr_ratio is None:
@@ -148,7 +154,9 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False) -> Pef
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
-def load_trained(run_dir: str | Path, trust_remote_code: bool = False, quant: str | None = None):
+def load_trained(
+    run_dir: str | Path, trust_remote_code: bool = False, quant: str | None = None
+) -> tuple[PeftModel, PreTrainedTokenizerBase, RunConfig]:
     """Base model (with the run's quantization, or ``quant`` when given) + the run's adapter, its tokenizer and
     its config.
 

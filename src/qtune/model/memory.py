@@ -27,9 +27,12 @@ launch; the fields a run config also has take its defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from qtune.config import DataConfig, LoraSettings, QuantConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 GIB = 1024**3
 
@@ -255,7 +258,7 @@ class ModelCounts:
         return sum(o * i for _, o, i in self.quantizable) + self.quantizable_bias + self.kept_params
 
 
-def load_model_config(model):
+def load_model_config(model) -> PretrainedConfig:
     """A transformers ``PretrainedConfig`` from a :class:`qtune.config.ModelConfig` (its revision and remote-code
     switch apply) or a name: a hub id, a directory holding (only) ``config.json``, a .gguf file or the
     ``smollm2-135m-instruct`` alias.

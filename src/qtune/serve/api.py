@@ -56,7 +56,7 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.routing import Mount
 
@@ -674,16 +674,16 @@ async def _respond(
     limiter: anyio.CapacityLimiter,
     *,
     obj: str,
-    choice: Callable[[str | None, str | None, bool], dict],
+    choice: Callable[[str | None, str | None, bool], dict | None],
     headers: dict,
-):
+) -> Response:
     """Run one prepared request and answer it as JSON or as server-sent events.
 
     Args:
         obj: the response's ``object`` (``chat.completion`` or ``text_completion``; chunks add ``.chunk`` for
             chat).
         choice: (text, finish_reason, streamed) -> the one choice of the body or of a chunk; text None is the
-            opening chunk of a stream (no text yet).
+            opening chunk of a stream (no text yet), None when the stream has no opening chunk.
     """
     cid = f"{'chatcmpl' if obj.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
     created, state = int(time.time()), StreamState()
@@ -702,7 +702,7 @@ async def _respond(
 
     head["object"] = f"{obj}.chunk" if obj.startswith("chat") else obj
 
-    def event(choices: list[dict], usage: dict | None = None) -> str:
+    def event(choices: list[dict | None], usage: dict | None = None) -> str:
         data = {**head, "choices": choices}
         if job.include_usage:  # OpenAI's layout: null in every chunk but the last
             data["usage"] = usage

@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from qtune.data.templates import export_chat_template
 from qtune.errors import QtuneError
@@ -31,10 +32,15 @@ from qtune.generate import MERGED_META
 from qtune.jsonio import dumps
 from qtune.rundir import TMP_PREFIX, refuse_user_places
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from qtune.config import RunConfig
+
 MERGE_DTYPES = ("fp16", "bf16")
 
 
-def merge_run(run_dir: str | Path, dtype: str = "fp16"):
+def merge_run(run_dir: str | Path, dtype: str = "fp16") -> tuple[PreTrainedModel, PreTrainedTokenizerBase, RunConfig]:
     """(merged model in eval mode, tokenizer, RunConfig): the base loaded in ``dtype`` + the adapter, merged.
 
     Raises:
@@ -247,10 +253,12 @@ def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     state = model.state_dict()
     if c.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    gguf_names = {hf_name: names.get_name(hf_name, try_suffixes=(".weight", ".bias")) for hf_name in state}
-    for hf_name, name in gguf_names.items():
+    gguf_names: dict[str, str] = {}
+    for hf_name in state:
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise QtuneError(f"--gguf: no GGUF name for tensor {hf_name}")
+        gguf_names[hf_name] = name
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(TMP_PREFIX + out.name)  # renamed to OUT once complete: a killed export leaves no half file
@@ -275,7 +283,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
 
         vocab = len(tokenizer)
         special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-        tokens = tokenizer.convert_ids_to_tokens(list(range(vocab)))
+        tokens = cast(list[str], tokenizer.convert_ids_to_tokens(list(range(vocab))))  # a list for a list of ids
         tokens += [f"[PAD{i}]" for i in range(vocab, c.vocab_size)]
         types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(vocab)]
         types += [gguf.TokenType.UNUSED] * (c.vocab_size - vocab)

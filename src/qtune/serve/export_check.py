@@ -68,7 +68,7 @@ def _score(model, rows, collate, batch_size: int) -> tuple[float, int]:
     from qtune.evaluate.perplexity import split_loss
 
     result = split_loss(model, rows, collate, batch_size)
-    return result["loss"], result["tokens"]
+    return result["loss"], int(result["tokens"])  # a count (split_loss's figures are typed float)
 
 
 def check_export(
@@ -147,9 +147,9 @@ def check_export(
             )
         )
     for name, load in exports:
-        model = load()
-        check.losses[name] = _score(model, data, collate, bs)[0]
+        exported = load()
+        check.losses[name] = _score(exported, data, collate, bs)[0]
         check.drift[name] = check.losses[name] - reference
-        del model
+        del exported
         gc.collect()
     return check

@@ -128,6 +128,7 @@ def fit_messages(engine: Engine, messages: Sequence[Message], settings: Generati
             break
         estimate = n_pairs - k - 1
     dropped = _smallest(lambda d: len(prompt_ids(d)) <= budget, estimate, n_pairs)
+    assert dropped is not None  # dropping all n_pairs fits: checked above (used <= budget)
     return Fitted(head + body[2 * dropped :], prompt_ids(dropped), dropped)
 
 

@@ -88,20 +88,24 @@ def _assistant(text: str) -> dict:
     return _message("assistant", text)
 
 
+SessionKey = str | None
+"""Gradio's session hash of a request (``gr.Request.session_hash``; None for a request outside a session)."""
+
+
 class _Sessions:
     """What each browser session holds on the server, by Gradio session hash: the answer being streamed (so that
     Stop can end it) and the folder with its transcript (deleted when the session ends)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._replies: dict[str, Reply] = {}
-        self._folders: dict[str, Path] = {}
+        self._replies: dict[SessionKey, Reply] = {}
+        self._folders: dict[SessionKey, Path] = {}
 
-    def started(self, key: str, reply: Reply) -> None:
+    def started(self, key: SessionKey, reply: Reply) -> None:
         with self._lock:
             self._replies[key] = reply
 
-    def finished(self, key: str, reply: Reply) -> bool:
+    def finished(self, key: SessionKey, reply: Reply) -> bool:
         """The answer has ended; False when its session ended first (then nothing more is kept for it)."""
         with self._lock:
             if self._replies.get(key) is reply:
@@ -109,14 +113,14 @@ class _Sessions:
                 return True
             return False
 
-    def stop(self, key: str) -> None:
+    def stop(self, key: SessionKey) -> None:
         """End the session's answer at its next token (nothing when none is streaming)."""
         with self._lock:
             reply = self._replies.get(key)
         if reply is not None:
             reply.stop()
 
-    def write_transcript(self, key: str, session: ChatSession) -> str:
+    def write_transcript(self, key: SessionKey, session: ChatSession) -> str:
         """Write the transcript as the session's only file; returns its path."""
         with self._lock:
             folder = self._folders.get(key)
@@ -131,7 +135,7 @@ class _Sessions:
             f.write(session.transcript())
         return f.name
 
-    def end(self, key: str) -> None:
+    def end(self, key: SessionKey) -> None:
         """The session is over (tab closed): stop its answer and delete its transcript folder."""
         with self._lock:
             reply = self._replies.pop(key, None)

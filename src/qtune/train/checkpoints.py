@@ -225,7 +225,7 @@ def last_good_checkpoint(
         for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
         if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", p.name) and (p / STATE_FILE).is_file()
     ]
-    rejected = []
+    rejected: list[tuple[Path, str]] = []
     for ckpt in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True):
         problem = checkpoint_problem(ckpt, losses)
         if problem is None:

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import TrainerCallback
 
 from qtune.config import RESUME_SETTABLE, RunConfig
 from qtune.errors import QtuneError
+
+if TYPE_CHECKING:
+    from qtune.model.memory import Strategy
 
 GIB = 1024**3
 
@@ -32,7 +37,7 @@ class NonFiniteLossGuard(TrainerCallback):
     (see :func:`qtune.train.checkpoints.checkpoint_arguments`).
     """
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         loss = (logs or {}).get("loss")
         if loss is None or math.isfinite(loss):
             return
@@ -55,7 +60,7 @@ class NonFiniteLossGuard(TrainerCallback):
         )
 
 
-def oom_message(cfg: RunConfig, total_bytes: float, world_size: int = 1, strategy: str = "ddp") -> str:
+def oom_message(cfg: RunConfig, total_bytes: float, world_size: int = 1, strategy: Strategy = "ddp") -> str:
     """The two-line explanation printed when training runs out of GPU memory: the memory model's breakdown
     (:mod:`qtune.model.memory`) for this config on ``world_size`` GPUs under ``strategy`` (ddp or fsdp), and the
     largest micro-batch it expects to fit in 90% of the GPU. Every position's logits are counted (a bound)."""
@@ -85,7 +90,7 @@ def oom_message(cfg: RunConfig, total_bytes: float, world_size: int = 1, strateg
     )
 
 
-def distributed_layout() -> tuple[int, str]:
+def distributed_layout() -> tuple[int, Strategy]:
     """(world size, strategy) of this training process as the Trainer runs it: accelerate's state, which
     transformers' Trainer sets up from the launcher (torchrun / accelerate launch): its process count, and fsdp
     when its distributed type is FSDP, else ddp. (1, "ddp") before any Trainer exists."""
@@ -108,8 +113,12 @@ def gpu_total_bytes() -> float:
 
 @contextlib.contextmanager
 def explain_out_of_memory(
-    model, cfg: RunConfig, total_bytes: float | None = None, world_size: int | None = None, strategy: str | None = None
-):
+    model,
+    cfg: RunConfig,
+    total_bytes: float | None = None,
+    world_size: int | None = None,
+    strategy: Strategy | None = None,
+) -> Iterator[None]:
     """Context manager: running out of GPU memory inside becomes a :class:`QtuneError` (see :func:`oom_message`);
     other errors pass through unchanged.
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qtune.errors import QtuneError
+
+if TYPE_CHECKING:
+    from transformers.integrations import TensorBoardCallback
 
 
 def tensorboard_available() -> bool:
@@ -17,7 +21,7 @@ def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
-def tensorboard_callback(report_to: str, log_dir: Path):
+def tensorboard_callback(report_to: str, log_dir: Path) -> TensorBoardCallback | None:
     """A ``transformers`` ``TensorBoardCallback`` writing to ``log_dir``, or None.
 
     Args:

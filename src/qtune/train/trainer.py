@@ -12,6 +12,7 @@ import shutil
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
@@ -41,6 +42,9 @@ from qtune.train.checkpoints import (
 from qtune.train.guards import NonFiniteLossGuard, explain_out_of_memory
 from qtune.train.tensorboard import tensorboard_callback
 from qtune.train.validation import ValidationTrainer
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 PACKAGES = ("qtune", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "gguf")
 
@@ -180,10 +184,10 @@ def build_trainer(
     """
     check_device_switches(cfg)
     set_seed(cfg.train.seed)
-    model = load_model(model_path, cfg.model, cfg.quant)
-    loaded_dtypes = [(p, p.dtype) for p in model.parameters()]  # evaluation uses them as `qtune eval` loads them
+    base = load_model(model_path, cfg.model, cfg.quant)
+    loaded_dtypes = [(p, p.dtype) for p in base.parameters()]  # evaluation uses them as `qtune eval` loads them
     model = attach_lora(
-        model,
+        base,
         cfg.lora,
         is_quantized(cfg.quant),
         cfg.train.gradient_checkpointing,
@@ -301,7 +305,7 @@ def _train(cfg: RunConfig, overwrite: bool, callbacks: tuple, resume: bool, prot
     )
     make_checkpoints_atomic(trainer)
     keep_configured_learning_rate(trainer)
-    model = trainer.model
+    model = cast("PeftModel", trainer.model)  # build_trainer attached the LoRA adapter
     trainable, total = model.get_nb_trainable_parameters()
     start = time.perf_counter()
     try:
@@ -335,10 +339,10 @@ def _train(cfg: RunConfig, overwrite: bool, callbacks: tuple, resume: bool, prot
     }
     if checkpoint:  # tokens/s of this session only; the checkpoint brought the earlier tokens along
         summary |= resumed_summary(resumed_state, trainer.state.num_input_tokens_seen, wall)
-    card = (
+    card_fields = (
         json.loads((rd.data / "data_card.json").read_text(encoding="utf-8"))
         if (rd.data / "data_card.json").is_file()
         else None
     )
-    save_final(rd, model, tokenizer, summary, cfg, card)  # the summary, written last, marks the run finished
+    save_final(rd, model, tokenizer, summary, cfg, card_fields)  # the summary, written last, marks the run finished
     return summary

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterator, Sized
+from typing import cast
 
 import torch
 from transformers import Trainer
@@ -72,7 +74,7 @@ def split_loss(model, dataset, collate, batch_size: int | None = None, progress=
 
 
 @contextlib.contextmanager
-def no_cpu_repacking(model):
+def no_cpu_repacking(model) -> Iterator[None]:
     """Keep bitsandbytes from repacking 4-bit weights for CPU inference inside the block.
 
     On a CPU with AVX512-BF16, a ``Linear4bit`` in eval mode without gradients rewrites its weight on first use
@@ -95,7 +97,7 @@ def no_cpu_repacking(model):
 
 
 @contextlib.contextmanager
-def loaded_precision(dtypes: list[tuple[torch.nn.Parameter, torch.dtype]]):
+def loaded_precision(dtypes: list[tuple[torch.nn.Parameter, torch.dtype]]) -> Iterator[None]:
     """Cast the given parameters back to the dtype they were loaded in, for the duration of the block.
 
     Training upcasts a quantized base's non-quantized parameters (norms, embeddings, LM head) to float32
@@ -141,7 +143,8 @@ class ValidationTrainer(Trainer):
             {prefix_loss, prefix_perplexity, prefix_tokens (supervised tokens), prefix_runtime (s)}; also logged
             (callbacks' ``on_log``) and passed to ``on_evaluate``.
         """
-        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        # one split (a datasets.Dataset): qtune never gives the Trainer a dict of evaluation sets
+        dataset = cast(Sized, self.eval_dataset if eval_dataset is None else eval_dataset)
         start = time.perf_counter()
         bar = None
         if self.is_world_process_zero():
