@@ -29,7 +29,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-GIB = 1024**3
+from qtune.units import GIB  # dependency-free: the stock recipe's workers import nothing else of qtune
+
 HERE = Path(__file__).resolve().parent
 
 

@@ -165,3 +165,45 @@ def test_every_float_field_refuses_non_finite_numbers(tmp_path, name, annotation
             load_config(None, [f"{name}={value}"])
     [line] = str(err.value).splitlines()
     assert f"{where}: Input should be a finite number (got " in line, line
+
+
+def test_quant_format_groups_come_from_the_config_literal():
+    from typing import get_args
+
+    from qtune.config import FOUR_BIT, KBIT, QUANT_FORMATS, SIXTEEN_BIT, QuantConfig
+
+    assert QUANT_FORMATS == get_args(QuantConfig.model_fields["quant"].annotation)
+    assert QUANT_FORMATS == ("none", "fp16", "bf16", "int8", "nf4", "fp4")
+    assert (FOUR_BIT, KBIT, SIXTEEN_BIT) == (("nf4", "fp4"), ("int8", "nf4", "fp4"), ("fp16", "bf16"))
+    assert sorted(("none", *SIXTEEN_BIT, *KBIT)) == sorted(QUANT_FORMATS)  # each format in exactly one group
+
+
+@pytest.mark.parametrize("quant", ["none", "fp16", "bf16", "int8", "nf4", "fp4"])
+def test_loader_and_memory_model_agree_on_each_format(quant):
+    from qtune.config import QuantConfig
+    from qtune.model.memory import TrainShape, quantized_weight_bytes
+    from qtune.model.quantize import is_quantized, load_kwargs
+
+    q = QuantConfig(quant=quant)
+    quantized = quant in ("int8", "nf4", "fp4")
+    assert is_quantized(q) is TrainShape(quant=quant).quantized is quantized
+    assert ("quantization_config" in load_kwargs(q)) is quantized
+    assert quantized_weight_bytes(1001, quant) == (501 if quant in ("nf4", "fp4") else 1001)
+
+
+def test_format_messages_list_the_one_definition(tmp_path):
+    from qtune.generate import Engine
+    from qtune.serve.export import export_merged
+
+    with pytest.raises(QtuneError) as e:
+        Engine(str(tmp_path), quant="nf5")
+    assert str(e.value) == "--quant 'nf5': expected one of none, fp16, bf16, int8, nf4, fp4"
+    with pytest.raises(QtuneError) as e:
+        export_merged(tmp_path, tmp_path / "out", dtype="fp32")
+    assert str(e.value) == "--dtype 'fp32': expected one of fp16, bf16"
+
+
+def test_byte_units():
+    from qtune.units import GIB, MIB
+
+    assert (MIB, GIB) == (2**20, 2**30)

@@ -16,7 +16,6 @@ from qtune.model.adapters import attach_lora
 from qtune.model.load import load_model
 from qtune.model.memory import (
     ALLOCATOR_OVERHEAD,
-    GIB,
     TrainShape,
     count_model,
     estimate,
@@ -24,6 +23,7 @@ from qtune.model.memory import (
     fit,
     run_config_inputs,
 )
+from qtune.units import GIB
 
 LLAMA2_7B = Path(__file__).resolve().parents[1] / "configs" / "models" / "llama-2-7b"
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

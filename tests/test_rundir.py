@@ -360,3 +360,20 @@ def test_gguf_overwrite_replaces_only_a_gguf_file(finished_run, tmp_path):
         result = runner.invoke(app, ["export", "--run", str(finished_run.root), "--gguf", str(out), "--overwrite"])
         assert result.exit_code == 0, result.output
         assert out.read_bytes()[:4] == b"GGUF" and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_not_a_run_directory_is_one_message_wherever_it_is_found(tmp_path):
+    from qtune.train.checkpoints import resume_point
+
+    rd = RunDir(tmp_path / "empty")
+    expected = f"{rd.root}: not a qtune run directory (no config.yaml)"
+    with pytest.raises(QtuneError) as e:
+        rd.require_adapter()
+    assert str(e.value) == expected
+    with pytest.raises(QtuneError) as e:
+        resume_point(rd)
+    assert str(e.value) == f"{expected}; nothing to resume"
+    result = CliRunner().invoke(app, ["train", "--resume", str(rd.root)])
+    assert (result.exit_code, result.output) == (2, f"error: {expected}; nothing to resume\n")
+    result = CliRunner().invoke(app, ["eval", "--run", str(rd.root)])
+    assert (result.exit_code, result.output) == (2, f"error: {expected}\n")

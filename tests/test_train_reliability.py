@@ -24,6 +24,7 @@ from qtune.model.load import load_tokenizer
 from qtune.model.quantize import compute_dtype, precision_warnings
 from qtune.rundir import RunDir
 from qtune.train.trainer import train
+from qtune.units import GIB
 
 from conftest import tiny_run_config
 
@@ -373,7 +374,7 @@ def test_out_of_memory_is_explained(tiny_model_dir, tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Trainer, "train", oom)
-    monkeypatch.setattr("qtune.train.guards.gpu_total_bytes", lambda: 1.0 * 1024**3)
+    monkeypatch.setattr("qtune.train.guards.gpu_total_bytes", lambda: float(GIB))
     result = CliRunner().invoke(
         app,
         [
@@ -491,10 +492,10 @@ def test_only_out_of_memory_errors_are_rewritten(tiny_model_dir):
     cfg = tiny_run_config(tiny_model_dir, "unused", quant={"quant": "none"})
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(QtuneError, match=r"^out of GPU memory \(batch_size 4 x max_length 128\)"):
-        with explain_out_of_memory(model, cfg, total_bytes=2 * 1024**3):
+        with explain_out_of_memory(model, cfg, total_bytes=2 * GIB):
             raise RuntimeError("CUDA error: out of memory")
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        with explain_out_of_memory(model, cfg, total_bytes=2 * 1024**3):
+        with explain_out_of_memory(model, cfg, total_bytes=2 * GIB):
             raise RuntimeError("shape mismatch")
 
 

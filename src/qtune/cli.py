@@ -17,10 +17,12 @@ from typing import Annotated, NoReturn
 import typer
 from typer.core import TyperCommand
 
-from qtune.config import QuantConfig, TrainConfig
+from qtune.config import QUANT_FORMATS, SIXTEEN_BIT, QuantConfig, TrainConfig
+from qtune.data.split import SPLITS
 from qtune.errors import QtuneError
 from qtune.jsonio import dumps
 from qtune.model.memory import Device, Strategy
+from qtune.rundir import RunDir
 from qtune.serve.export_check import DEFAULT_CHECK_ROWS, DEFAULT_MAX_DRIFT
 
 _default_showwarning = warnings.showwarning
@@ -201,9 +203,7 @@ def train(
             if config is not None or overwrite:
                 raise QtuneError("--resume: continues the run with its saved config; drop --config and --overwrite")
             check_resume_overrides(set_ or [])
-            if not (resume / "config.yaml").is_file():
-                raise QtuneError(f"{resume}: not a qtune run directory (no config.yaml); nothing to resume")
-            cfg = load_config(resume / "config.yaml", set_)
+            cfg = load_config(RunDir(resume).require_config("nothing to resume").config, set_)
             cfg.train.output_dir = str(resume)
         else:
             cfg = load_config(config, set_)
@@ -317,13 +317,13 @@ def eval_(
     try:
         if run is None:
             raise QtuneError("eval: pass --run DIR (or --humaneval-samples FILE)")
-        _writes_to(run / "eval.json")
+        _writes_to(RunDir(run).eval)
         _quiet_libraries()
         from qtune.evaluate.perplexity import evaluate_run
 
         names = tuple(x.strip() for x in splits.split(",") if x.strip())
-        if not names or set(names) - {"train", "val", "test"}:
-            raise QtuneError(f"--splits {splits!r}: expected a comma-separated subset of train, val, test")
+        if not names or set(names) - set(SPLITS):
+            raise QtuneError(f"--splits {splits!r}: expected a comma-separated subset of {', '.join(SPLITS)}")
         result = evaluate_run(str(run), names, trust_remote_code=trust_remote_code)
     except QtuneError as e:
         _fail(str(e))
@@ -335,7 +335,7 @@ def eval_(
         for who in ("base", "adapter"):
             r = result[who][split]
             typer.echo(f"{split:<6} {who:<8} {r['loss']:>8.4f} {r['perplexity']:>11.3f} {r['tokens']:>8}")
-    typer.echo(f"saved: {run / 'eval.json'}")
+    typer.echo(f"saved: {RunDir(run).eval}")
 
 
 def _eval_humaneval(
@@ -705,7 +705,8 @@ def report(
 QuantOpt = Annotated[
     str | None,
     typer.Option(
-        "--quant", help="Base weights for serving: nf4, fp4, int8, fp16, bf16 or none (fp32); default: the run's own."
+        "--quant",
+        help=f"Base weights for serving: {', '.join(QUANT_FORMATS)} (none: fp32); default: the run's own.",
     ),
 ]
 
@@ -828,7 +829,7 @@ def export(
     run: RunOpt,
     merged: Annotated[Path | None, typer.Option(help="Write base + adapter merged (16-bit safetensors) here.")] = None,
     gguf: Annotated[Path | None, typer.Option(help="Write base + adapter merged as one fp16 GGUF file here.")] = None,
-    dtype: Annotated[str, typer.Option(help="Merged safetensors weights: fp16 or bf16.")] = "fp16",
+    dtype: Annotated[str, typer.Option(help=f"Merged safetensors weights: {' or '.join(SIXTEEN_BIT)}.")] = "fp16",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     check: Annotated[
         bool, typer.Option(help="Re-score validation rows with the trained model and each export; fail on drift.")

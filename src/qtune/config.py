@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -57,8 +57,20 @@ class ModelConfig(_Strict):
     )
 
 
+Quant = Literal["none", "fp16", "bf16", "int8", "nf4", "fp4"]
+"""Weight format of a frozen base (``quant.quant``)."""
+QUANT_FORMATS: tuple[Quant, ...] = get_args(Quant)
+"""Every weight format, in the order messages list them."""
+FOUR_BIT: tuple[Quant, ...] = ("nf4", "fp4")
+"""bitsandbytes' 4-bit formats (QLoRA): double quantization, quant_storage and LoftQ apply."""
+KBIT: tuple[Quant, ...] = ("int8", *FOUR_BIT)
+"""Formats whose frozen weights bitsandbytes stores quantized (LLM.int8() and the 4-bit ones)."""
+SIXTEEN_BIT: tuple[Quant, ...] = ("fp16", "bf16")
+"""16-bit float formats (also the weight dtypes of a merged export)."""
+
+
 class QuantConfig(_Strict):
-    quant: Literal["none", "fp16", "bf16", "int8", "nf4", "fp4"] = Field(
+    quant: Quant = Field(
         "nf4",
         description="Weight format of the frozen base: none (float32), fp16, bf16, int8 (LLM.int8()), "
         "nf4 or fp4 (4-bit, QLoRA), through bitsandbytes.",
@@ -285,9 +297,9 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _loftq_needs_4bit(self) -> RunConfig:
-        if self.lora.init == "loftq" and self.quant.quant not in ("nf4", "fp4"):
+        if self.lora.init == "loftq" and self.quant.quant not in FOUR_BIT:
             raise ValueError(f"lora.init=loftq needs quant.quant nf4 or fp4 (got {self.quant.quant})")
-        if self.quant.skip_modules and self.quant.quant not in ("int8", "nf4", "fp4"):
+        if self.quant.skip_modules and self.quant.quant not in KBIT:
             raise ValueError(
                 f"quant.skip_modules needs a quantized base (quant.quant int8, nf4 or fp4; got {self.quant.quant})"
             )

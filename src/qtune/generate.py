@@ -41,13 +41,13 @@ import regex
 import torch
 from transformers import StoppingCriteria, StopStringCriteria, TextIteratorStreamer
 
+from qtune.config import QUANT_FORMATS
 from qtune.data.templates import ALPACA_HEADER, ALPACA_STOP, Message, Template, format_conversation, format_prompt
 from qtune.data.tokenize import encode_prompt
 from qtune.errors import QtuneError
 
 MERGED_META = "qtune.json"
 """File in a merged-model directory naming the template (and source run) the weights were trained with."""
-QUANT_CHOICES = ("nf4", "fp4", "int8", "fp16", "bf16", "none")
 MAX_STOP_STRINGS = 4
 """Most extra stop strings per request (OpenAI's limit); each costs ~0.1 s to prepare, so this bounds that cost."""
 MAX_STOP_CHARS = 64
@@ -269,8 +269,8 @@ class Engine:
     """
 
     def __init__(self, run_dir: str, quant: str | None = None):
-        if quant is not None and quant not in QUANT_CHOICES:
-            raise QtuneError(f"--quant {quant!r}: expected one of {', '.join(QUANT_CHOICES)}")
+        if quant is not None and quant not in QUANT_FORMATS:
+            raise QtuneError(f"--quant {quant!r}: expected one of {', '.join(QUANT_FORMATS)}")
         path = Path(run_dir)
         if (path / MERGED_META).is_file():
             model, tokenizer, template = _load_merged(path, quant)

@@ -21,6 +21,10 @@ from qtune.errors import QtuneError
 
 TMP_PREFIX = ".tmp-"
 """Prefix of the temporary files and folders qtune writes before renaming them into place."""
+ADAPTER_CONFIG = "adapter_config.json"
+"""PEFT's adapter config file (``peft.utils.CONFIG_NAME``), in the adapter folder of a run and of a checkpoint."""
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+"""PEFT's adapter weights file (``peft.utils.SAFETENSORS_WEIGHTS_NAME``)."""
 
 
 @dataclass(frozen=True)
@@ -103,13 +107,20 @@ class RunDir:
         """Whether training finished: ``train_summary.json``, written after the adapter and tokenizer, exists."""
         return self.summary.is_file()
 
+    def require_config(self, consequence: str = "") -> RunDir:
+        """Raises QtuneError unless this run directory holds its ``config.yaml``: the one message for a folder
+        that is not a qtune run directory, with ``consequence`` (e.g. "nothing to resume") after a semicolon."""
+        if not self.config.is_file():
+            tail = f"; {consequence}" if consequence else ""
+            raise QtuneError(f"{self.root}: not a qtune run directory (no {self.config.name}){tail}")
+        return self
+
     def require_adapter(self) -> RunDir:
         """Raises QtuneError unless this run directory holds a config and the adapter of a finished run."""
-        if not self.config.is_file():
-            raise QtuneError(f"{self.root}: not a qtune run directory (no config.yaml)")
-        if not (self.adapter / "adapter_config.json").is_file():
+        self.require_config()
+        if not (self.adapter / ADAPTER_CONFIG).is_file():
             raise QtuneError(
-                f"{self.root}: no trained adapter (expected {self.adapter}/adapter_config.json); did training finish?"
+                f"{self.root}: no trained adapter (expected {self.adapter}/{ADAPTER_CONFIG}); did training finish?"
             )
         if not self.is_finished():
             raise QtuneError(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import random
 
+SPLITS = ("train", "val", "test")
+"""The names of a run's prepared splits."""
+
 
 def split_indices(n: int, fractions: tuple[float, float, float], seed: int) -> dict[str, list[int]]:
     """Shuffle ``range(n)`` with ``seed`` and cut it into train/val/test by ``fractions``.

@@ -70,6 +70,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from qtune.errors import QtuneError
+from qtune.units import MIB
 
 # The child: set up namespaces, mounts, user id and rlimits; run program.py as __main__, then the check expression;
 # report over the pipe (argv[1] is a JSON config). Everything stays in _boot's locals, not in module globals.
@@ -451,9 +452,9 @@ def run_program(source: str, limits: SandboxLimits | None = None, slot: int = 0,
             "uid": uid,
             "network": lim.network,
             "cpu_s": int(lim.cpu_s or -(-lim.timeout_s // 1)),
-            "memory": lim.memory_mb << 20,
+            "memory": lim.memory_mb * MIB,
             "nproc": lim.nproc,
-            "fsize": lim.fsize_mb << 20,
+            "fsize": lim.fsize_mb * MIB,
             "disk_mb": lim.disk_mb,
             "workname": os.path.basename(work),
             "check": check,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-from qtune.config import LoraSettings, RunConfig
+from qtune.config import FOUR_BIT, LoraSettings, RunConfig
 from qtune.errors import QtuneError
 
 if TYPE_CHECKING:
@@ -231,19 +231,18 @@ def finish_adapter(adapter_dir: str | Path, cfg, summary: dict, data_card: dict 
     import json
 
     from qtune.data.templates import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+    from qtune.rundir import ADAPTER_CONFIG
 
     adapter_dir = Path(adapter_dir)
     base, note = public_base(cfg.model.name)
-    conf_path = adapter_dir / "adapter_config.json"
+    conf_path = adapter_dir / ADAPTER_CONFIG
     conf = json.loads(conf_path.read_text(encoding="utf-8"))
     conf["base_model_name_or_path"] = base
     conf["revision"] = cfg.model.revision
     conf_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     q, lo, t, d = cfg.quant, cfg.lora, cfg.train, cfg.data
-    quant = q.quant + (
-        f", double quantization {'on' if q.double_quant else 'off'}" if q.quant in ("nf4", "fp4") else ""
-    )
+    quant = q.quant + (f", double quantization {'on' if q.double_quant else 'off'}" if q.quant in FOUR_BIT else "")
     lines = [
         "---",
         f"base_model: {base}",

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from qtune.config import DEFAULT_MODEL, ModelConfig, QuantConfig, is_local_path
 from qtune.errors import QtuneError, QtuneWarning
 from qtune.model.quantize import load_kwargs, precision_warnings, unmatched_skip_modules
+from qtune.units import MIB
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -60,9 +61,9 @@ def gguf_cache_dir(gguf: Path) -> Path:
     size = gguf.stat().st_size
     digest = hashlib.sha1(f"{gguf.name}:{size}:".encode())
     with gguf.open("rb") as f:
-        digest.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        digest.update(f.read(1 << 20))
+        digest.update(f.read(MIB))  # the first and the last MiB
+        f.seek(max(0, size - MIB))
+        digest.update(f.read(MIB))
     return cache_root() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
 
 

@@ -29,12 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from qtune.config import DataConfig, LoraSettings, QuantConfig, TrainConfig
+from qtune.config import FOUR_BIT, KBIT, DataConfig, LoraSettings, Quant, QuantConfig, TrainConfig
+from qtune.units import GIB
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-
-GIB = 1024**3
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -119,7 +118,7 @@ class TrainShape:
             ``train.response_logits_only`` computes them only where a label is supervised.
     """
 
-    quant: str = _default(QuantConfig, "quant")
+    quant: Quant = _default(QuantConfig, "quant")
     double_quant: bool = _default(QuantConfig, "double_quant")
     compute_dtype: str = _default(QuantConfig, "compute_dtype")
     r: int = _default(LoraSettings, "r")
@@ -201,7 +200,7 @@ class TrainShape:
 
     @property
     def quantized(self) -> bool:
-        return self.quant in ("int8", "nf4", "fp4")
+        return self.quant in KBIT
 
     @property
     def upcast(self) -> bool:
@@ -388,13 +387,13 @@ def peft_trainable(counts: ModelCounts, shape: TrainShape) -> int:
     return sum(n for n, _ in trainable_tensors(counts, shape))
 
 
-def quantized_weight_bytes(numel: int, quant: str) -> int:
+def quantized_weight_bytes(numel: int, quant: Quant) -> int:
     """Storage of one quantized weight matrix: 4-bit packs two values per byte (``Params4bit`` is uint8 of
     ceil(n/2) elements), LLM.int8() keeps one int8 per value (Dettmers et al. 2022)."""
-    return (numel + 1) // 2 if quant in ("nf4", "fp4") else numel
+    return (numel + 1) // 2 if quant in FOUR_BIT else numel
 
 
-def quant_constant_bytes(numel: int, out_features: int, quant: str, double_quant: bool) -> int:
+def quant_constant_bytes(numel: int, out_features: int, quant: Quant, double_quant: bool) -> int:
     """Quantization constants of one weight matrix, as bitsandbytes stores them in its ``QuantState``.
 
     4-bit (QLoRA, section 3; bitsandbytes ``quantize_4bit``): one absmax per block of 64, fp32, or with double

@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 from transformers import BitsAndBytesConfig
 
-from qtune.config import QuantConfig
+from qtune.config import FOUR_BIT, KBIT, QuantConfig
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def is_quantized(q: QuantConfig) -> bool:
     """True for formats whose frozen weights bitsandbytes stores quantized (int8, nf4, fp4)."""
-    return q.quant in ("int8", "nf4", "fp4")
+    return q.quant in KBIT
 
 
 def compute_dtype(q: QuantConfig, cuda: bool | None = None) -> torch.dtype:
@@ -44,7 +44,7 @@ def load_kwargs(q: QuantConfig) -> dict:
     skip = {"llm_int8_skip_modules": ["lm_head", *q.skip_modules]} if q.skip_modules else {}
     if q.quant == "int8":
         return {"dtype": dtype, "quantization_config": BitsAndBytesConfig(load_in_8bit=True, **skip)}
-    if q.quant in ("nf4", "fp4"):
+    if q.quant in FOUR_BIT:
         bnb = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=q.quant,
@@ -64,7 +64,7 @@ def precision_warnings(q: QuantConfig, cuda: bool | None = None) -> list[str]:
     follows; bfloat16 has float32's range. ``compute_dtype: auto`` picks bfloat16 wherever the GPU supports it.
     """
     out = []
-    if q.quant in ("nf4", "fp4") and compute_dtype(q, cuda) == torch.float16:
+    if q.quant in FOUR_BIT and compute_dtype(q, cuda) == torch.float16:
         cuda = torch.cuda.is_available() if cuda is None else cuda
         better = "bfloat16 (this GPU has it)" if cuda and torch.cuda.is_bf16_supported() else "float32"
         out.append(

@@ -63,8 +63,9 @@ from starlette.routing import Mount
 from qtune.data.templates import Message
 from qtune.serve.engine import MAX_STOP_CHARS, MAX_STOP_STRINGS, Engine, GenerationSettings, SettingsError, StreamState
 from qtune.serve.session import ContextOverflow, fit_messages
+from qtune.units import MIB
 
-MAX_BODY_BYTES = 1 << 20
+MAX_BODY_BYTES = MIB
 """Largest request body (1 MiB), answered 413 beyond: bounds reading, parsing and tokenizing one request."""
 MAX_MESSAGES = 4096
 """Most messages in one request, answered 400 beyond: bounds validation before the conversation is fitted."""

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+from qtune.config import SIXTEEN_BIT
 from qtune.data.templates import export_chat_template
 from qtune.errors import QtuneError
 from qtune.generate import MERGED_META
@@ -37,7 +38,8 @@ if TYPE_CHECKING:
 
     from qtune.config import RunConfig
 
-MERGE_DTYPES = ("fp16", "bf16")
+MERGE_DTYPES = SIXTEEN_BIT
+"""Weight dtypes of a merged export (``--dtype``)."""
 
 
 def merge_run(run_dir: str | Path, dtype: str = "fp16") -> tuple[PreTrainedModel, PreTrainedTokenizerBase, RunConfig]:

@@ -12,8 +12,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from qtune.jsonio import dumps
-
-GIB = 1024**3
+from qtune.units import GIB
 
 
 def peak_memory() -> dict[str, float]:

@@ -38,7 +38,7 @@ from qtune.config import RESUME_SETTABLE, RunConfig, TrainConfig, load_config, s
 from qtune.errors import QtuneError, QtuneWarning
 from qtune.jsonio import dumps
 from qtune.model.adapters import finish_adapter, save_adapter
-from qtune.rundir import TMP_PREFIX, RunDir, write_atomic
+from qtune.rundir import ADAPTER_WEIGHTS, TMP_PREFIX, RunDir, write_atomic
 
 KEEP_CHECKPOINTS = 2
 """Checkpoints kept on disk; older ones are deleted after a newer one is complete."""
@@ -189,7 +189,7 @@ def checkpoint_problem(checkpoint: Path, losses: dict[int, float | None] | None 
     """
     checkpoint = Path(checkpoint)
     step = int(checkpoint.name.rsplit("-", 1)[1])
-    files = sorted(checkpoint.rglob("adapter_model.safetensors"))  # none under FSDP's sharded state dict
+    files = sorted(checkpoint.rglob(ADAPTER_WEIGHTS))  # none under FSDP's sharded state dict
     bad = total = 0
     optimizer = checkpoint / "optimizer.pt"
     try:
@@ -262,8 +262,7 @@ def resume_point(rd: RunDir) -> Path | None:
     Raises:
         QtuneError: ``rd`` is not a run directory, has no prepared data, or its training already finished.
     """
-    if not rd.config.is_file():
-        raise QtuneError(f"{rd.root}: not a qtune run directory (no config.yaml); nothing to resume")
+    rd.require_config("nothing to resume")
     if rd.is_finished():
         raise QtuneError(f"{rd.root}: training already finished (adapter saved); nothing to resume")
     if not (rd.data / "splits").is_dir():

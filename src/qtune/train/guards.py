@@ -19,11 +19,10 @@ from transformers import TrainerCallback
 
 from qtune.config import RESUME_SETTABLE, RunConfig
 from qtune.errors import QtuneError
+from qtune.units import GIB
 
 if TYPE_CHECKING:
     from qtune.model.memory import Strategy
-
-GIB = 1024**3
 
 
 class NonFiniteLossGuard(TrainerCallback):

@@ -18,7 +18,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from qtune.config import RunConfig, check_require_cuda, save_config
-from qtune.data.prepare import load_splits, prepare_dataset
+from qtune.data.prepare import CARD_FILE, load_splits, prepare_dataset
 from qtune.data.tokenize import padding_collator, training_collator
 from qtune.errors import QtuneError
 from qtune.jsonio import dumps
@@ -340,9 +340,7 @@ def _train(cfg: RunConfig, overwrite: bool, callbacks: tuple, resume: bool, prot
     if checkpoint:  # tokens/s of this session only; the checkpoint brought the earlier tokens along
         summary |= resumed_summary(resumed_state, trainer.state.num_input_tokens_seen, wall)
     card_fields = (
-        json.loads((rd.data / "data_card.json").read_text(encoding="utf-8"))
-        if (rd.data / "data_card.json").is_file()
-        else None
+        json.loads((rd.data / CARD_FILE).read_text(encoding="utf-8")) if (rd.data / CARD_FILE).is_file() else None
     )
     save_final(rd, model, tokenizer, summary, cfg, card_fields)  # the summary, written last, marks the run finished
     return summary
