@@ -16,13 +16,13 @@ import pytest
 import yaml
 
 from qtune.cli import main
-from qtune.config import shared_data_dir
+from qtune.config import default_humaneval_path
 from qtune.rundir import RunDir
 from qtune.train.trainer import train
 
 from conftest import tiny_run_config
 
-HUMANEVAL = shared_data_dir() / "humaneval" / "HumanEval.jsonl.gz"
+HUMANEVAL = default_humaneval_path()
 REASON = {"ro": "Read-only file system", "full": "No space left on device"}
 
 

@@ -178,6 +178,17 @@ def test_quant_format_groups_come_from_the_config_literal():
     assert sorted(("none", *SIXTEEN_BIT, *KBIT)) == sorted(QUANT_FORMATS)  # each format in exactly one group
 
 
+def test_template_and_benchmark_names_come_from_the_config_fields():
+    from typing import get_args
+
+    from qtune.config import DataConfig
+    from qtune.data.decontaminate import BENCHMARKS
+    from qtune.data.templates import TEMPLATES
+
+    assert TEMPLATES == get_args(DataConfig.model_fields["template"].annotation) == ("alpaca", "chat")
+    assert BENCHMARKS == get_args(get_args(DataConfig.model_fields["decontaminate"].annotation)[0]) == ("humaneval",)
+
+
 @pytest.mark.parametrize("quant", ["none", "fp16", "bf16", "int8", "nf4", "fp4"])
 def test_loader_and_memory_model_agree_on_each_format(quant):
     from qtune.config import QuantConfig

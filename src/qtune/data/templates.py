@@ -16,9 +16,11 @@ Whitespace is looked at only to decide whether an input is empty (empty or white
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 Template = Literal["alpaca", "chat"]
+"""A prompt template (``data.template``)."""
+TEMPLATES: tuple[Template, ...] = get_args(Template)
 Message = dict[str, str]
 """One chat message: ``{"role": "system" | "user" | "assistant", "content": text}``."""
 
@@ -121,7 +123,7 @@ def format_prompt(instruction: str, input: str = "", template: Template = "alpac
     """
     if template == "alpaca" and input.strip():
         return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
-    if template not in ("alpaca", "chat"):
+    if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; expected 'alpaca' or 'chat'")
     return format_conversation([{"role": "user", "content": user_message(instruction, input)}], template, tokenizer)
 

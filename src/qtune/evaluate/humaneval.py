@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qtune.config import default_humaneval_path
 from qtune.data.load import read_jsonl
 from qtune.data.templates import Template, format_prompt
 from qtune.errors import QtuneError
@@ -28,13 +29,6 @@ from qtune.jsonio import dumps
 
 if TYPE_CHECKING:
     from qtune.generate import GenerationSettings
-
-
-def default_humaneval_path() -> Path:
-    """``humaneval/HumanEval.jsonl.gz`` in the shared data directory (:func:`qtune.config.shared_data_dir`)."""
-    from qtune.config import shared_data_dir
-
-    return shared_data_dir() / "humaneval" / "HumanEval.jsonl.gz"
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
