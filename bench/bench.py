@@ -29,7 +29,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-GIB = 1024**3
+from qtune.units import GIB  # dependency-free: the stock recipe's workers import nothing else of qtune
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -58,14 +59,41 @@ def with_train(base: dict, **train) -> dict:
 
 ROWS = {
     "gpu": [
-        Row("nf4-r16-512x1", "nf4", 16, 512, 1, qtune=GPU_FAST,
-            variants={"no-liger": with_train(GPU_FAST, liger="off"), "adamw-torch": with_train(GPU_FAST, optim="adamw_torch"),
-                      "upcast": with_train(GPU_FAST, upcast_frozen=True), "dropout-0.05": {**GPU_FAST, "lora": {"lora_dropout": 0.05}}}),
-        Row("nf4-r8-1024x4", "nf4", 8, 1024, 4, qtune=GPU_FAST,
-            variants={"no-checkpointing": with_train(GPU_FAST, gradient_checkpointing=False)}),
+        Row(
+            "nf4-r16-512x1",
+            "nf4",
+            16,
+            512,
+            1,
+            qtune=GPU_FAST,
+            variants={
+                "no-liger": with_train(GPU_FAST, liger="off"),
+                "adamw-torch": with_train(GPU_FAST, optim="adamw_torch"),
+                "upcast": with_train(GPU_FAST, upcast_frozen=True),
+                "dropout-0.05": {**GPU_FAST, "lora": {"lora_dropout": 0.05}},
+            },
+        ),
+        Row(
+            "nf4-r8-1024x4",
+            "nf4",
+            8,
+            1024,
+            4,
+            qtune=GPU_FAST,
+            variants={"no-checkpointing": with_train(GPU_FAST, gradient_checkpointing=False)},
+        ),
         Row("bf16-r16-512x1", "bf16", 16, 512, 1, qtune=GPU_FAST),
         Row("int8-r16-512x1", "int8", 16, 512, 1, qtune=GPU_FAST),
-        Row("nf4-r8-16384x1", "nf4", 8, 16384, 1, warmup=1, steps=2, qtune=with_train(GPU_FAST, offload_activations=True)),
+        Row(
+            "nf4-r8-16384x1",
+            "nf4",
+            8,
+            16384,
+            1,
+            warmup=1,
+            steps=2,
+            qtune=with_train(GPU_FAST, offload_activations=True),
+        ),
         Row("nf4-r16-codealpaca-b8", "nf4", 16, 512, 8, real_data=True, qtune=GPU_FAST),
     ],
     "tiny": [
@@ -76,9 +104,19 @@ ROWS = {
     "cpu-real": [
         # "qtune" here turns gradient checkpointing off (fastest; peak RSS 3.9 GiB over 60 steps), the variant
         # "checkpointing" is qtune's defaults (peak RSS 2.5 GiB): bench/RESULTS.md has both
-        Row("nf4-r16-codealpaca-b4", "nf4", 16, 512, 4, real_data=True, warmup=2, steps=58, lr_warmup=6,
+        Row(
+            "nf4-r16-codealpaca-b4",
+            "nf4",
+            16,
+            512,
+            4,
+            real_data=True,
+            warmup=2,
+            steps=58,
+            lr_warmup=6,
             qtune=with_train({}, gradient_checkpointing=False),
-            variants={"checkpointing": {}}),
+            variants={"checkpointing": {}},
+        ),
     ],
 }
 
@@ -94,17 +132,38 @@ def peak_rss_gib() -> float:
 def llama2_7b_config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=16384,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=16384,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
 
 
 def tiny_config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
 
 
 def word_level_tokenizer():
@@ -114,8 +173,13 @@ def word_level_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
-                                  pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
     return tok
 
 
@@ -164,7 +228,7 @@ def synthetic_samples(row: Row, vocab: int, lengths: list[list[int]] | None, n: 
 
     rng = random.Random(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         if lengths:
             p, t = lengths[rng.randrange(len(lengths))]
             t = min(t, row.seq)
@@ -223,32 +287,59 @@ class CountingCollator:
 def stock_trainer(row: Row, model_dir: str, tokenizer, samples, args):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import (
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     kw = {"dtype": dtype}
     if row.quant == "nf4":
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
     elif row.quant == "int8":
         kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     set_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, device_map={"": "cuda" if cuda else "cpu"}, **kw)
     if row.quant in ("nf4", "int8"):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=row.r, lora_alpha=2 * row.r, lora_dropout=0.05,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=row.r, lora_alpha=2 * row.r, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+        ),
+    )
     collate = CountingCollator(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding="longest"))
-    targs = TrainingArguments(output_dir=args.tmp, max_steps=row.warmup + row.steps, per_device_train_batch_size=row.batch,
-                              learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=row.lr_warmup, optim="adamw_torch",
-                              bf16=cuda, use_cpu=not cuda, logging_steps=1, save_strategy="no", report_to=[],
-                              remove_unused_columns=False, disable_tqdm=True, seed=0, data_seed=0)
+    targs = TrainingArguments(
+        output_dir=args.tmp,
+        max_steps=row.warmup + row.steps,
+        per_device_train_batch_size=row.batch,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=row.lr_warmup,
+        optim="adamw_torch",
+        bf16=cuda,
+        use_cpu=not cuda,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+    )
     return Trainer(model=model, args=targs, train_dataset=samples, data_collator=collate), collate
 
 
@@ -257,14 +348,23 @@ def qtune_trainer(row: Row, model_dir: str, tokenizer, samples, args):
     from qtune.train.trainer import build_trainer
 
     overrides = row.variants[args.recipe.split(":", 1)[1]] if ":" in args.recipe else row.qtune
-    cfg = RunConfig.model_validate({
-        "model": {"name": model_dir},
-        "quant": {"quant": row.quant},
-        "lora": {"r": row.r, "lora_alpha": 2 * row.r, **overrides.get("lora", {})},  # qtune's default dropout
-        "data": {"max_length": row.seq},
-        "train": {"max_steps": row.warmup + row.steps, "batch_size": row.batch, "learning_rate": 2e-4,
-                  "warmup_steps": row.lr_warmup, "seed": 0, "save_steps": 0, **overrides.get("train", {})},
-    })
+    cfg = RunConfig.model_validate(
+        {
+            "model": {"name": model_dir},
+            "quant": {"quant": row.quant},
+            "lora": {"r": row.r, "lora_alpha": 2 * row.r, **overrides.get("lora", {})},  # qtune's default dropout
+            "data": {"max_length": row.seq},
+            "train": {
+                "max_steps": row.warmup + row.steps,
+                "batch_size": row.batch,
+                "learning_rate": 2e-4,
+                "warmup_steps": row.lr_warmup,
+                "seed": 0,
+                "save_steps": 0,
+                **overrides.get("train", {}),
+            },
+        }
+    )
     trainer = build_trainer(cfg, model_dir, tokenizer, samples, None, Path(args.tmp))
     trainer.data_collator = collate = CountingCollator(trainer.data_collator)
     return trainer, collate
@@ -294,13 +394,17 @@ def worker(args) -> dict:
     train_rss = peak_rss_gib()  # before evaluation, whose peak is not training's
     timed = slice(row.warmup, None)
     secs = sum(timer.times[timed])
-    positions = sum(c[0] for c in collate.counts[row.warmup:row.warmup + row.steps])
-    real = sum(c[1] for c in collate.counts[row.warmup:row.warmup + row.steps])
+    positions = sum(c[0] for c in collate.counts[row.warmup : row.warmup + row.steps])
+    real = sum(c[1] for c in collate.counts[row.warmup : row.warmup + row.steps])
     out = {
-        "row": row.name, "recipe": args.recipe, "step_s": round(secs / max(row.steps, 1), 4),
-        "tokens_per_s": round(positions / secs, 1), "real_tokens_per_s": round(real / secs, 1),
+        "row": row.name,
+        "recipe": args.recipe,
+        "step_s": round(secs / max(row.steps, 1), 4),
+        "tokens_per_s": round(positions / secs, 1),
+        "real_tokens_per_s": round(real / secs, 1),
         "padding_pct": round(100 * (1 - real / positions), 1) if positions else 0.0,
-        "losses": timer.losses, "peak_rss_gib": round(train_rss, 3),
+        "losses": timer.losses,
+        "peak_rss_gib": round(train_rss, 3),
     }
     if args.mode == "cpu-real":
         from qtune.data.tokenize import padding_collator
@@ -331,8 +435,11 @@ def versions() -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| row | recipe | peak alloc / reserved GiB | peak RSS GiB | step s | tokens/s | real tokens/s | padding % | ratio (real tok/s) | first loss | val loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| row | recipe | peak alloc / reserved GiB | peak RSS GiB | step s | tokens/s | real tokens/s | padding % "
+        "| ratio (real tok/s) | first loss | val loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     stock = {r["row"]: r for r in results if r.get("recipe") == "stock" and "error" not in r}
     for r in results:
         if "error" in r:
@@ -342,9 +449,11 @@ def table(results: list[dict]) -> str:
         base = stock.get(r["row"])
         ratio = f"{r['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}x" if base else "-"
         first = f"{r['losses'][0]:.4f}" if r["losses"] else "-"
-        lines.append(f"| {r['row']} | {r['recipe']} | {mem} | {r['peak_rss_gib']:.2f} | {r['step_s']:.3f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['real_tokens_per_s']:.0f} | {r['padding_pct']} | {ratio} | {first} | "
-                     f"{r.get('val_loss', '-')} |")
+        lines.append(
+            f"| {r['row']} | {r['recipe']} | {mem} | {r['peak_rss_gib']:.2f} | {r['step_s']:.3f} | "
+            f"{r['tokens_per_s']:.0f} | {r['real_tokens_per_s']:.0f} | {r['padding_pct']} | {ratio} | {first} | "
+            f"{r.get('val_loss', '-')} |"
+        )
     return "\n".join(lines)
 
 
@@ -380,7 +489,9 @@ def driver(args) -> None:
         splits = load_from_disk(str(cache / "codealpaca" / "splits"))
         keep = ("input_ids", "attention_mask", "labels")
         samples_path.write_text(json.dumps([{k: s[k] for k in keep} for s in splits["train"].shuffle(seed=0)]))
-        Path(str(samples_path).replace(".json", "_val.json")).write_text(json.dumps([{k: s[k] for k in keep} for s in splits["val"]]))
+        Path(str(samples_path).replace(".json", "_val.json")).write_text(
+            json.dumps([{k: s[k] for k in keep} for s in splits["val"]])
+        )
     print(f"model ready in {time.perf_counter() - t0:.0f} s: {model_dir}", flush=True)
 
     results = []
@@ -393,9 +504,25 @@ def driver(args) -> None:
         if time.perf_counter() - t0 > args.budget_s:
             results.append({"row": row.name, "recipe": recipe, "error": "skipped: time budget spent"})
             continue
-        cmd = [sys.executable, __file__, "--worker", "--recipe", recipe, "--mode", mode, "--row", json.dumps(asdict(row)),
-               "--model-dir", str(model_dir), "--lengths", str(lengths_path), "--samples", str(samples_path),
-               "--tmp", str(cache / "trainer-tmp")]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--recipe",
+            recipe,
+            "--mode",
+            mode,
+            "--row",
+            json.dumps(asdict(row)),
+            "--model-dir",
+            str(model_dir),
+            "--lengths",
+            str(lengths_path),
+            "--samples",
+            str(samples_path),
+            "--tmp",
+            str(cache / "trainer-tmp"),
+        ]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
@@ -423,11 +550,21 @@ def main() -> None:
     p.add_argument("--recipes", nargs="*", help="run only these recipes (stock, qtune, qtune:VARIANT)")
     p.add_argument("--out", default=str(HERE / "out"))
     p.add_argument("--cache", default=str(HERE.parent / ".bench-cache"))
-    p.add_argument("--budget-s", type=float, default=float(os.environ.get("BENCH_BUDGET_S", 3600)),
-                   help="start no new run after this many seconds (the GPU run uses 380 to end inside 8 minutes)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=float(os.environ.get("BENCH_BUDGET_S", 3600)),
+        help="start no new run after this many seconds (the GPU run uses 380 to end inside 8 minutes)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--recipe", help="stock, qtune or qtune:VARIANT")
-    p.add_argument("--row"), p.add_argument("--model-dir"), p.add_argument("--lengths"), p.add_argument("--samples"), p.add_argument("--tmp")
+    (
+        p.add_argument("--row"),
+        p.add_argument("--model-dir"),
+        p.add_argument("--lengths"),
+        p.add_argument("--samples"),
+        p.add_argument("--tmp"),
+    )
     args = p.parse_args()
     if args.worker:
         import logging

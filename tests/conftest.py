@@ -17,6 +17,9 @@ from qtune.model.load import load_tokenizer, resolve_model  # noqa: E402
 
 CODEALPACA = Path(default_data_path())
 
+# Fixtures shared by the serving tests (tiny_run, engine, server), defined once for every test module.
+pytest_plugins = ["serve_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def smol_dir() -> str:
@@ -39,10 +42,18 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.2,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
     )
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(path)
@@ -57,8 +68,15 @@ def tiny_run_config(model_dir: str, out_dir: Path, **sections) -> RunConfig:
         "quant": {"quant": "nf4"},
         "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
         "data": {"path": str(CODEALPACA), "max_rows": 300, "max_length": 128},
-        "train": {"output_dir": str(out_dir), "max_steps": 20, "batch_size": 4, "learning_rate": 1e-2,
-                  "warmup_steps": 2, "eval_at_end": True, "seed": 0},
+        "train": {
+            "output_dir": str(out_dir),
+            "max_steps": 20,
+            "batch_size": 4,
+            "learning_rate": 1e-2,
+            "warmup_steps": 2,
+            "eval_at_end": True,
+            "seed": 0,
+        },
     }
     for section, values in sections.items():
         base[section] = {**base.get(section, {}), **values}

@@ -1,5 +1,11 @@
 """Serving-test helpers: a tiny run directory (config.yaml + a random, non-zero LoRA adapter + a summary, no
-training), a scripted model (fixed answers, optionally slowed down) and ``qtune serve`` in a subprocess."""
+training), a scripted model (fixed answers, optionally slowed down), an in-process server and ``qtune serve`` in a
+subprocess.
+
+A pytest plugin (tests/conftest.py lists it in ``pytest_plugins``): its fixtures ``tiny_run``, ``engine`` and
+``server`` (module-scoped: one per test module that uses them) are available to every test module, which import no
+fixtures from one another.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,12 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -18,8 +26,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qtune.config import save_config
 from qtune.model.adapters import lora_config
 from qtune.rundir import RunDir
+from qtune.serve.engine import Engine, GenerationSettings
 
 from conftest import tiny_run_config
+
+GREEDY = GenerationSettings(max_new_tokens=12)
+INDENTED = "    return sorted(xs)\n\n    # done\n"
+"""An answer that starts with spaces and ends with a newline: every front end must keep it character for character."""
+FILLER = " word" * 480
+"""A scripted answer longer than any generation in these tests (each ' word' is one token)."""
 
 
 def make_tiny_run(model_dir: str, out: Path, random_adapter: bool = True, **sections) -> RunDir:
@@ -69,8 +84,10 @@ def scripted(engine, text: str | None = None, delay: float = 0.0):
         step[0] += 1
         return forced
 
-    hooks = [engine.model.get_input_embeddings().register_forward_pre_hook(before),
-             engine.model.get_output_embeddings().register_forward_hook(after)]
+    hooks = [
+        engine.model.get_input_embeddings().register_forward_pre_hook(before),
+        engine.model.get_output_embeddings().register_forward_hook(after),
+    ]
     try:
         yield
     finally:
@@ -117,12 +134,12 @@ def serve_process(run_dir, text: str | None, delay: float, *options: str):
 
     port = free_port()
     tests = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)]),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)]), "OMP_NUM_THREADS": "1"}
     argv = ["serve", "--run", str(run_dir), "--port", str(port), *options]
     code = f"import serve_fixtures; serve_fixtures.slow_serve({argv!r}, {text!r}, {delay!r})"
-    process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -140,3 +157,41 @@ def serve_process(run_dir, text: str | None, delay: float, *options: str):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    return make_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("serve") / "run")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_run):
+    return Engine(str(tiny_run.root))
+
+
+@contextmanager
+def running(app_):
+    """Serve the ASGI app ``app_`` with uvicorn in a thread on a free port; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app_, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    from qtune.serve.api import create_app
+
+    with running(create_app(engine, defaults=GREEDY)) as url:
+        yield url

@@ -14,9 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_bench_tiny_runs_both_recipes(tmp_path):
     proc = subprocess.run(
-        ["bash", str(ROOT / "bench" / "run.sh"), "--tiny", "--rows", "nf4-r16-codealpaca-b4", "--out", str(tmp_path),
-         "--cache", str(tmp_path / "cache")],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable},
+        [
+            "bash",
+            str(ROOT / "bench" / "run.sh"),
+            "--tiny",
+            "--rows",
+            "nf4-r16-codealpaca-b4",
+            "--out",
+            str(tmp_path),
+            "--cache",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "bench-tiny.json").read_text())["results"]

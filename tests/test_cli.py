@@ -36,8 +36,15 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
 
 
 def test_max_length_above_context_fails_before_loading(tiny_model_dir, tmp_path):
-    code, output = run("train", "--set", f"model.name={tiny_model_dir}", "--set", "data.max_length=4096",
-                       "--set", f"train.output_dir={tmp_path / 'run'}")
+    code, output = run(
+        "train",
+        "--set",
+        f"model.name={tiny_model_dir}",
+        "--set",
+        "data.max_length=4096",
+        "--set",
+        f"train.output_dir={tmp_path / 'run'}",
+    )
     assert code == 2 and "data.max_length: 4096 exceeds the model's context of 512 tokens" in output
     assert not (tmp_path / "run").exists()
 
@@ -55,8 +62,18 @@ def test_data_prepare_prints_card_and_maps_columns(tmp_path, tiny_model_dir):
     src.write_text("\n".join(json.dumps(x) for x in lines))
     code, output = run("data", "prepare", "--data", src, "--model", tiny_model_dir, "--out", tmp_path / "out")
     assert code == 2 and "found ['completion', 'prompt']" in output and "--columns" in output
-    code, output = run("data", "prepare", "--data", src, "--model", tiny_model_dir, "--out", tmp_path / "out",
-                       "--columns", "instruction=prompt,output=completion")
+    code, output = run(
+        "data",
+        "prepare",
+        "--data",
+        src,
+        "--model",
+        tiny_model_dir,
+        "--out",
+        tmp_path / "out",
+        "--columns",
+        "instruction=prompt,output=completion",
+    )
     assert code == 0, output
     card = json.loads((tmp_path / "out" / "data_card.json").read_text())
     assert card["rows_in"] == 21 and card["rows_kept"] == 20 and card["dropped"]["duplicate"] == 1
@@ -71,13 +88,20 @@ def test_bad_jsonl_line_is_named(tmp_path, tiny_model_dir):
     assert code == 2 and f"error: {src}:2:1: invalid JSON" in output
 
 
-@pytest.mark.parametrize("argv, code, first", [
-    (["estimate", "--logit-fraction", "1.5"], 2,
-     "error: Invalid value for '--logit-fraction': Input should be less than or equal to 1 (see 'qtune estimate --help')"),
-    (["estimate", "--bogus"], 2, "error: No such option: --bogus (see 'qtune estimate --help')"),
-    (["nosuch"], 2, "error: No such command 'nosuch'. (see 'qtune --help')"),
-    (["data"], 0, None),
-])
+@pytest.mark.parametrize(
+    "argv, code, first",
+    [
+        (
+            ["estimate", "--logit-fraction", "1.5"],
+            2,
+            "error: Invalid value for '--logit-fraction': Input should be less than or equal to 1 "
+            "(see 'qtune estimate --help')",
+        ),
+        (["estimate", "--bogus"], 2, "error: No such option: --bogus (see 'qtune estimate --help')"),
+        (["nosuch"], 2, "error: No such command 'nosuch'. (see 'qtune --help')"),
+        (["data"], 0, None),
+    ],
+)
 def test_console_entry_point_turns_usage_errors_into_one_line(monkeypatch, capsys, argv, code, first):
     import sys
 

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qtune.config import shared_data_dir
 from qtune.cli import main
+from qtune.config import default_humaneval_path
 from qtune.rundir import RunDir
 from qtune.train.trainer import train
 
 from conftest import tiny_run_config
 
-HUMANEVAL = shared_data_dir() / "humaneval" / "HumanEval.jsonl.gz"
+HUMANEVAL = default_humaneval_path()
 REASON = {"ro": "Read-only file system", "full": "No space left on device"}
 
 
@@ -62,7 +62,11 @@ def unwritable(kind: str, base: Path, content: Path | None = None):
             assert _mount("--bind", mnt, mnt) and _mount("-o", "remount,bind,ro", mnt)
             assert _mount("--bind", content, inner) and _mount("-o", "remount,bind,ro", inner)
         else:
-            size = 64 * 1024 if content is None else sum(f.stat().st_size for f in content.rglob("*") if f.is_file()) + 2**22
+            size = (
+                64 * 1024
+                if content is None
+                else sum(f.stat().st_size for f in content.rglob("*") if f.is_file()) + 2**22
+            )
             assert _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", mnt)
             if content is not None:
                 shutil.copytree(content, mnt / content.name)
@@ -93,8 +97,12 @@ def trained(tiny_model_dir, tmp_path_factory):
     from qtune.study.sweep import Run, collect_result
 
     root = tmp_path_factory.mktemp("trained")
-    cfg = tiny_run_config(tiny_model_dir, root / "run", data={"max_rows": 60},
-                          train={"max_steps": 2, "warmup_steps": 0, "gradient_checkpointing": False})
+    cfg = tiny_run_config(
+        tiny_model_dir,
+        root / "run",
+        data={"max_rows": 60},
+        train={"max_steps": 2, "warmup_steps": 0, "gradient_checkpointing": False},
+    )
     train(cfg)
     sweep = root / "sweep"
     (sweep / "results").mkdir(parents=True)
@@ -112,38 +120,95 @@ def trained(tiny_model_dir, tmp_path_factory):
 
 def _train_args(t, out):
     cfg = t["cfg"]
-    return ["train", "--set", f"model.name={cfg.model.name}", "--set", f"data.path={cfg.data.path}",
-            "--set", "data.max_rows=40", "--set", "data.max_length=128", "--set", "train.max_steps=1",
-            "--set", "train.warmup_steps=0", "--set", f"train.output_dir={out / 'run'}"]
+    return [
+        "train",
+        "--set",
+        f"model.name={cfg.model.name}",
+        "--set",
+        f"data.path={cfg.data.path}",
+        "--set",
+        "data.max_rows=40",
+        "--set",
+        "data.max_length=128",
+        "--set",
+        "train.max_steps=1",
+        "--set",
+        "train.warmup_steps=0",
+        "--set",
+        f"train.output_dir={out / 'run'}",
+    ]
 
 
 def _sweep_args(t, out):
     spec = out.parent / f"sweep-{out.name}.yaml"
     cfg_file = out.parent / f"base-{out.name}.yaml"
     cfg_file.write_text(yaml.safe_dump(t["cfg"].model_dump(mode="json")))
-    spec.write_text(yaml.safe_dump({"base": str(cfg_file), "output_dir": str(out / "sweep"),
-                                    "axes": {"lora.r": [4]}, "set": {"train.max_steps": 1}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(cfg_file),
+                "output_dir": str(out / "sweep"),
+                "axes": {"lora.r": [4]},
+                "set": {"train.max_steps": 1},
+            }
+        )
+    )
     return ["sweep", "--config", spec]
 
 
 # command -> (what must already exist in the output folder, argv given the folder, the path named in the error)
 COMMANDS = {
     "train": (None, _train_args, lambda t, out: out / "run"),
-    "data prepare": (None, lambda t, out: ["data", "prepare", "--data", t["cfg"].data.path, "--model",
-                                           t["cfg"].model.name, "--max-length", 128, "--out", out / "data"],
-                     lambda t, out: out / "data"),
-    "eval": ("run", lambda t, out: ["eval", "--run", out / "run", "--splits", "val", "--json"],
-             lambda t, out: out / "run" / "eval.json"),
-    "eval --humaneval": ("run", lambda t, out: ["eval", "--run", out / "run", "--humaneval", t["problems"],
-                                                "--max-new-tokens", 4, "--json"],
-                         lambda t, out: out / "run" / "humaneval"),
-    "eval --humaneval-samples": (None, lambda t, out: ["eval", "--humaneval-samples", t["samples"], "--problems",
-                                                       t["problems"], "--results", out / "results.jsonl", "--json"],
-                                 lambda t, out: out / "results.jsonl"),
-    "export --merged": (None, lambda t, out: ["export", "--run", t["run"], "--merged", out / "merged"],
-                        lambda t, out: out / "merged"),
-    "export --gguf": (None, lambda t, out: ["export", "--run", t["run"], "--gguf", out / "m.gguf"],
-                      lambda t, out: out / "m.gguf"),
+    "data prepare": (
+        None,
+        lambda t, out: [
+            "data",
+            "prepare",
+            "--data",
+            t["cfg"].data.path,
+            "--model",
+            t["cfg"].model.name,
+            "--max-length",
+            128,
+            "--out",
+            out / "data",
+        ],
+        lambda t, out: out / "data",
+    ),
+    "eval": (
+        "run",
+        lambda t, out: ["eval", "--run", out / "run", "--splits", "val", "--json"],
+        lambda t, out: out / "run" / "eval.json",
+    ),
+    "eval --humaneval": (
+        "run",
+        lambda t, out: ["eval", "--run", out / "run", "--humaneval", t["problems"], "--max-new-tokens", 4, "--json"],
+        lambda t, out: out / "run" / "humaneval",
+    ),
+    "eval --humaneval-samples": (
+        None,
+        lambda t, out: [
+            "eval",
+            "--humaneval-samples",
+            t["samples"],
+            "--problems",
+            t["problems"],
+            "--results",
+            out / "results.jsonl",
+            "--json",
+        ],
+        lambda t, out: out / "results.jsonl",
+    ),
+    "export --merged": (
+        None,
+        lambda t, out: ["export", "--run", t["run"], "--merged", out / "merged"],
+        lambda t, out: out / "merged",
+    ),
+    "export --gguf": (
+        None,
+        lambda t, out: ["export", "--run", t["run"], "--gguf", out / "m.gguf"],
+        lambda t, out: out / "m.gguf",
+    ),
     "sweep": (None, _sweep_args, lambda t, out: out / "sweep"),
     "report": ("sweep", lambda t, out: ["report", out / "sweep"], lambda t, out: out / "sweep"),
 }
@@ -184,8 +249,10 @@ def test_a_bug_is_one_line_with_a_hint_and_status_1(monkeypatch, capsys):
     monkeypatch.setattr(memory, "load_model_config", broken)
     code, _, stderr = run_main(monkeypatch, capsys, "estimate")
     assert code == 1
-    assert stderr == ("error: internal error: ZeroDivisionError: division by zero (a bug in qtune; rerun with "
-                      "QTUNE_DEBUG=1 for the traceback)\n")
+    assert stderr == (
+        "error: internal error: ZeroDivisionError: division by zero (a bug in qtune; rerun with "
+        "QTUNE_DEBUG=1 for the traceback)\n"
+    )
     monkeypatch.setattr(sys, "argv", ["qtune", "estimate"])
     monkeypatch.setenv("QTUNE_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):

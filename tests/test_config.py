@@ -12,7 +12,12 @@ LAUNCH = sorted((CONFIG_DIR / "launch").glob("*.yaml"))
 
 def test_defaults_are_the_main_job():
     cfg = load_config()
-    assert (cfg.model.name, cfg.quant.quant, cfg.quant.double_quant, cfg.lora.r) == ("smollm2-135m-instruct", "nf4", True, 16)
+    assert (cfg.model.name, cfg.quant.quant, cfg.quant.double_quant, cfg.lora.r) == (
+        "smollm2-135m-instruct",
+        "nf4",
+        True,
+        16,
+    )
     assert cfg.lora.target_modules == "all-linear"
     assert Path(cfg.data.path).is_file()
     assert cfg.data.split == (0.90, 0.05, 0.05)
@@ -24,8 +29,10 @@ def test_every_shipped_config_validates(path):
 
 
 def test_overrides_parse_yaml_values():
-    cfg = load_config(None, ["lora.r=4", "train.learning_rate=1e-3", "lora.target_modules=[q_proj, v_proj]",
-                             "quant.double_quant=false"])
+    cfg = load_config(
+        None,
+        ["lora.r=4", "train.learning_rate=1e-3", "lora.target_modules=[q_proj, v_proj]", "quant.double_quant=false"],
+    )
     assert cfg.lora.r == 4 and cfg.train.learning_rate == 1e-3
     assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.quant.double_quant is False
 
@@ -109,7 +116,9 @@ def _float_fields():
     for section, info in RunConfig.model_fields.items():
         model = info.annotation
         assert issubclass(model, BaseModel)
-        out += [(f"{section}.{name}", f.annotation) for name, f in model.model_fields.items() if has_float(f.annotation)]
+        out += [
+            (f"{section}.{name}", f.annotation) for name, f in model.model_fields.items() if has_float(f.annotation)
+        ]
     out += [(f"sweep.{name}", f.annotation) for name, f in SweepSpec.model_fields.items() if has_float(f.annotation)]
     return out
 
@@ -119,9 +128,18 @@ FLOAT_FIELDS = _float_fields()
 
 def test_the_float_fields_are_found():
     names = {n for n, _ in FLOAT_FIELDS}
-    assert {"train.learning_rate", "lora.lora_alpha", "train.max_grad_norm", "train.weight_decay", "data.split",
-            "lora.lora_dropout", "lora.loraplus_lr_ratio", "sweep.alpha_per_r", "sweep.timeout_s",
-            "sweep.reference_memory_gb"} <= names
+    assert {
+        "train.learning_rate",
+        "lora.lora_alpha",
+        "train.max_grad_norm",
+        "train.weight_decay",
+        "data.split",
+        "lora.lora_dropout",
+        "lora.loraplus_lr_ratio",
+        "sweep.alpha_per_r",
+        "sweep.timeout_s",
+        "sweep.reference_memory_gb",
+    } <= names
 
 
 @pytest.mark.parametrize("bad", [".inf", "-.inf", ".nan", "1e400"])
@@ -147,3 +165,56 @@ def test_every_float_field_refuses_non_finite_numbers(tmp_path, name, annotation
             load_config(None, [f"{name}={value}"])
     [line] = str(err.value).splitlines()
     assert f"{where}: Input should be a finite number (got " in line, line
+
+
+def test_quant_format_groups_come_from_the_config_literal():
+    from typing import get_args
+
+    from qtune.config import FOUR_BIT, KBIT, QUANT_FORMATS, SIXTEEN_BIT, QuantConfig
+
+    assert QUANT_FORMATS == get_args(QuantConfig.model_fields["quant"].annotation)
+    assert QUANT_FORMATS == ("none", "fp16", "bf16", "int8", "nf4", "fp4")
+    assert (FOUR_BIT, KBIT, SIXTEEN_BIT) == (("nf4", "fp4"), ("int8", "nf4", "fp4"), ("fp16", "bf16"))
+    assert sorted(("none", *SIXTEEN_BIT, *KBIT)) == sorted(QUANT_FORMATS)  # each format in exactly one group
+
+
+def test_template_and_benchmark_names_come_from_the_config_fields():
+    from typing import get_args
+
+    from qtune.config import DataConfig
+    from qtune.data.decontaminate import BENCHMARKS
+    from qtune.data.templates import TEMPLATES
+
+    assert TEMPLATES == get_args(DataConfig.model_fields["template"].annotation) == ("alpaca", "chat")
+    assert BENCHMARKS == get_args(get_args(DataConfig.model_fields["decontaminate"].annotation)[0]) == ("humaneval",)
+
+
+@pytest.mark.parametrize("quant", ["none", "fp16", "bf16", "int8", "nf4", "fp4"])
+def test_loader_and_memory_model_agree_on_each_format(quant):
+    from qtune.config import QuantConfig
+    from qtune.model.memory import TrainShape, quantized_weight_bytes
+    from qtune.model.quantize import is_quantized, load_kwargs
+
+    q = QuantConfig(quant=quant)
+    quantized = quant in ("int8", "nf4", "fp4")
+    assert is_quantized(q) is TrainShape(quant=quant).quantized is quantized
+    assert ("quantization_config" in load_kwargs(q)) is quantized
+    assert quantized_weight_bytes(1001, quant) == (501 if quant in ("nf4", "fp4") else 1001)
+
+
+def test_format_messages_list_the_one_definition(tmp_path):
+    from qtune.generate import Engine
+    from qtune.serve.export import export_merged
+
+    with pytest.raises(QtuneError) as e:
+        Engine(str(tmp_path), quant="nf5")
+    assert str(e.value) == "--quant 'nf5': expected one of none, fp16, bf16, int8, nf4, fp4"
+    with pytest.raises(QtuneError) as e:
+        export_merged(tmp_path, tmp_path / "out", dtype="fp32")
+    assert str(e.value) == "--dtype 'fp32': expected one of fp16, bf16"
+
+
+def test_byte_units():
+    from qtune.units import GIB, MIB
+
+    assert (MIB, GIB) == (2**20, 2**30)

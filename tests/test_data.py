@@ -15,7 +15,11 @@ from qtune.errors import QtuneError
 from conftest import CODEALPACA
 
 FAULTY_ROWS = [
-    {"instruction": "Add two numbers.", "input": None, "output": "def add(a, b):\n    return a + b"},  # kept, null input
+    {
+        "instruction": "Add two numbers.",
+        "input": None,
+        "output": "def add(a, b):\n    return a + b",
+    },  # kept, null input
     {"instruction": "Reverse a list.", "input": "", "output": "xs[::-1]"},  # kept
     {"instruction": "Reverse a list.\n", "input": None, "output": "xs[::-1]  \r\n\n"},  # duplicate of row 1
     {"instruction": "Print hello.", "input": "", "output": ""},  # empty output
@@ -37,8 +41,14 @@ def test_cleaning_counts_each_fault_kind(tmp_path, tokenizer):
     cfg = DataConfig(path=str(path), max_length=256, split=(1.0, 0.0, 0.0))
     splits, card = prepare_dataset(cfg, tokenizer, tmp_path / "out")
     assert card.rows_in == 8 and card.rows_kept == 3
-    assert card.dropped == {"not_text": 1, "empty_instruction": 1, "empty_output": 1, "duplicate": 1, "contaminated": 0,
-                            "over_token_budget": 1}
+    assert card.dropped == {
+        "not_text": 1,
+        "empty_instruction": 1,
+        "empty_output": 1,
+        "duplicate": 1,
+        "contaminated": 0,
+        "over_token_budget": 1,
+    }
     assert card.examples["duplicate"] == [2] and card.examples["over_token_budget"] == [5]
     assert sorted(splits["train"]["row"]) == [0, 1, 7]
     saved = json.loads((tmp_path / "out" / "data_card.json").read_text())
@@ -54,19 +64,30 @@ def test_text_is_kept_exactly():
 
 
 def test_huge_row_dropped_without_tokenizing(tmp_path, tokenizer, monkeypatch):
-    rows = [{"instruction": "big", "input": "", "output": "x" * 5_000_000}, {"instruction": "small", "input": "", "output": "y"}]
+    rows = [
+        {"instruction": "big", "input": "", "output": "x" * 5_000_000},
+        {"instruction": "small", "input": "", "output": "y"},
+    ]
     path = _write(tmp_path, rows)
     seen = []
     original = tokenizer.__class__.__call__
-    monkeypatch.setattr(tokenizer.__class__, "__call__", lambda self, text, **kw: (seen.append(len(text)), original(self, text, **kw))[1])
-    _, card = prepare_dataset(DataConfig(path=str(path), max_length=64, split=(1.0, 0.0, 0.0)), tokenizer, tmp_path / "o")
+    monkeypatch.setattr(
+        tokenizer.__class__,
+        "__call__",
+        lambda self, text, **kw: (seen.append(len(text)), original(self, text, **kw))[1],
+    )
+    _, card = prepare_dataset(
+        DataConfig(path=str(path), max_length=64, split=(1.0, 0.0, 0.0)), tokenizer, tmp_path / "o"
+    )
     assert card.dropped["over_token_budget"] == 1 and card.rows_kept == 1
     assert max(seen) < 1000
 
 
 def test_jsonl_bom_crlf_and_line_numbers(tmp_path):
     good = tmp_path / "rows.jsonl"
-    good.write_bytes(b"\xef\xbb\xbf" + b'{"instruction": "a", "output": "b"}\r\n\r\n{"instruction": "c", "output": "d"}\r\n')
+    good.write_bytes(
+        b"\xef\xbb\xbf" + b'{"instruction": "a", "output": "b"}\r\n\r\n{"instruction": "c", "output": "d"}\r\n'
+    )
     rows, unit = load_rows(str(good))
     assert unit == "line" and [r["row"] for r in rows] == [1, 3] and rows[1]["instruction"] == "c"
     bad = tmp_path / "bad.jsonl"
@@ -81,7 +102,11 @@ def test_jsonl_bom_crlf_and_line_numbers(tmp_path):
         ("", "file is empty"),
         ('{"instruction": "a", "output": "b"}', "top level is an object; expected a JSON array"),
         ('[{"instruction": "a", "output": "b"}, [1, 2]]', "row 1: expected an object"),
-        ('[{"prompt": "a", "completion": "b"}]', "no column for instruction (column 'instruction'), output (column 'output'); expected columns ['input', 'instruction', 'output'], found ['completion', 'prompt']"),
+        (
+            '[{"prompt": "a", "completion": "b"}]',
+            "no column for instruction (column 'instruction'), output (column 'output'); "
+            "expected columns ['input', 'instruction', 'output'], found ['completion', 'prompt']",
+        ),
     ],
 )
 def test_malformed_json_files(tmp_path, content, expected):

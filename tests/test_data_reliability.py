@@ -35,14 +35,22 @@ def test_lists_missing_keys_and_null_fields_are_counted(tmp_path):
     card = DataCard(source=str(path), rows_in=len(loaded))
     kept = clean_rows(loaded, card)
     assert unit == "line" and [r["row"] for r in kept] == [1]
-    assert card.dropped == {"not_text": 3, "empty_instruction": 1, "empty_output": 2, "duplicate": 0, "contaminated": 0,
-                            "over_token_budget": 0}
+    assert card.dropped == {
+        "not_text": 3,
+        "empty_instruction": 1,
+        "empty_output": 2,
+        "duplicate": 0,
+        "contaminated": 0,
+        "over_token_budget": 0,
+    }
     assert card.examples["not_text"] == [2, 3, 4] and card.examples["empty_output"] == [6, 7]  # jsonl: line numbers
 
 
 def test_json_array_with_bom_and_crlf_loads(tmp_path):
     path = tmp_path / "rows.json"
-    path.write_bytes(b"\xef\xbb\xbf[\r\n" + b'{"instruction": "a", "output": "b"},\r\n{"instruction": "c", "output": "d"}\r\n]\r\n')
+    path.write_bytes(
+        b"\xef\xbb\xbf[\r\n" + b'{"instruction": "a", "output": "b"},\r\n{"instruction": "c", "output": "d"}\r\n]\r\n'
+    )
     rows, unit = load_rows(str(path))
     assert unit == "row" and [(r["row"], r["instruction"], r["output"]) for r in rows] == [(0, "a", "b"), (1, "c", "d")]
 
@@ -51,8 +59,16 @@ def test_json_array_with_bom_and_crlf_loads(tmp_path):
     "name, content, expected",
     [
         ("rows.jsonl", b"\n  \n\r\n", "rows.jsonl: file is empty; expected one JSON object per line"),
-        ("rows.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "\xe9t\xe9", "output": "b"}\n', "rows.jsonl:2: not UTF-8 text"),
-        ("rows.jsonl", b'{"instruction": "a", "output": "b"}\n["a", "b"]\n', "rows.jsonl: line 2: expected an object with instruction, input, output, got list"),
+        (
+            "rows.jsonl",
+            b'{"instruction": "a", "output": "b"}\n{"instruction": "\xe9t\xe9", "output": "b"}\n',
+            "rows.jsonl:2: not UTF-8 text",
+        ),
+        (
+            "rows.jsonl",
+            b'{"instruction": "a", "output": "b"}\n["a", "b"]\n',
+            "rows.jsonl: line 2: expected an object with instruction, input, output, got list",
+        ),
         ("rows.json", b"[" * 100_000 + b"]" * 100_000, "rows.json: JSON nested too deeply"),
         ("rows.json", b'"just a string"', "rows.json: top level is str; expected a JSON array of rows"),
         ("rows.csv", b"instruction,output\na,b\n", "unsupported file type '.csv'"),
@@ -88,31 +104,68 @@ def test_unreadable_file_is_one_line(tmp_path, monkeypatch):
 def test_bad_columns_option_is_one_line(tmp_path):
     src = tmp_path / "rows.json"
     src.write_text(json.dumps([{"prompt": "a", "completion": "b"}]))
-    code = runner.invoke(app, ["data", "prepare", "--data", str(src), "--out", str(tmp_path / "o"), "--columns", "instr=prompt"])
+    code = runner.invoke(
+        app, ["data", "prepare", "--data", str(src), "--out", str(tmp_path / "o"), "--columns", "instr=prompt"]
+    )
     assert code.exit_code == 2
-    assert code.output == "error: config: data.columns: keys must be among instruction, input, output; got ['instr'] (got {'instr': 'prompt'})\n"
-    code = runner.invoke(app, ["data", "prepare", "--data", str(src), "--out", str(tmp_path / "o"), "--columns", "instruction"])
+    assert code.output == (
+        "error: config: data.columns: keys must be among instruction, input, output; got ['instr'] "
+        "(got {'instr': 'prompt'})\n"
+    )
+    code = runner.invoke(
+        app, ["data", "prepare", "--data", str(src), "--out", str(tmp_path / "o"), "--columns", "instruction"]
+    )
     assert code.exit_code == 2 and "expected field=column pairs separated by commas" in code.output
     # mapped to a column the file does not have: the error lists the expected and the found columns
-    code = runner.invoke(app, ["data", "prepare", "--data", str(src), "--out", str(tmp_path / "o"),
-                               "--columns", "instruction=question,output=completion"])
+    code = runner.invoke(
+        app,
+        [
+            "data",
+            "prepare",
+            "--data",
+            str(src),
+            "--out",
+            str(tmp_path / "o"),
+            "--columns",
+            "instruction=question,output=completion",
+        ],
+    )
     assert code.exit_code == 2
-    assert "no column for instruction (column 'question'); expected columns ['completion', 'input', 'question'], found ['completion', 'prompt']" in code.output
+    assert (
+        "no column for instruction (column 'question'); "
+        "expected columns ['completion', 'input', 'question'], found ['completion', 'prompt']" in code.output
+    )
 
 
 def test_no_usable_rows_stops_train_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch):
     src = tmp_path / "rows.json"
-    src.write_text(json.dumps([{"instruction": "a", "output": " "}, {"instruction": "", "output": "b"}, {"instruction": 1, "output": "c"}]))
+    src.write_text(
+        json.dumps(
+            [{"instruction": "a", "output": " "}, {"instruction": "", "output": "b"}, {"instruction": 1, "output": "c"}]
+        )
+    )
 
     def must_not_load(*a, **k):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr("qtune.train.trainer.load_model", must_not_load)
-    result = runner.invoke(app, ["train", "--set", f"model.name={tiny_model_dir}", "--set", f"data.path={src}",
-                                 "--set", f"train.output_dir={tmp_path / 'run'}"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--set",
+            f"model.name={tiny_model_dir}",
+            "--set",
+            f"data.path={src}",
+            "--set",
+            f"train.output_dir={tmp_path / 'run'}",
+        ],
+    )
     assert result.exit_code == 2
-    assert result.output.startswith(f"error: {src}: no usable rows left after cleaning (3 read; dropped {{'not_text': 1, "
-                                    "'empty_instruction': 1, 'empty_output': 1,")
+    assert result.output.startswith(
+        f"error: {src}: no usable rows left after cleaning (3 read; dropped {{'not_text': 1, "
+        "'empty_instruction': 1, 'empty_output': 1,"
+    )
     assert not (tmp_path / "run").exists()  # nothing trained, nothing left behind that would need --overwrite
 
 
@@ -123,8 +176,12 @@ def test_several_megabyte_jsonl_row_is_dropped_without_tokenizing_it(tmp_path, t
     assert path.stat().st_size > 4_000_000
     longest = []
     original = type(tokenizer).__call__
-    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, text, **kw: (longest.append(len(text)), original(self, text, **kw))[1])
-    _, card = prepare_dataset(DataConfig(path=str(path), max_length=64, split=(1.0, 0.0, 0.0)), tokenizer, tmp_path / "o")
+    monkeypatch.setattr(
+        type(tokenizer), "__call__", lambda self, text, **kw: (longest.append(len(text)), original(self, text, **kw))[1]
+    )
+    _, card = prepare_dataset(
+        DataConfig(path=str(path), max_length=64, split=(1.0, 0.0, 0.0)), tokenizer, tmp_path / "o"
+    )
     assert card.dropped["over_token_budget"] == 1 and card.examples["over_token_budget"] == [2] and card.rows_kept == 1
     assert max(longest) < 10_000
 
@@ -134,11 +191,17 @@ def test_several_megabyte_jsonl_row_is_dropped_without_tokenizing_it(tmp_path, t
 TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
 WHITESPACE = st.text(alphabet=" \t\n\r\u00a0\u3000", max_size=5)
 VALUE = st.one_of(
-    TEXT, WHITESPACE, st.none(), st.integers(), st.floats(allow_nan=True), st.booleans(),
-    st.lists(TEXT, max_size=3), st.dictionaries(TEXT, TEXT, max_size=2),
+    TEXT,
+    WHITESPACE,
+    st.none(),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.booleans(),
+    st.lists(TEXT, max_size=3),
+    st.dictionaries(TEXT, TEXT, max_size=2),
     st.sampled_from(["Sort a list.", "  sort A   list. ", "SORT a list.", "sorted(xs)", "Cafe\u0301"]),
 )
-ROW = st.fixed_dictionaries({}, optional={f: VALUE for f in FIELDS})
+ROW = st.fixed_dictionaries({}, optional=dict.fromkeys(FIELDS, VALUE))
 
 
 @settings(max_examples=200, deadline=None)
@@ -162,8 +225,13 @@ def test_cleaner_keeps_clean_text_or_counts_the_row(rows):
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(instruction=TEXT, input=st.one_of(st.just(""), TEXT), output=TEXT,
-       template=st.sampled_from(["alpaca", "chat"]), max_length=st.integers(9, 96))
+@given(
+    instruction=TEXT,
+    input=st.one_of(st.just(""), TEXT),
+    output=TEXT,
+    template=st.sampled_from(["alpaca", "chat"]),
+    max_length=st.integers(9, 96),
+)
 def test_formatter_gives_consistent_labels_or_none(tokenizer, instruction, input, output, template, max_length):
     if not instruction.strip() or not output.strip():
         return
@@ -202,7 +270,11 @@ def test_every_row_becomes_a_sample_or_a_counted_rejection(tokenizer, tmp_path_f
     for s in samples:
         labels, ids = s["labels"], s["input_ids"]
         first = next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
-        assert labels[first:] == ids[first:] and set(labels[:first]) == {IGNORE_INDEX} and ids[-1] == tokenizer.eos_token_id
+        assert (
+            labels[first:] == ids[first:]
+            and set(labels[:first]) == {IGNORE_INDEX}
+            and ids[-1] == tokenizer.eos_token_id
+        )
         assert len(ids) <= 96
 
 
@@ -210,11 +282,37 @@ def test_rows_too_few_for_a_training_split_and_zero_budget_are_one_line(tmp_path
     src = tmp_path / "rows.json"
     src.write_text(json.dumps([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(2)]))
     out = tmp_path / "d"
-    result = runner.invoke(app, ["data", "prepare", "--data", str(src), "--out", str(out),
-                                 "--set", f"model.name={tiny_model_dir}", "--set", "data.split=[0.2, 0.4, 0.4]"])
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "prepare",
+            "--data",
+            str(src),
+            "--out",
+            str(out),
+            "--set",
+            f"model.name={tiny_model_dir}",
+            "--set",
+            "data.split=[0.2, 0.4, 0.4]",
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert result.output.startswith(f"error: {src}: 2 usable rows leave no training rows")
     assert not (out / "splits").exists()
-    result = runner.invoke(app, ["data", "prepare", "--data", str(src), "--out", str(out),
-                                 "--set", f"model.name={tiny_model_dir}", "--max-length", "0"])
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "prepare",
+            "--data",
+            str(src),
+            "--out",
+            str(out),
+            "--set",
+            f"model.name={tiny_model_dir}",
+            "--max-length",
+            "0",
+        ],
+    )
     assert result.exit_code == 2 and result.output.startswith("error:") and "data.max_length" in result.output

@@ -40,10 +40,21 @@ def test_indented_outputs_are_trained_exactly(tmp_path, tokenizer):
     assert _supervised_text(samples[0], tokenizer).startswith("    total = 0\n    for x in xs:\n")
 
 
-@pytest.mark.parametrize("output", [
-    "    x = 1", "\tx = 1", "\n\nx = 1", "\r\nx = 1\r\n", " x", "  ", "def f():\n    return 1\n\n", "x = 1 \n",
-    "\u00a0\u3000x", "    \"\"\"Doc.\"\"\"\n    return None",
-])
+@pytest.mark.parametrize(
+    "output",
+    [
+        "    x = 1",
+        "\tx = 1",
+        "\n\nx = 1",
+        "\r\nx = 1\r\n",
+        " x",
+        "  ",
+        "def f():\n    return 1\n\n",
+        "x = 1 \n",
+        "\u00a0\u3000x",
+        '    """Doc."""\n    return None',
+    ],
+)
 @pytest.mark.parametrize("template", ["alpaca", "chat"])
 def test_response_boundary_keeps_leading_whitespace(tokenizer, output, template):
     prompt = format_prompt("Write it.", "", template, tokenizer)
@@ -54,7 +65,10 @@ def test_response_boundary_keeps_leading_whitespace(tokenizer, output, template)
 
 def test_inputs_and_instructions_are_placed_exactly():
     prompt = format_prompt("  Fix the indentation:\n", "    if x:\n    return 1\n")
-    assert "### Instruction:\n  Fix the indentation:\n\n\n### Input:\n    if x:\n    return 1\n\n\n### Response:\n" in prompt
+    assert (
+        "### Instruction:\n  Fix the indentation:\n\n\n### Input:\n    if x:\n    return 1\n\n\n### Response:\n"
+        in prompt
+    )
     # an input that is whitespace only is no input (the one place whitespace is tested)
     assert format_prompt("Sum.", " \n\t") == format_prompt("Sum.", "")
 
@@ -62,9 +76,15 @@ def test_inputs_and_instructions_are_placed_exactly():
 @pytest.mark.parametrize("template", ["alpaca", "chat"])
 def test_earlier_answers_keep_their_indentation(tokenizer, template):
     answer = "    total = 0\n    for x in xs:\n        total += x\n"
-    text = format_conversation([{"role": "user", "content": "Body of total(xs)?"},
-                                {"role": "assistant", "content": answer},
-                                {"role": "user", "content": "\tAnd for a product?"}], template, tokenizer)
+    text = format_conversation(
+        [
+            {"role": "user", "content": "Body of total(xs)?"},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "\tAnd for a product?"},
+        ],
+        template,
+        tokenizer,
+    )
     assert answer in text and "\tAnd for a product?" in text
     if template == "alpaca":
         assert text.endswith(f"### Response:\n{answer}\n\n### Instruction:\n\tAnd for a product?\n\n### Response:\n")
@@ -81,7 +101,9 @@ def test_duplicate_key_keeps_indentation_and_case():
         _row(2, "if not xs:\n\treturn None"),  # tab instead of spaces: kept
         _row(3, "    if not xs:\n    return None"),  # first line indented: kept
         _row(4, "IF not xs:\n    return None"),  # other case: kept (code is case-sensitive)
-        _row(5, "if not xs:  \r\n    return None\r\n\n"),  # line endings, trailing spaces, blank edge lines: duplicate of 0
+        _row(
+            5, "if not xs:  \r\n    return None\r\n\n"
+        ),  # line endings, trailing spaces, blank edge lines: duplicate of 0
         _row(6, "\n\nif not xs:\n    return None"),  # blank leading lines: duplicate of 0
         _row(7, "if not xs:\n    return None", instruction="Write a guard clause.  \n"),  # duplicate of 0
         _row(8, "if not xs:\n\n    return None"),  # a blank line inside: kept
@@ -97,12 +119,15 @@ def test_text_key():
     assert text_key("\n  \n  x = 1  \r\n\ty\t\n\n") == "  x = 1\n\ty"
     assert text_key("Cafe\u0301") == text_key("Caf\u00e9")  # canonically equivalent spellings of one text
     assert text_key("X") != text_key("x")
-    assert dedup_key({"instruction": "a", "input": "", "output": " b"}) != dedup_key({"instruction": "a", "input": "", "output": "b"})
+    assert dedup_key({"instruction": "a", "input": "", "output": " b"}) != dedup_key(
+        {"instruction": "a", "input": "", "output": "b"}
+    )
 
 
 INDENT = st.text(alphabet=" \t", min_size=1, max_size=6)
-LINE = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Zs", "Cc", "Zl", "Zp")), min_size=1,
-               max_size=20)
+LINE = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Zs", "Cc", "Zl", "Zp")), min_size=1, max_size=20
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -118,8 +143,11 @@ def test_rows_that_differ_in_indentation_are_never_merged(lines, a, b, k):
 
 def test_whitespace_only_fields_are_empty_and_real_text_is_unchanged(tmp_path):
     path = tmp_path / "rows.json"
-    rows = [{"instruction": "\u3000\n", "output": "x"}, {"instruction": "a", "output": " \t\r\n"},
-            {"instruction": "\ta\n", "input": " ", "output": "  x\n"}]
+    rows = [
+        {"instruction": "\u3000\n", "output": "x"},
+        {"instruction": "a", "output": " \t\r\n"},
+        {"instruction": "\ta\n", "input": " ", "output": "  x\n"},
+    ]
     path.write_text(json.dumps(rows), encoding="utf-8")
     loaded, _ = load_rows(str(path))
     card = DataCard(source=str(path), rows_in=3)

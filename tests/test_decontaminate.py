@@ -20,11 +20,22 @@ FRAGMENT_13 = "CHECK if in given list\n    of numbers, are any two numbers -- cl
 FRAGMENT_12 = "Check if in given list of numbers, are any two numbers closer"
 
 PROBLEMS = [
-    {"task_id": "Toy/0", "prompt": "def add(a, b):\n    \"\"\"Return the sum of the two integers a and b, which may be "
-     "negative or zero.\"\"\"\n", "canonical_solution": "    return a + b\n", "test": "assert add(1, 2) == 3\n",
-     "entry_point": "add"},
-    {"task_id": "Toy/1", "prompt": "def rev(s):\n    \"\"\"Return the string s written backwards, from its last "
-     "character to its first one.\"\"\"\n", "canonical_solution": "    return s[::-1]\n", "test": "", "entry_point": "rev"},
+    {
+        "task_id": "Toy/0",
+        "prompt": 'def add(a, b):\n    """Return the sum of the two integers a and b, which may be '
+        'negative or zero."""\n',
+        "canonical_solution": "    return a + b\n",
+        "test": "assert add(1, 2) == 3\n",
+        "entry_point": "add",
+    },
+    {
+        "task_id": "Toy/1",
+        "prompt": 'def rev(s):\n    """Return the string s written backwards, from its last '
+        'character to its first one."""\n',
+        "canonical_solution": "    return s[::-1]\n",
+        "test": "",
+        "entry_point": "rev",
+    },
 ]
 TOY_COPY = "Return the string s written backwards from its last character to its first one"  # 14 words of Toy/1
 
@@ -55,9 +66,17 @@ def test_a_copied_humaneval_fragment_is_dropped_and_counted(tmp_path, tokenizer)
     if not default_benchmark_path("humaneval").is_file():
         pytest.skip(f"{default_benchmark_path('humaneval')} not found")
     rows = [
-        {"instruction": "Write a function that reverses a list.", "input": "", "output": "def rev(xs):\n    return xs[::-1]"},
+        {
+            "instruction": "Write a function that reverses a list.",
+            "input": "",
+            "output": "def rev(xs):\n    return xs[::-1]",
+        },
         {"instruction": f"{FRAGMENT_13}.", "input": "", "output": "def f(numbers, t):\n    return False"},
-        {"instruction": f"{FRAGMENT_12}.", "input": "", "output": "def f(numbers, t):\n    return True"},  # 12 words: kept
+        {
+            "instruction": f"{FRAGMENT_12}.",
+            "input": "",
+            "output": "def f(numbers, t):\n    return True",
+        },  # 12 words: kept
     ]
     cfg = DataConfig(path=str(_rows_file(tmp_path, rows)), split=(1.0, 0.0, 0.0), decontaminate=["humaneval"])
     splits, card = prepare_dataset(cfg, tokenizer, tmp_path / "out")
@@ -79,13 +98,20 @@ def test_overlap_counts_rows_per_problem_and_shared_ngrams(tmp_path, monkeypatch
     overlap = find_overlap(rows, "humaneval", path)
     assert overlap.rows_checked == 3 and overlap.rows == {1: {"Toy/1": 2}, 2: {"Toy/1": 2}}
     assert overlap.problems == {"Toy/1": [1, 2]}
-    assert overlap.summary().splitlines()[0] == "humaneval: 2 of 3 rows share a 13-gram with 1 of 2 problems (lowercased \\w+ words)"
+    assert (
+        overlap.summary().splitlines()[0]
+        == "humaneval: 2 of 3 rows share a 13-gram with 1 of 2 problems (lowercased \\w+ words)"
+    )
 
 
 def test_decontaminate_drops_each_row_once(tmp_path, monkeypatch):
     _toy_benchmark(tmp_path, monkeypatch)
-    rows = [{"row": i, "instruction": text, "input": "", "output": "x"} for i, text in
-            enumerate(["Add them.", TOY_COPY, "Return the sum of the two integers a and b which may be negative or zero"])]
+    rows = [
+        {"row": i, "instruction": text, "input": "", "output": "x"}
+        for i, text in enumerate(
+            ["Add them.", TOY_COPY, "Return the sum of the two integers a and b which may be negative or zero"]
+        )
+    ]
     card = DataCard(source="mem", rows_in=3)
     kept = decontaminate(rows, card, ["humaneval", "humaneval"])
     assert [r["row"] for r in kept] == [0]
@@ -101,15 +127,38 @@ def test_not_checked_shows_a_dash():
 
 def test_overlap_and_prepare_commands(tmp_path, monkeypatch, tiny_model_dir):
     _toy_benchmark(tmp_path, monkeypatch)
-    src = _rows_file(tmp_path, [{"instruction": "Reverse s.", "output": TOY_COPY},
-                                {"instruction": "Add.", "output": "a + b"}, {"instruction": "Sub.", "output": "a - b"}])
+    src = _rows_file(
+        tmp_path,
+        [
+            {"instruction": "Reverse s.", "output": TOY_COPY},
+            {"instruction": "Add.", "output": "a + b"},
+            {"instruction": "Sub.", "output": "a - b"},
+        ],
+    )
     result = runner.invoke(app, ["data", "overlap", "--data", str(src), "--benchmark", "humaneval"])
     assert result.exit_code == 0, result.output
-    assert result.output == ("humaneval: 1 of 3 rows share a 13-gram with 1 of 2 problems (lowercased \\w+ words)\n"
-                             "  Toy/1 (5 13-grams): rows 0 (2)\n")
+    assert result.output == (
+        "humaneval: 1 of 3 rows share a 13-gram with 1 of 2 problems (lowercased \\w+ words)\n"
+        "  Toy/1 (5 13-grams): rows 0 (2)\n"
+    )
     out = tmp_path / "prepared"
-    result = runner.invoke(app, ["data", "prepare", "--data", str(src), "--out", str(out), "--decontaminate", "humaneval",
-                                 "--set", f"model.name={tiny_model_dir}", "--set", "data.split=[1.0, 0.0, 0.0]"])
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "prepare",
+            "--data",
+            str(src),
+            "--out",
+            str(out),
+            "--decontaminate",
+            "humaneval",
+            "--set",
+            f"model.name={tiny_model_dir}",
+            "--set",
+            "data.split=[1.0, 0.0, 0.0]",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert f"  {'dropped: contaminated':<32}{1:>8}\n" in result.output
     card = json.loads((out / "data_card.json").read_text())
@@ -121,13 +170,17 @@ def test_missing_or_unknown_benchmark_is_one_line(tmp_path, monkeypatch):
     src = _rows_file(tmp_path, [{"instruction": "Add.", "output": "a + b"}])
     result = runner.invoke(app, ["data", "overlap", "--data", str(src)])
     assert result.exit_code == 2
-    assert result.output == (f"error: {tmp_path / 'nowhere' / 'humaneval' / 'HumanEval.jsonl.gz'}: humaneval problems not "
-                             "found (needed to decontaminate against humaneval); set QTUNE_DATA_DIR to the folder "
-                             "holding humaneval/HumanEval.jsonl.gz\n")
+    assert result.output == (
+        f"error: {tmp_path / 'nowhere' / 'humaneval' / 'HumanEval.jsonl.gz'}: humaneval problems not "
+        "found (needed to decontaminate against humaneval); set QTUNE_DATA_DIR to the folder "
+        "holding humaneval/HumanEval.jsonl.gz\n"
+    )
     result = runner.invoke(app, ["data", "overlap", "--data", str(src), "--benchmark", "mbpp"])
     assert result.exit_code == 2
     assert result.output == "error: config: data.decontaminate.0: Input should be 'humaneval' (got 'mbpp')\n"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task_id": "X/0"}\n')
-    with pytest.raises(QtuneError, match=r"bad.jsonl:1: not a humaneval problem \(expected an object with text task_id and prompt\)"):
+    with pytest.raises(
+        QtuneError, match=r"bad.jsonl:1: not a humaneval problem \(expected an object with text task_id and prompt\)"
+    ):
         find_overlap([], "humaneval", bad)

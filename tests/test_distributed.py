@@ -15,18 +15,28 @@ import yaml
 
 from conftest import CODEALPACA
 
-pytestmark = pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
-                                reason="torchrun not installed beside this Python")
+pytestmark = pytest.mark.skipif(
+    shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+    reason="torchrun not installed beside this Python",
+)
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def _config(tmp_path, model_dir, steps, batch):
     cfg = {
-        "model": {"name": model_dir}, "quant": {"quant": "nf4"}, "lora": {"r": 8, "lora_alpha": 16},
+        "model": {"name": model_dir},
+        "quant": {"quant": "nf4"},
+        "lora": {"r": 8, "lora_alpha": 16},
         "data": {"path": str(CODEALPACA), "max_rows": 300, "max_length": 128},
-        "train": {"max_steps": steps, "batch_size": batch, "learning_rate": 1e-2, "warmup_steps": 2,
-                  "eval_at_end": False, "seed": 0},
+        "train": {
+            "max_steps": steps,
+            "batch_size": batch,
+            "learning_rate": 1e-2,
+            "warmup_steps": 2,
+            "eval_at_end": False,
+            "seed": 0,
+        },
     }
     path = tmp_path / f"cfg-{steps}-{batch}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -43,17 +53,46 @@ def _losses(run: Path) -> list[float]:
 
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    one = subprocess.run([sys.executable, "-m", "qtune.cli", "train", "--config", _config(tmp_path, tiny_model_dir, 10, 4),
-                          "--set", f"train.output_dir={single}"], env=_env(), capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qtune.cli",
+            "train",
+            "--config",
+            _config(tmp_path, tiny_model_dir, 10, 4),
+            "--set",
+            f"train.output_dir={single}",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "-m", "qtune.cli", "train",
-                          "--config", _config(tmp_path, tiny_model_dir, 10, 2), "--set", f"train.output_dir={ddp}"],
-                         env=_env(), capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        [
+            TORCHRUN,
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "qtune.cli",
+            "train",
+            "--config",
+            _config(tmp_path, tiny_model_dir, 10, 2),
+            "--set",
+            f"train.output_dir={ddp}",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     assert "global batch 4" in two.stdout and two.stdout.count("run directory:") == 1
     a, b = _losses(single), _losses(ddp)
     assert len(a) == len(b) == 10
-    assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-4
+    assert max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True)) < 1e-4
     assert len(list(tmp_path.rglob("adapter_model.safetensors"))) == 2  # one per run: ranks > 0 write nothing
     summary = json.loads((ddp / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 4
@@ -61,9 +100,24 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
 
 def test_killed_rank_fails_the_launch_without_hanging(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
-    proc = subprocess.Popen([TORCHRUN, "--nproc_per_node", "2", "-m", "qtune.cli", "train",
-                             "--config", _config(tmp_path, tiny_model_dir, 2000, 2), "--set", f"train.output_dir={run}"],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            TORCHRUN,
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "qtune.cli",
+            "train",
+            "--config",
+            _config(tmp_path, tiny_model_dir, 2000, 2),
+            "--set",
+            f"train.output_dir={run}",
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (run / "metrics.jsonl").exists():
         assert proc.poll() is None and time.time() < deadline, "training did not start"

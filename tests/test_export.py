@@ -22,8 +22,15 @@ runner = CliRunner()
 def test_lora_on_a_tied_lm_head_is_refused_in_one_line(tokenizer, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
     for targets in (["lm_head"], ["q_proj", "lm_head"]):
         with pytest.raises(QtuneError) as e:
             peft_model(LlamaForCausalLM(config), LoraSettings(r=4, lora_alpha=8, target_modules=targets))
@@ -87,22 +94,31 @@ def test_gguf_metadata_matches_the_shipped_smollm2_gguf_key_by_key(smol_run, tmp
 def test_adapter_records_the_public_base_and_a_model_card(tiny_model_dir, tmp_path):
     import json
 
-    from serve_fixtures import make_tiny_run
-
     from qtune.config import load_config
     from qtune.model.adapters import SMOLLM2_HUB_ID, finish_adapter
 
+    from serve_fixtures import make_tiny_run
+
     rd = make_tiny_run(tiny_model_dir, tmp_path / "run")
     cfg = load_config(rd.config, [f"model.name={DEFAULT_MODEL}"], saved_run=True)
-    card = {"rows_in": 300, "rows_kept": 298, "dropped": {"empty_output": 2, "duplicate": 0},
-            "splits": {"train": 268, "val": 15, "test": 15}}
+    card = {
+        "rows_in": 300,
+        "rows_kept": 298,
+        "dropped": {"empty_output": 2, "duplicate": 0},
+        "splits": {"train": 268, "val": 15, "test": 15},
+    }
     finish_adapter(rd.adapter, cfg, {"steps": 20, "val_loss": 1.2345, "trainable_params": 1234}, card)
     conf = json.loads((rd.adapter / "adapter_config.json").read_text())
     assert conf["base_model_name_or_path"] == SMOLLM2_HUB_ID
     readme = (rd.adapter / "README.md").read_text()
     assert readme.startswith(f"---\nbase_model: {SMOLLM2_HUB_ID}\n")
-    for expected in ("Q4_1.gguf", "| LoRA | r 8, lora_alpha 16.0,", "300 rows in, 298 kept (dropped: empty_output 2)",
-                     "| validation loss (token-weighted) | 1.2345 |", "### Instruction:\n{instruction}"):
+    for expected in (
+        "Q4_1.gguf",
+        "| LoRA | r 8, lora_alpha 16.0,",
+        "300 rows in, 298 kept (dropped: empty_output 2)",
+        "| validation loss (token-weighted) | 1.2345 |",
+        "### Instruction:\n{instruction}",
+    ):
         assert expected in readme, expected
     # the adapter still loads onto its base
     from peft import PeftModel
@@ -113,33 +129,42 @@ def test_adapter_records_the_public_base_and_a_model_card(tiny_model_dir, tmp_pa
 
 CONVERSATIONS = {
     "one turn": [{"role": "user", "content": "Write a loop.\n  (indented note)"}],
-    "one turn, system": [{"role": "system", "content": "You write Python."},
-                         {"role": "user", "content": "Write a loop."}],
-    "three turns": [{"role": "user", "content": "Write a loop."},
-                    {"role": "assistant", "content": "    for i in range(3):\n        print(i)"},
-                    {"role": "user", "content": "Now a function."},
-                    {"role": "assistant", "content": "def f():\n    return 1"},
-                    {"role": "user", "content": "Call it."}],
-    "three turns, system": [{"role": "system", "content": "Be brief."},
-                            {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"},
-                            {"role": "user", "content": "e"}],
+    "one turn, system": [
+        {"role": "system", "content": "You write Python."},
+        {"role": "user", "content": "Write a loop."},
+    ],
+    "three turns": [
+        {"role": "user", "content": "Write a loop."},
+        {"role": "assistant", "content": "    for i in range(3):\n        print(i)"},
+        {"role": "user", "content": "Now a function."},
+        {"role": "assistant", "content": "def f():\n    return 1"},
+        {"role": "user", "content": "Call it."},
+    ],
+    "three turns, system": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+        {"role": "user", "content": "e"},
+    ],
 }
 
 
 @pytest.mark.parametrize("template", ["alpaca", "chat"])
 def test_prompt_token_ids_agree_across_training_merged_tokenizer_gguf_template_and_api(
-        template, tiny_model_dir, tmp_path):
+    template, tiny_model_dir, tmp_path
+):
     import gguf
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     from transformers import AutoTokenizer
-
-    from serve_fixtures import make_tiny_run
 
     from qtune.data.templates import format_conversation
     from qtune.data.tokenize import encode_prompt
     from qtune.serve.engine import Engine, GenerationSettings
     from qtune.serve.session import fit_messages
+
+    from serve_fixtures import make_tiny_run
 
     rd = make_tiny_run(tiny_model_dir, tmp_path / "run", data={"template": template})
     merged, gguf_file = tmp_path / "merged", tmp_path / "model.gguf"
@@ -153,8 +178,9 @@ def test_prompt_token_ids_agree_across_training_merged_tokenizer_gguf_template_a
     for name, messages in CONVERSATIONS.items():
         training = encode_prompt(format_conversation(messages, template, train_tok), train_tok)
         exported = merged_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
-        text = jinja.render(messages=messages, add_generation_prompt=True, bos_token=train_tok.bos_token,
-                            eos_token=train_tok.eos_token)
+        text = jinja.render(
+            messages=messages, add_generation_prompt=True, bos_token=train_tok.bos_token, eos_token=train_tok.eos_token
+        )
         from_gguf = train_tok(text, add_special_tokens=False)["input_ids"]
         api = fit_messages(engine, messages, GenerationSettings(max_new_tokens=8)).prompt_ids
         assert training == exported == from_gguf == api, (template, name)
@@ -165,10 +191,10 @@ def test_prompt_token_ids_agree_across_training_merged_tokenizer_gguf_template_a
 @pytest.fixture(scope="module")
 def run_with_data(tiny_model_dir, tokenizer, tmp_path_factory):
     """A tiny run (random adapter) with its prepared data, as training leaves it."""
-    from serve_fixtures import make_tiny_run
-
     from qtune.config import load_config
     from qtune.data.prepare import prepare_dataset
+
+    from serve_fixtures import make_tiny_run
 
     rd = make_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("run") / "run")
     prepare_dataset(load_config(rd.config, saved_run=True).data, tokenizer, rd.data)
@@ -183,13 +209,29 @@ def _table_losses(output: str) -> dict[str, float]:
 
 
 def test_export_prints_the_parity_table_and_passes(run_with_data, tmp_path):
-    result = runner.invoke(app, ["export", "--run", str(run_with_data.root), "--merged", str(tmp_path / "m"),
-                                 "--gguf", str(tmp_path / "m.gguf"), "--check-rows", "8"])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            "--run",
+            str(run_with_data.root),
+            "--merged",
+            str(tmp_path / "m"),
+            "--gguf",
+            str(tmp_path / "m.gguf"),
+            "--check-rows",
+            "8",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "export check: 8 validation rows" in result.output
     losses = _table_losses(result.output)
-    assert set(losses) == {"adapter on the nf4 base (as trained)", "adapter on the float32 base (not merged)",
-                           "merged model (read back)", "GGUF file (read back by transformers)"}
+    assert set(losses) == {
+        "adapter on the nf4 base (as trained)",
+        "adapter on the float32 base (not merged)",
+        "merged model (read back)",
+        "GGUF file (read back by transformers)",
+    }
     ref = losses["adapter on the float32 base (not merged)"]
     assert abs(losses["merged model (read back)"] - ref) < 0.01
     assert abs(losses["GGUF file (read back by transformers)"] - ref) < 0.01
@@ -210,10 +252,12 @@ def test_export_fails_when_the_merged_model_drifts(run_with_data, tmp_path, monk
         return model, tok, cfg
 
     monkeypatch.setattr(export, "merge_run", broken)
-    result = runner.invoke(app, ["export", "--run", str(run_with_data.root), "--merged", str(tmp_path / "m"),
-                                 "--check-rows", "8"])
+    result = runner.invoke(
+        app, ["export", "--run", str(run_with_data.root), "--merged", str(tmp_path / "m"), "--check-rows", "8"]
+    )
     assert result.exit_code == 2
     assert "exceeds --max-drift 0.01" in result.output
-    skipped = runner.invoke(app, ["export", "--run", str(run_with_data.root), "--merged", str(tmp_path / "m2"),
-                                  "--no-check"])
+    skipped = runner.invoke(
+        app, ["export", "--run", str(run_with_data.root), "--merged", str(tmp_path / "m2"), "--no-check"]
+    )
     assert skipped.exit_code == 0 and "export check" not in skipped.output

@@ -39,7 +39,7 @@ def test_two_space_answers_from_the_shared_cases_pass(tmp_path):
     problems = load_problems()
     rows = [json.loads(line) for line in INDENT_CASES.read_text().splitlines() if line.strip()]
     samples = [{"task_id": r["task_id"], "completion": extract_code(r["answer"], problems[r["task_id"]])} for r in rows]
-    for r, s in zip(rows, samples):  # canonical bodies written with two spaces: back to the canonical text
+    for r, s in zip(rows, samples, strict=True):  # canonical bodies written with two spaces: back to the canonical text
         assert s["completion"] == problems[r["task_id"]]["canonical_solution"], r["task_id"]
     assert score(problems, samples, tmp_path)["samples"] == len(rows) == 3
 
@@ -58,10 +58,13 @@ def restated(problem: dict) -> tuple[str, str]:
     spaces a level): statements the prompt puts above the docstring (HumanEval/115's ``import math``), then the
     canonical solution."""
     lines = problem["prompt"].splitlines(keepends=True)
-    d = [n for n in ast.walk(ast.parse(problem["prompt"]))
-         if isinstance(n, ast.FunctionDef) and n.name == problem["entry_point"]][-1]
+    d = [
+        n
+        for n in ast.walk(ast.parse(problem["prompt"]))
+        if isinstance(n, ast.FunctionDef) and n.name == problem["entry_point"]
+    ][-1]
     doc = next(n for n in d.body if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
-    return "".join(lines[d.lineno - 1:d.body[0].lineno - 1]), "".join(lines[d.body[0].lineno - 1:doc.lineno - 1])
+    return "".join(lines[d.lineno - 1 : d.body[0].lineno - 1]), "".join(lines[d.body[0].lineno - 1 : doc.lineno - 1])
 
 
 @needs_data
@@ -75,8 +78,14 @@ def test_canonical_solutions_in_any_indentation_extract_to_passing_code(tmp_path
     for task_id, p in problems.items():
         four = with_unit(p["canonical_solution"], "    ")
         raw = {unit: with_unit(p["canonical_solution"], unit) for unit in ("  ", "   ", " " * 8, "\t")}
-        answers = [*raw.values(), f"```python\n{raw['   ']}```\n", "Sure:\n```\n" + raw["\t"] + "```",
-                   raw["  "].lstrip(), four.lstrip(), textwrap.indent(raw["  "], " " * 6)]
+        answers = [
+            *raw.values(),
+            f"```python\n{raw['   ']}```\n",
+            "Sure:\n```\n" + raw["\t"] + "```",
+            raw["  "].lstrip(),
+            four.lstrip(),
+            textwrap.indent(raw["  "], " " * 6),
+        ]
         for answer in answers:
             assert extract_code(answer, p) == four, (task_id, answer)
         samples[(task_id, four)] = None
@@ -96,29 +105,43 @@ def test_canonical_solutions_in_any_indentation_extract_to_passing_code(tmp_path
         # two spaces a level, as small models write
         ("  if a > 0:\n    return a + b\n  return b\n", "    if a > 0:\n        return a + b\n    return b\n"),
         # first line not indented, the rest two spaces a level relative to it
-        ("for x in [a]:\n  if x:\n    return x + b\nreturn b\n",
-         "    for x in [a]:\n        if x:\n            return x + b\n    return b\n"),
+        (
+            "for x in [a]:\n  if x:\n    return x + b\nreturn b\n",
+            "    for x in [a]:\n        if x:\n            return x + b\n    return b\n",
+        ),
         # the first line lost its indentation (an answer stripped of leading space), the rest as in the file
-        ("total = a\n    for _ in range(1):\n        total += b\n    return total",
-         "    total = a\n    for _ in range(1):\n        total += b\n    return total\n"),
+        (
+            "total = a\n    for _ in range(1):\n        total += b\n    return total",
+            "    total = a\n    for _ in range(1):\n        total += b\n    return total\n",
+        ),
         ("if a:\n        return a + b\n    return b\n", "    if a:\n        return a + b\n    return b\n"),
         # tabs, tabs mixed with spaces (a tab as four columns), eight spaces, three
         ("\tif a:\n\t\treturn a + b\n\treturn b\n", "    if a:\n        return a + b\n    return b\n"),
         ("\tif a:\n\t  return a + b\n    return b\n", "    if a:\n        return a + b\n    return b\n"),
-        ("        if a:\n                return a + b\n        return b\n",
-         "    if a:\n        return a + b\n    return b\n"),
+        (
+            "        if a:\n                return a + b\n        return b\n",
+            "    if a:\n        return a + b\n    return b\n",
+        ),
         ("   if a:\n      return a + b\n   return b\n", "    if a:\n        return a + b\n    return b\n"),
         # a nested helper function, three spaces a level
-        ("   def twice(x):\n      return 2 * x\n   return twice(a) + b - a\n",
-         "    def twice(x):\n        return 2 * x\n    return twice(a) + b - a\n"),
+        (
+            "   def twice(x):\n      return 2 * x\n   return twice(a) + b - a\n",
+            "    def twice(x):\n        return 2 * x\n    return twice(a) + b - a\n",
+        ),
         # multi-line strings keep their text; continuation lines move with their statement
-        ("  s = '''one\n  two\nthree\t'''\n  t = [a,\n       b]\n  return sum(t)\n",
-         "    s = '''one\n  two\nthree\t'''\n    t = [a,\n         b]\n    return sum(t)\n"),
-        ('  """Doc\n  string."""\n  x = a + \\\n      b\n  return x\n',
-         '    """Doc\n  string."""\n    x = a + \\\n        b\n    return x\n'),
+        (
+            "  s = '''one\n  two\nthree\t'''\n  t = [a,\n       b]\n  return sum(t)\n",
+            "    s = '''one\n  two\nthree\t'''\n    t = [a,\n         b]\n    return sum(t)\n",
+        ),
+        (
+            '  """Doc\n  string."""\n  x = a + \\\n      b\n  return x\n',
+            '    """Doc\n  string."""\n    x = a + \\\n        b\n    return x\n',
+        ),
         # a comment at column 0 inside the body stays; prose and an example call after it are cut
-        ("  x = a  # first\n# then\n  return x + b\nThat's it.\nprint(add(1, 2))\n",
-         "    x = a  # first\n    # then\n    return x + b\n"),
+        (
+            "  x = a  # first\n# then\n  return x + b\nThat's it.\nprint(add(1, 2))\n",
+            "    x = a  # first\n    # then\n    return x + b\n",
+        ),
         # an unindented body, then prose
         ("return a + b\nHere's why: it adds.", "    return a + b\n"),
         # blank lines holding spaces inside the body
@@ -133,10 +156,15 @@ def test_raw_bodies_are_reindented_to_the_prompts_body(answer, expected):
 @pytest.mark.parametrize(
     "answer, expected",
     [
-        ("```python\ndef add(a, b):\n  if a:\n\treturn a + b\n  return b\n```",
-         "\ndef add(a, b):\n    if a:\n        return a + b\n    return b\n"),
-        ("import operator\n\ndef add(a, b):\n  '''Sum.\n  '''\n  return operator.add(a, b)\n\nThis uses operator.add.",
-         "\nimport operator\n\ndef add(a, b):\n    '''Sum.\n  '''\n    return operator.add(a, b)\n"),
+        (
+            "```python\ndef add(a, b):\n  if a:\n\treturn a + b\n  return b\n```",
+            "\ndef add(a, b):\n    if a:\n        return a + b\n    return b\n",
+        ),
+        (
+            "import operator\n\ndef add(a, b):\n  '''Sum.\n  '''\n  return operator.add(a, b)\n\n"
+            "This uses operator.add.",
+            "\nimport operator\n\ndef add(a, b):\n    '''Sum.\n  '''\n    return operator.add(a, b)\n",
+        ),
         ("  def add(a, b):\n     return a + b\n", "\ndef add(a, b):\n    return a + b\n"),
     ],
 )
@@ -148,14 +176,23 @@ def test_restated_functions_are_reindented(answer, expected):
     "prompt, answer, expected",
     [
         # a prompt written with two spaces a level: the body follows it
-        ('def add(a, b):\n  """Sum."""\n', "    if a:\n        return a + b\n    return b\n",
-         "  if a:\n    return a + b\n  return b\n"),
-        ('def add(a, b):\n\t"""Sum."""\n', "  if a:\n    return a + b\n  return b\n",
-         "\tif a:\n\t\treturn a + b\n\treturn b\n"),
+        (
+            'def add(a, b):\n  """Sum."""\n',
+            "    if a:\n        return a + b\n    return b\n",
+            "  if a:\n    return a + b\n  return b\n",
+        ),
+        (
+            'def add(a, b):\n\t"""Sum."""\n',
+            "  if a:\n    return a + b\n  return b\n",
+            "\tif a:\n\t\treturn a + b\n\treturn b\n",
+        ),
         # a method: its body is eight spaces deep, a restated method goes back into the class
         ('class Calc:\n    def add(self, a, b):\n        """Sum."""\n', "  return a + b\n", "        return a + b\n"),
-        ('class Calc:\n    def add(self, a, b):\n        """Sum."""\n', "def add(self, a, b):\n  return a + b\n",
-         "\n    def add(self, a, b):\n        return a + b\n"),
+        (
+            'class Calc:\n    def add(self, a, b):\n        """Sum."""\n',
+            "def add(self, a, b):\n  return a + b\n",
+            "\n    def add(self, a, b):\n        return a + b\n",
+        ),
         # a prompt that stops after the signature (no docstring, so it does not parse on its own)
         ("def add(a, b):\n", "  return a + b\n", "    return a + b\n"),
     ],

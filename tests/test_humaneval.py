@@ -29,7 +29,8 @@ CASES = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
 
 ADD = {
     "task_id": "Toy/0",
-    "prompt": 'import math\n\n\ndef add(a: int, b: int) -> int:\n    """Sum of a and b.\n    >>> add(2, 3)\n    5\n    """\n',
+    "prompt": 'import math\n\n\ndef add(a: int, b: int) -> int:\n    """Sum of a and b.\n'
+    '    >>> add(2, 3)\n    5\n    """\n',
     "entry_point": "add",
     "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
     "canonical_solution": "    return a + b\n",
@@ -112,8 +113,9 @@ def test_score_samples_reports_each_status(tmp_path):
         {"task_id": "Toy/0", "completion": "    while True:\n        pass\n"},
     ]
     out = tmp_path / "results.jsonl"
-    summary = score_samples(problems, samples, (1, 2), SandboxLimits(timeout_s=2, memory_mb=256, nproc=8),
-                            workers=2, results_path=out)
+    summary = score_samples(
+        problems, samples, (1, 2), SandboxLimits(timeout_s=2, memory_mb=256, nproc=8), workers=2, results_path=out
+    )
     assert summary["counts"] == {"passed": 1, "failed": 1, "timed out": 1, "error": 1}
     assert summary["pass@1"] == pytest.approx(0.25) and summary["pass@2"] == pytest.approx(0.5)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -133,21 +135,31 @@ def test_the_program_does_not_call_check_the_sandbox_does():
     [
         ("\nimport sys\nsys.exit(0)\n", "error", "program ended before check() completed (SystemExit: 0)"),
         ("\nimport os\nos._exit(0)\n", "error", "program ended before check() completed (exit status 0)"),
-        ("\nimport unittest\nclass T(unittest.TestCase):\n    def test_nothing(self):\n        pass\nunittest.main()\n",
-         "error", "program ended before check() completed (SystemExit: False)"),
-        ("\nif __name__ == '__main__':\n    import sys\n    sys.exit(0)\n", "error",
-         "program ended before check() completed (SystemExit: 0)"),
+        (
+            "\nimport unittest\nclass T(unittest.TestCase):\n    def test_nothing(self):\n"
+            "        pass\nunittest.main()\n",
+            "error",
+            "program ended before check() completed (SystemExit: False)",
+        ),
+        (
+            "\nif __name__ == '__main__':\n    import sys\n    sys.exit(0)\n",
+            "error",
+            "program ended before check() completed (SystemExit: 0)",
+        ),
         ("\nimport atexit, os\natexit.register(os._exit, 0)\n", "failed", "AssertionError"),
         ("\nprint('passed')\n", "failed", "AssertionError"),
     ],
     ids=["sys.exit", "os._exit", "unittest.main", "__main__ block", "atexit", "printed marker"],
 )
 def test_a_wrong_answer_that_ends_early_scores_zero(tmp_path, tail, status, error):
-    samples = [{"task_id": "Toy/0", "completion": "    return a - b\n" + tail},
-               {"task_id": "Toy/0", "completion": "    return a + b\n" + tail}]  # right, but the same ending
+    samples = [
+        {"task_id": "Toy/0", "completion": "    return a - b\n" + tail},
+        {"task_id": "Toy/0", "completion": "    return a + b\n" + tail},
+    ]  # right, but the same ending
     out = tmp_path / "results.jsonl"
-    summary = score_samples({"Toy/0": ADD}, samples, (1,), SandboxLimits(timeout_s=5, memory_mb=256, nproc=8),
-                            results_path=out)
+    summary = score_samples(
+        {"Toy/0": ADD}, samples, (1,), SandboxLimits(timeout_s=5, memory_mb=256, nproc=8), results_path=out
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert (rows[0]["status"], rows[0]["error"]) == (status, error)
     ends_early = status == "error"  # then the right answer never reaches check() either
@@ -185,8 +197,9 @@ def test_cli_unwritable_out_still_prints_the_score(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    result = runner.invoke(app, ["eval", "--humaneval-samples", str(EXIT_STATUS_CASE), "--out", str(blocker / "x"),
-                                 "--json"])
+    result = runner.invoke(
+        app, ["eval", "--humaneval-samples", str(EXIT_STATUS_CASE), "--out", str(blocker / "x"), "--json"]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["pass@1"] == 0.0 and summary["results"] is None
@@ -205,10 +218,12 @@ def test_cli_canonical_solutions_score_one_and_wrong_answers_zero(tmp_path, monk
     rows = [json.loads(line) for line in gzip.open(HUMANEVAL, "rt")]
     assert len(rows) == 164
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
-    good.write_text("".join(json.dumps({"task_id": r["task_id"], "completion": r["canonical_solution"]}) + "\n"
-                            for r in rows))
-    bad.write_text("".join(json.dumps({"task_id": r["task_id"], "completion": "    return None\n"}) + "\n"
-                           for r in rows[:12]))
+    good.write_text(
+        "".join(json.dumps({"task_id": r["task_id"], "completion": r["canonical_solution"]}) + "\n" for r in rows)
+    )
+    bad.write_text(
+        "".join(json.dumps({"task_id": r["task_id"], "completion": "    return None\n"}) + "\n" for r in rows[:12])
+    )
     code, output = run("eval", "--humaneval-samples", good, "--json")
     assert code == 0, output
     summary = json.loads(output)
@@ -225,13 +240,20 @@ def test_cli_canonical_solutions_score_one_and_wrong_answers_zero(tmp_path, monk
 @pytest.mark.parametrize(
     "lines, extra, message",
     [
-        (['{"task_id": "HumanEval/0", "completion": "    return 1\\n"}'], ["--k", "2"],
-         "error: --k 2: expected 1 to 1 (the fewest samples of any problem)"),
+        (
+            ['{"task_id": "HumanEval/0", "completion": "    return 1\\n"}'],
+            ["--k", "2"],
+            "error: --k 2: expected 1 to 1 (the fewest samples of any problem)",
+        ),
         (['{"task_id": "Nope/1", "completion": ""}'], [], "error: {f}:1: unknown task_id 'Nope/1'"),
         (['{"task_id": "HumanEval/0"}'], [], "error: {f}:1: expected string fields task_id and completion"),
         (["not json"], [], "error: {f}:1:1: invalid JSON"),
         (["[" * 100_000 + "]" * 100_000], [], "error: {f}:1: invalid JSON: nested too deeply"),
-        (['{"completion": "x"}'], [], "error: {f}:1: expected string fields task_id and completion (task_id is missing"),
+        (
+            ['{"completion": "x"}'],
+            [],
+            "error: {f}:1: expected string fields task_id and completion (task_id is missing",
+        ),
         ([], [], "error: {f}: no samples"),
     ],
 )
@@ -246,8 +268,9 @@ def test_cli_bad_samples_are_one_line_and_exit_2(tmp_path, lines, extra, message
 @pytest.mark.parametrize(
     "args, message",
     [
-        pytest.param(["eval", "--humaneval-samples", "missing.jsonl"], "error: missing.jsonl: file not found",
-                     marks=needs_data),  # the problems are read first
+        pytest.param(
+            ["eval", "--humaneval-samples", "missing.jsonl"], "error: missing.jsonl: file not found", marks=needs_data
+        ),  # the problems are read first
         (["eval", "--humaneval", "--limit", "2"], "error: --humaneval: pass --run DIR"),
         (["eval", "--run", "no/such/run", "--humaneval"], "error: no/such/run: not a qtune run directory"),
         (["eval", "--run", "no/such/run", "--humaneval", "x.jsonl"], "error: no/such/run: not a qtune run directory"),
@@ -264,7 +287,7 @@ def test_prompt_uses_the_training_template():
     assert prompt.startswith("Below is an instruction that describes a task, paired with an input")
     assert "### Instruction:\nComplete the following Python function." in prompt
     assert "### Input:\nimport math\n\n\ndef add(a: int, b: int) -> int:" in prompt
-    assert prompt.endswith("    \"\"\"\n\n### Response:\n")
+    assert prompt.endswith('    """\n\n### Response:\n')
 
 
 @needs_data

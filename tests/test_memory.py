@@ -16,7 +16,6 @@ from qtune.model.adapters import attach_lora
 from qtune.model.load import load_model
 from qtune.model.memory import (
     ALLOCATOR_OVERHEAD,
-    GIB,
     TrainShape,
     count_model,
     estimate,
@@ -24,6 +23,7 @@ from qtune.model.memory import (
     fit,
     run_config_inputs,
 )
+from qtune.units import GIB
 
 LLAMA2_7B = Path(__file__).resolve().parents[1] / "configs" / "models" / "llama-2-7b"
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -71,11 +71,14 @@ def test_weights_and_constants_match_the_loaded_model_exactly(tiny_model_dir, ti
         assert stored == est.total_params
 
 
-@pytest.mark.parametrize("lora", [
-    LoraSettings(r=8),
-    LoraSettings(r=4, target_modules=["q_proj", "v_proj"]),
-    LoraSettings(r=2, use_dora=True),
-])
+@pytest.mark.parametrize(
+    "lora",
+    [
+        LoraSettings(r=8),
+        LoraSettings(r=4, target_modules=["q_proj", "v_proj"]),
+        LoraSettings(r=2, use_dora=True),
+    ],
+)
 def test_lora_terms_match_peft_exactly(tiny_model_dir, tiny_counts, lora):
     model = load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="nf4"))
     model = attach_lora(model, lora, quantized=True, gradient_checkpointing=False)
@@ -131,7 +134,9 @@ def test_skip_modules_are_counted_unquantized_as_loaded(tiny_model_dir):
     assert est.term("frozen_weights").bytes == model.get_memory_footprint()
     assert est.term("quant_constants").bytes == _quant_state_bytes(model)
     with pytest.raises(QtuneError, match="quant.skip_modules: 'down_prj' names no linear layer"):
-        load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="nf4", skip_modules=["down_prj"]))
+        load_model(
+            tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="nf4", skip_modules=["down_prj"])
+        )
     from qtune.config import RunConfig
 
     with pytest.raises(ValueError, match="quant.skip_modules needs a quantized base"):
@@ -142,8 +147,12 @@ def test_qtune_switches_remove_the_upcast_and_shrink_the_logits(llama7b):
     stock = TrainShape(quant="nf4", r=16, seq_len=512, **STOCK)
     est = estimate(llama7b, stock)
     no_upcast = estimate(llama7b, replace(stock, upcast_frozen=False))
-    assert est.term("kbit_fp32_upcast").bytes == 2 * llama7b.kept_params and no_upcast.term("kbit_fp32_upcast").bytes == 0
-    assert est.term("autocast_copies").bytes == 2 * llama7b.lm_head_params and no_upcast.term("autocast_copies").bytes == 0
+    assert (
+        est.term("kbit_fp32_upcast").bytes == 2 * llama7b.kept_params and no_upcast.term("kbit_fp32_upcast").bytes == 0
+    )
+    assert (
+        est.term("autocast_copies").bytes == 2 * llama7b.lm_head_params and no_upcast.term("autocast_copies").bytes == 0
+    )
     # the residual stream stays bf16: each layer input saved under checkpointing halves
     assert no_upcast.term("activations").bytes == est.term("activations").bytes // 2
     quarter = estimate(llama7b, replace(stock, logit_fraction=0.25))
@@ -182,21 +191,47 @@ def test_full_fine_tuning_of_a_quantized_base_is_refused(llama7b):
 
 def test_estimate_cli_json_and_errors(tmp_path):
     runner = CliRunner()
-    res = runner.invoke(app, ["estimate", "--model", str(LLAMA2_7B), "--quant", "nf4", "--r", "16", "--seq-len", "512",
-                              "--batch-size", "1", "--device", "cuda", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "estimate",
+            "--model",
+            str(LLAMA2_7B),
+            "--quant",
+            "nf4",
+            "--r",
+            "16",
+            "--seq-len",
+            "512",
+            "--batch-size",
+            "1",
+            "--device",
+            "cuda",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
     assert out == estimate(count_model(AutoConfig.from_pretrained(LLAMA2_7B)), TrainShape(batch_size=1)).to_dict()
-    assert set(out["terms_gib"]) >= {"frozen_weights", "quant_constants", "lora_params", "gradients",
-                                     "optimizer_states", "activations", "logits_loss"}
+    assert set(out["terms_gib"]) >= {
+        "frozen_weights",
+        "quant_constants",
+        "lora_params",
+        "gradients",
+        "optimizer_states",
+        "activations",
+        "logits_loss",
+    }
     res = runner.invoke(app, ["estimate", "--model", str(LLAMA2_7B), "--fit", "10", "--seq-len", "2048"])
     assert res.exit_code == 0 and "largest batch at 2048 tokens:" in res.output
     (tmp_path / "empty").mkdir()
-    for args, msg in [(["--model", str(tmp_path / "empty")], "not a model directory"),
-                      (["--model", str(LLAMA2_7B), "--quant", "nf4", "--r", "0"], "full fine-tuning"),
-                      (["--model", str(LLAMA2_7B), "--target-modules", "foo"], "Target modules {'foo'} not found"),
-                      (["--model", str(LLAMA2_7B), "--skip-modules", "down_prj"], "'down_prj' names no linear layer"),
-                      (["--model", str(LLAMA2_7B), "--strategy", "fsdp"], "--world-size 2 or more")]:
+    for args, msg in [
+        (["--model", str(tmp_path / "empty")], "not a model directory"),
+        (["--model", str(LLAMA2_7B), "--quant", "nf4", "--r", "0"], "full fine-tuning"),
+        (["--model", str(LLAMA2_7B), "--target-modules", "foo"], "Target modules {'foo'} not found"),
+        (["--model", str(LLAMA2_7B), "--skip-modules", "down_prj"], "'down_prj' names no linear layer"),
+        (["--model", str(LLAMA2_7B), "--strategy", "fsdp"], "--world-size 2 or more"),
+    ]:
         res = runner.invoke(app, ["estimate", *args])
         assert res.exit_code == 2 and msg in res.output and len(res.output.strip().splitlines()) == 1
 
@@ -225,25 +260,57 @@ def _config(**sections) -> RunConfig:
 
 def test_train_shape_defaults_are_the_run_config_defaults():
     assert TrainShape.from_config(_config(), device="cuda") == TrainShape()
-    assert TrainShape() == TrainShape(quant="nf4", double_quant=True, compute_dtype="auto", r=16,
-                                      target_modules="all-linear", use_dora=False, lora_dropout=0.0,
-                                      optim="adamw_torch", batch_size=4, seq_len=512, gradient_checkpointing=True,
-                                      offload_activations=False, upcast_frozen=False)
+    assert TrainShape() == TrainShape(
+        quant="nf4",
+        double_quant=True,
+        compute_dtype="auto",
+        r=16,
+        target_modules="all-linear",
+        use_dora=False,
+        lora_dropout=0.0,
+        optim="adamw_torch",
+        batch_size=4,
+        seq_len=512,
+        gradient_checkpointing=True,
+        offload_activations=False,
+        upcast_frozen=False,
+    )
     assert [f.name for f in fields(TrainShape)][-4:] == ["device", "world_size", "strategy", "logit_fraction"]
 
 
 def test_from_config_carries_every_input():
-    cfg = _config(quant={"quant": "int8", "compute_dtype": "float16", "skip_modules": ["down_proj"]},
-                  lora={"r": 4, "target_modules": ["q_proj", "v_proj"], "use_dora": True, "lora_dropout": 0.1},
-                  data={"max_length": 300},
-                  train={"optim": "paged_adamw_8bit", "batch_size": 2, "gradient_checkpointing": False,
-                         "offload_activations": True, "upcast_frozen": True})
+    cfg = _config(
+        quant={"quant": "int8", "compute_dtype": "float16", "skip_modules": ["down_proj"]},
+        lora={"r": 4, "target_modules": ["q_proj", "v_proj"], "use_dora": True, "lora_dropout": 0.1},
+        data={"max_length": 300},
+        train={
+            "optim": "paged_adamw_8bit",
+            "batch_size": 2,
+            "gradient_checkpointing": False,
+            "offload_activations": True,
+            "upcast_frozen": True,
+        },
+    )
     shape = TrainShape.from_config(cfg, device="cuda", supervised_share=0.25, world_size=4, strategy="fsdp")
-    assert shape == TrainShape(quant="int8", double_quant=True, compute_dtype="float16", r=4,
-                               target_modules=("q_proj", "v_proj"), use_dora=True, lora_dropout=0.1,
-                               optim="paged_adamw_8bit", batch_size=2, seq_len=300, gradient_checkpointing=False,
-                               offload_activations=True, upcast_frozen=True, device="cuda", world_size=4,
-                               strategy="fsdp", logit_fraction=0.25)
+    assert shape == TrainShape(
+        quant="int8",
+        double_quant=True,
+        compute_dtype="float16",
+        r=4,
+        target_modules=("q_proj", "v_proj"),
+        use_dora=True,
+        lora_dropout=0.1,
+        optim="paged_adamw_8bit",
+        batch_size=2,
+        seq_len=300,
+        gradient_checkpointing=False,
+        offload_activations=True,
+        upcast_frozen=True,
+        device="cuda",
+        world_size=4,
+        strategy="fsdp",
+        logit_fraction=0.25,
+    )
     assert TrainShape.from_config(cfg, seq_len=100, device="cpu").seq_len == 100
     cfg.train.response_logits_only = False  # logits at every position whatever the supervised share
     assert TrainShape.from_config(cfg, device="cuda", supervised_share=0.25).logit_fraction == 1.0
@@ -265,15 +332,33 @@ def test_run_config_inputs_count_the_skip_modules(llama7b):
 # Exact peaks (bytes) and trainable counts of the estimator before it was split into one function per group of
 # terms (commit 899b15d); the split left 55,872 shapes of a grid byte-identical, these pin a few.
 PINNED = [
-    (dict(quant="nf4", r=16, batch_size=2, seq_len=1024, lora_dropout=0.1, gradient_checkpointing=False),
-     27186167168, 39976960),
-    (dict(quant="nf4", r=8, batch_size=1, seq_len=512, upcast_frozen=True, world_size=4, strategy="ddp"),
-     5558508928, 19988480),
+    (
+        dict(quant="nf4", r=16, batch_size=2, seq_len=1024, lora_dropout=0.1, gradient_checkpointing=False),
+        27186167168,
+        39976960,
+    ),
+    (
+        dict(quant="nf4", r=8, batch_size=1, seq_len=512, upcast_frozen=True, world_size=4, strategy="ddp"),
+        5558508928,
+        19988480,
+    ),
     (dict(quant="int8", r=16, batch_size=1, seq_len=512, world_size=8, strategy="fsdp"), 1510335824, 39976960),
     (dict(quant="bf16", r=4, batch_size=3, seq_len=300, device="cpu", logit_fraction=0.4), 14685976350, 9994240),
     (dict(quant="none", r=0, batch_size=1, seq_len=256, compute_dtype="bfloat16"), 121524003328, 6738415616),
-    (dict(quant="fp4", r=16, batch_size=4, seq_len=128, lora_dropout=0.05, double_quant=False, use_dora=True,
-          device="cpu"), 19675873054, 41336832),
+    (
+        dict(
+            quant="fp4",
+            r=16,
+            batch_size=4,
+            seq_len=128,
+            lora_dropout=0.05,
+            double_quant=False,
+            use_dora=True,
+            device="cpu",
+        ),
+        19675873054,
+        41336832,
+    ),
 ]
 
 
@@ -294,8 +379,12 @@ def test_8bit_optimizer_states_are_what_bitsandbytes_allocates(tiny_model_dir, t
     for p in params:
         p.grad = torch.zeros_like(p)
     opt.step()
-    held = {t.data_ptr(): t.numel() * t.element_size()
-            for state in opt.state.values() for t in state.values() if torch.is_tensor(t)}
+    held = {
+        t.data_ptr(): t.numel() * t.element_size()
+        for state in opt.state.values()
+        for t in state.values()
+        if torch.is_tensor(t)
+    }
     est = estimate(tiny_counts, TrainShape(r=r, optim="adamw_8bit", device="cpu"))
     assert est.term("optimizer_states").bytes == sum(held.values())
     # r=8: every LoRA tensor is under 4096 elements, so bitsandbytes keeps fp32 states, as AdamW does
@@ -317,7 +406,9 @@ def test_8bit_and_paged_optimizers_on_llama2_7b(llama7b):
     assert paged.term("optimizer_states").bytes == eight.term("optimizer_states").bytes - 2 * big
     assert paged.peak_bytes == eight.peak_bytes - 2 * big
     assert "(outside PyTorch's allocator; paged to CPU memory when the GPU runs short; not in peak)" in paged.table()
-    on_cpu = estimate(llama7b, TrainShape(r=16, optim="paged_adamw_8bit", device="cpu"))  # bitsandbytes pages on CUDA only
+    on_cpu = estimate(
+        llama7b, TrainShape(r=16, optim="paged_adamw_8bit", device="cpu")
+    )  # bitsandbytes pages on CUDA only
     assert on_cpu.term("paged_optimizer_states").bytes == 0
     assert on_cpu.term("optimizer_states").bytes == eight.term("optimizer_states").bytes
     fsdp = estimate(llama7b, TrainShape(r=16, optim="paged_adamw_8bit", world_size=8, strategy="fsdp"))
@@ -377,35 +468,91 @@ def test_estimate_flags_are_config_fields(tmp_path):
     assert res.exit_code == 0, res.output
     defaults = _config(model={"name": str(LLAMA2_7B)})
     assert json.loads(res.stdout) == estimate_run_config(defaults, device="cuda").to_dict()
-    flags = runner.invoke(app, [*base, "--optim", "adamw_8bit", "--batch-size", "2", "--upcast-frozen",
-                                "--target-modules", "q_proj,v_proj", "--skip-modules", "down_proj"])
-    sets = runner.invoke(app, [*base, "--set", "train.optim=adamw_8bit", "--set", "train.batch_size=2", "--set",
-                               "train.upcast_frozen=true", "--set", "lora.target_modules=[q_proj, v_proj]",
-                               "--set", "quant.skip_modules=[down_proj]"])
+    flags = runner.invoke(
+        app,
+        [
+            *base,
+            "--optim",
+            "adamw_8bit",
+            "--batch-size",
+            "2",
+            "--upcast-frozen",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--skip-modules",
+            "down_proj",
+        ],
+    )
+    sets = runner.invoke(
+        app,
+        [
+            *base,
+            "--set",
+            "train.optim=adamw_8bit",
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "train.upcast_frozen=true",
+            "--set",
+            "lora.target_modules=[q_proj, v_proj]",
+            "--set",
+            "quant.skip_modules=[down_proj]",
+        ],
+    )
     assert flags.exit_code == sets.exit_code == 0 and flags.stdout == sets.stdout
     assert json.loads(flags.stdout)["inputs"]["optim"] == "adamw_8bit"
     config = tmp_path / "run.yaml"
     config.write_text(f"model: {{name: {LLAMA2_7B}}}\ntrain: {{optim: adamw_8bit}}\n")
-    from_file = runner.invoke(app, ["estimate", "--config", str(config), "--device", "cuda", "--seq-len", "512",
-                                    "--logit-fraction", "1", "--json"])
+    from_file = runner.invoke(
+        app,
+        [
+            "estimate",
+            "--config",
+            str(config),
+            "--device",
+            "cuda",
+            "--seq-len",
+            "512",
+            "--logit-fraction",
+            "1",
+            "--json",
+        ],
+    )
     assert from_file.exit_code == 0, from_file.output
     assert json.loads(from_file.stdout) == json.loads(runner.invoke(app, [*base, "--optim", "adamw_8bit"]).stdout)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--quant", "nf5"], "--quant: Input should be 'none', 'fp16', 'bf16', 'int8', 'nf4' or 'fp4' (got 'nf5')"),
-    (["--optim", "sgd"], ("--optim: Input should be 'adamw_torch', 'adamw_torch_fused', 'adamw_8bit' or "
-                          "'paged_adamw_8bit' (got 'sgd')")),
-    (["--compute-dtype", "fp8"], ("--compute-dtype: Input should be 'auto', 'float32', 'float16' or 'bfloat16' "
-                                  "(got 'fp8')")),
-    (["--lora-dropout", "1.5"], "--lora-dropout: Input should be less than 1 (got 1.5)"),
-    (["--batch-size", "0"], "--batch-size: Input should be greater than 0 (got 0)"),
-    (["--quant", "fp16", "--skip-modules", "down_proj"],
-     "quant.skip_modules needs a quantized base (quant.quant int8, nf4 or fp4; got fp16)"),
-    (["--set", "train.optim=sgd"], ("config: train.optim: Input should be 'adamw_torch', 'adamw_torch_fused', "
-                                    "'adamw_8bit' or 'paged_adamw_8bit' (got 'sgd')")),
-    (["--config", "missing.yaml"], "missing.yaml: config file not found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quant", "nf5"], "--quant: Input should be 'none', 'fp16', 'bf16', 'int8', 'nf4' or 'fp4' (got 'nf5')"),
+        (
+            ["--optim", "sgd"],
+            (
+                "--optim: Input should be 'adamw_torch', 'adamw_torch_fused', 'adamw_8bit' or "
+                "'paged_adamw_8bit' (got 'sgd')"
+            ),
+        ),
+        (
+            ["--compute-dtype", "fp8"],
+            ("--compute-dtype: Input should be 'auto', 'float32', 'float16' or 'bfloat16' (got 'fp8')"),
+        ),
+        (["--lora-dropout", "1.5"], "--lora-dropout: Input should be less than 1 (got 1.5)"),
+        (["--batch-size", "0"], "--batch-size: Input should be greater than 0 (got 0)"),
+        (
+            ["--quant", "fp16", "--skip-modules", "down_proj"],
+            "quant.skip_modules needs a quantized base (quant.quant int8, nf4 or fp4; got fp16)",
+        ),
+        (
+            ["--set", "train.optim=sgd"],
+            (
+                "config: train.optim: Input should be 'adamw_torch', 'adamw_torch_fused', "
+                "'adamw_8bit' or 'paged_adamw_8bit' (got 'sgd')"
+            ),
+        ),
+        (["--config", "missing.yaml"], "missing.yaml: config file not found"),
+    ],
+)
 def test_estimate_flags_are_checked_by_the_config_types(args, message):
     res = CliRunner().invoke(app, ["estimate", "--model", str(LLAMA2_7B), *args])
     assert res.exit_code == 2 and res.output == f"error: {message}\n"

@@ -103,7 +103,10 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_pat
     from qtune.cli import app
 
     again = CliRunner().invoke(app, ["train", "--resume", str(rd.root)])
-    assert again.exit_code == 2 and again.output == f"error: {rd.root}: training already finished (adapter saved); nothing to resume\n"
+    assert (
+        again.exit_code == 2
+        and again.output == f"error: {rd.root}: training already finished (adapter saved); nothing to resume\n"
+    )
 
 
 def test_checkpoint_interrupted_while_written_is_never_used(tiny_model_dir, tmp_path, monkeypatch):
@@ -120,7 +123,9 @@ def test_checkpoint_interrupted_while_written_is_never_used(tiny_model_dir, tmp_
         return original(self, output_dir)
 
     monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", dies_on_second_save)
-    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", train={"max_steps": 6, "save_steps": 2, "eval_at_end": False})
+    cfg = tiny_run_config(
+        tiny_model_dir, tmp_path / "run", train={"max_steps": 6, "save_steps": 2, "eval_at_end": False}
+    )
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     rd = RunDir(tmp_path / "run")
@@ -137,7 +142,10 @@ def test_truncate_metrics_drops_later_steps_and_a_torn_line(tmp_path):
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 7)]
     lines.insert(4, json.dumps({"step": 4, "eval_loss": 0.5}))
     path.write_text("\n".join(lines) + '\n{"step": 7, "lo')
-    state = {"global_step": 4, "log_history": [{"step": s, "loss": 1.0 / s} for s in range(1, 5)] + [{"step": 4, "eval_loss": 0.5}]}
+    state = {
+        "global_step": 4,
+        "log_history": [{"step": s, "loss": 1.0 / s} for s in range(1, 5)] + [{"step": 4, "eval_loss": 0.5}],
+    }
     kept = truncate_metrics(path, state)
     assert [(r["step"], "eval_loss" in r) for r in kept] == [(1, False), (2, False), (3, False), (4, False), (4, True)]
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 4]
@@ -147,7 +155,12 @@ def test_truncate_metrics_drops_later_steps_and_a_torn_line(tmp_path):
 def test_truncate_metrics_drops_the_evaluation_after_the_last_checkpoint(tmp_path):
     """The end-of-training evaluation comes after the checkpoint at the last step; a resume logs it again."""
     path = tmp_path / "metrics.jsonl"
-    recs = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "eval_loss": 1.4}, {"step": 2, "eval_loss": 1.4}]
+    recs = [
+        {"step": 1, "loss": 2.0},
+        {"step": 2, "loss": 1.5},
+        {"step": 2, "eval_loss": 1.4},
+        {"step": 2, "eval_loss": 1.4},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     state = {"global_step": 2, "log_history": [recs[0], recs[1], recs[2], {"step": 2, "train_runtime": 1.0}]}
     assert truncate_metrics(path, state) == recs[:3]
@@ -203,8 +216,11 @@ class CrashAt(TrainerCallback):
 
 
 def test_resume_with_a_custom_adapter_name(tiny_model_dir, tmp_path):
-    settings = {"lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "adapter_name": "code"},
-                "data": {"max_rows": 100}, "train": {"max_steps": 6, "save_steps": 2, "eval_at_end": False}}
+    settings = {
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "adapter_name": "code"},
+        "data": {"max_rows": 100},
+        "train": {"max_steps": 6, "save_steps": 2, "eval_at_end": False},
+    }
     cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", **settings)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, callbacks=(CrashAt(3),))
@@ -226,10 +242,16 @@ def _kill_before_file_operation(k: int, root: Path) -> None:
 
     def writes(args) -> bool:
         mode, flags = args[1], args[2]
-        return any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        return (
+            any(c in mode for c in "wax+")
+            if isinstance(mode, str)
+            else bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        )
 
     def hook(event, args):
-        if event not in ("open", "os.mkdir", "os.rename", "shutil.rmtree") or not isinstance(args[0], (str, os.PathLike)):
+        if event not in ("open", "os.mkdir", "os.rename", "shutil.rmtree") or not isinstance(
+            args[0], (str, os.PathLike)
+        ):
             return
         if not (os.fspath(args[0]) + os.sep).startswith(prefix) or (event == "open" and not writes(args)):
             return
@@ -289,8 +311,11 @@ def test_a_kill_at_any_file_of_the_final_save_is_completed_by_resume(tiny_model_
         pytest.fail("the final save never completed")
 
     monkeypatch.setattr(trainer_module, "save_final", save_with_kills)
-    settings = {"quant": {"quant": "none"}, "data": {"max_rows": 100},
-                "train": {"max_steps": 4, "save_steps": 2, "eval_steps": 2, "gradient_checkpointing": False}}
+    settings = {
+        "quant": {"quant": "none"},
+        "data": {"max_rows": 100},
+        "train": {"max_steps": 4, "save_steps": 2, "eval_steps": 2, "gradient_checkpointing": False},
+    }
     train(tiny_run_config(tiny_model_dir, run, **settings))
     monkeypatch.undo()
 
@@ -298,7 +323,15 @@ def test_a_kill_at_any_file_of_the_final_save_is_completed_by_resume(tiny_model_
     ref_summary = json.loads(ref.summary.read_text())
     ref_adapter = load_file(ref.adapter / "adapter_model.safetensors")
     ref_metrics = [json.loads(x) for x in ref.metrics.read_text().splitlines()]
-    assert [(r["step"], "loss" in r) for r in ref_metrics] == [(1, True), (2, True), (2, False), (3, True), (4, True), (4, False), (4, False)]
+    assert [(r["step"], "loss" in r) for r in ref_metrics] == [
+        (1, True),
+        (2, True),
+        (2, False),
+        (3, True),
+        (4, True),
+        (4, False),
+        (4, False),
+    ]
     _, ref_tokenizer, _ = load_trained(run)
     sample = ref_tokenizer("def f(x):\n    return x").input_ids
 
@@ -313,13 +346,20 @@ def test_a_kill_at_any_file_of_the_final_save_is_completed_by_resume(tiny_model_
             kinds.append("finished")
             rd.require_adapter()
             again = runner.invoke(app, ["train", "--resume", str(folder)])
-            assert again.exit_code == 2 and again.output == f"error: {folder}: training already finished (adapter saved); nothing to resume\n"
+            assert (
+                again.exit_code == 2
+                and again.output == f"error: {folder}: training already finished (adapter saved); nothing to resume\n"
+            )
         else:
             kinds.append("adapter" if rd.adapter.exists() else "staging" if list(folder.glob(".tmp-*")) else "none")
             staged += [{p.name for p in d.iterdir()} for d in folder.glob(".tmp-adapter-*")]
-            unusable = (f"{folder}: training did not finish (no train_summary.json); 'qtune train --resume {folder}' "
-                        "completes it" if kinds[-1] == "adapter" else f"{folder}: no trained adapter (expected "
-                        f"{folder}/adapter/adapter_config.json); did training finish?")
+            unusable = (
+                f"{folder}: training did not finish (no train_summary.json); 'qtune train --resume {folder}' "
+                "completes it"
+                if kinds[-1] == "adapter"
+                else f"{folder}: no trained adapter (expected "
+                f"{folder}/adapter/adapter_config.json); did training finish?"
+            )
             with pytest.raises(QtuneError) as err:
                 rd.require_adapter()
             assert str(err.value) == unusable
@@ -336,7 +376,9 @@ def test_a_kill_at_any_file_of_the_final_save_is_completed_by_resume(tiny_model_
             assert summary["val_loss"] == pytest.approx(ref_summary["val_loss"], abs=1e-6)
             metrics = [json.loads(x) for x in rd.metrics.read_text().splitlines()]
             assert [(r["step"], r.get("loss")) for r in metrics] == [(r["step"], r.get("loss")) for r in ref_metrics]
-            assert [r.get("eval_loss", 0) for r in metrics] == pytest.approx([r.get("eval_loss", 0) for r in ref_metrics])
+            assert [r.get("eval_loss", 0) for r in metrics] == pytest.approx(
+                [r.get("eval_loss", 0) for r in ref_metrics]
+            )
         assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".tmp-")) == []
         adapter = load_file(rd.adapter / "adapter_model.safetensors")
         assert adapter.keys() == ref_adapter.keys()
@@ -349,5 +391,7 @@ def test_a_kill_at_any_file_of_the_final_save_is_completed_by_resume(tiny_model_
     # tokenizer), the adapter in place before the summary, the summary written before the checkpoints went
     assert kinds[0] == "none" and kinds[-1] == "finished" and "adapter" in kinds and kinds.count("staging") >= 5, kinds
     # among them the one of the report: the adapter's files written, the tokenizer's not yet
-    assert any({"adapter_config.json", "adapter_model.safetensors"} <= names and not any("token" in n for n in names)
-               for names in staged), staged
+    assert any(
+        {"adapter_config.json", "adapter_model.safetensors"} <= names and not any("token" in n for n in names)
+        for names in staged
+    ), staged

@@ -62,8 +62,10 @@ def train_args(tiny_model_dir, output_dir, *extra):
     return ["train", "--set", f"model.name={tiny_model_dir}", "--set", f"train.output_dir={output_dir}", *extra]
 
 
-@pytest.mark.parametrize("case", ["config inside", "no marker", "old run", "cwd", "parent of cwd", "home",
-                                  "data inside", "foreign file", "symlink"])
+@pytest.mark.parametrize(
+    "case",
+    ["config inside", "no marker", "old run", "cwd", "parent of cwd", "home", "data inside", "foreign file", "symlink"],
+)
 def test_overwrite_refuses_what_qtune_did_not_write(case, tiny_model_dir, tmp_path, monkeypatch):
     folder = tmp_path / "project"
     extra = ["--overwrite"]
@@ -73,11 +75,16 @@ def test_overwrite_refuses_what_qtune_did_not_write(case, tiny_model_dir, tmp_pa
         if case == "config inside":  # qtune's own config file, in the folder to be replaced
             save_config(tiny_run_config(tiny_model_dir, folder), folder / "run.yaml")
             extra += ["--config", str(folder / "run.yaml")]
-        expected = {"config inside": f"it holds {folder / 'run.yaml'}, which this run reads; delete it yourself",
-                    "no marker": "no .qtune-run marker, so not a run directory qtune created"}[case]
+        expected = {
+            "config inside": f"it holds {folder / 'run.yaml'}, which this run reads; delete it yourself",
+            "no marker": "no .qtune-run marker, so not a run directory qtune created",
+        }[case]
     elif case == "old run":
         old_run(folder)
-        expected = "no .qtune-run marker, so not a run directory qtune created (or one from an older qtune); delete it yourself"
+        expected = (
+            "no .qtune-run marker, so not a run directory qtune created (or one from an older qtune); "
+            "delete it yourself"
+        )
     elif case in ("cwd", "parent of cwd", "home"):
         marked_run(folder)  # even a real run: never the folder the user stands in, or their home
         (folder / "sub").mkdir()
@@ -100,7 +107,10 @@ def test_overwrite_refuses_what_qtune_did_not_write(case, tiny_model_dir, tmp_pa
         marked_run(folder)
         (folder / "notes.md").write_text("mine\n")
         (folder / "plots").mkdir()
-        expected = "it holds notes.md, plots/, which qtune did not write; delete it yourself or choose another train.output_dir"
+        expected = (
+            "it holds notes.md, plots/, which qtune did not write; delete it yourself or choose another "
+            "train.output_dir"
+        )
     else:  # the run's data folder is a link to the user's own data
         marked_run(folder)
         user_folder(tmp_path / "mine")
@@ -110,7 +120,9 @@ def test_overwrite_refuses_what_qtune_did_not_write(case, tiny_model_dir, tmp_pa
     result = CliRunner().invoke(app, train_args(tiny_model_dir, output_dir, *extra))
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {output_dir}: --overwrite refused: ") and expected in lines[0], lines
+    assert (
+        len(lines) == 1 and lines[0].startswith(f"error: {output_dir}: --overwrite refused: ") and expected in lines[0]
+    ), lines
     assert contents(tmp_path) == before  # every file intact, nothing added
 
 
@@ -119,11 +131,15 @@ def test_without_overwrite_a_folder_with_files_is_refused(tiny_model_dir, tmp_pa
     before = contents(tmp_path)
     result = CliRunner().invoke(app, train_args(tiny_model_dir, folder))
     assert result.exit_code == 2
-    assert result.output == f"error: {folder}: run directory exists and is not empty; pass --overwrite or choose another train.output_dir\n"
+    assert result.output == (
+        f"error: {folder}: run directory exists and is not empty; pass --overwrite or choose another train.output_dir\n"
+    )
     assert contents(tmp_path) == before
     (tmp_path / "file").write_text("x")
     result = CliRunner().invoke(app, train_args(tiny_model_dir, tmp_path / "file"))
-    assert result.output == f"error: {tmp_path / 'file'}: exists and is not a directory; choose another train.output_dir\n"
+    assert (
+        result.output == f"error: {tmp_path / 'file'}: exists and is not a directory; choose another train.output_dir\n"
+    )
 
 
 def test_overwrite_replaces_a_run_qtune_wrote(tmp_path):
@@ -132,9 +148,19 @@ def test_overwrite_replaces_a_run_qtune_wrote(tmp_path):
     assert sorted(p.name for p in rd.root.iterdir()) == [".qtune-lock", ".qtune-run"]
     assert json.loads(rd.marker.read_text())["version"] == 1
     lock.release()
-    for path in (rd.config, rd.metrics, rd.versions, rd.summary, rd.eval, rd.humaneval / "adapter.json",
-                 rd.adapter / "adapter_config.json", rd.data / "splits" / "x", rd.checkpoints / "checkpoint-2" / "x",
-                 rd.root / ".tmp-adapter-abc" / "x", rd.root / ".tmp-train_summary.json"):
+    for path in (
+        rd.config,
+        rd.metrics,
+        rd.versions,
+        rd.summary,
+        rd.eval,
+        rd.humaneval / "adapter.json",
+        rd.adapter / "adapter_config.json",
+        rd.data / "splits" / "x",
+        rd.checkpoints / "checkpoint-2" / "x",
+        rd.root / ".tmp-adapter-abc" / "x",
+        rd.root / ".tmp-train_summary.json",
+    ):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{}")
     outside = tmp_path / "kept.txt"
@@ -155,21 +181,31 @@ def test_a_failed_start_leaves_an_empty_folder_it_did_not_create(tiny_model_dir,
     result = CliRunner().invoke(app, train_args(tiny_model_dir, ".", "--set", f"data.path={tmp_path / 'empty.jsonl'}"))
     assert result.exit_code == 2 and "no usable rows" in result.output
     assert folder.is_dir() and list(folder.iterdir()) == []
-    result = CliRunner().invoke(app, train_args(tiny_model_dir, tmp_path / "new", "--set", f"data.path={tmp_path / 'empty.jsonl'}"))
+    result = CliRunner().invoke(
+        app, train_args(tiny_model_dir, tmp_path / "new", "--set", f"data.path={tmp_path / 'empty.jsonl'}")
+    )
     assert result.exit_code == 2 and not (tmp_path / "new").exists()
 
 
-HOLD = "import sys, time; from qtune.rundir import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"
+HOLD = (
+    "import sys, time; from qtune.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
+    "print('held', flush=True); time.sleep(600)"
+)
 
 
 def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], env=child_env(), stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path)], env=child_env(), stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(QtuneError) as refused:
             RunLock(tmp_path).acquire()
-        assert re.fullmatch(rf"{tmp_path}: in use by qtune process {holder.pid} \(started \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\); "
-                            "wait for it to finish or stop it", str(refused.value)), str(refused.value)
+        assert re.fullmatch(
+            rf"{tmp_path}: in use by qtune process {holder.pid} \(started \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\); "
+            "wait for it to finish or stop it",
+            str(refused.value),
+        ), str(refused.value)
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
@@ -204,12 +240,24 @@ train(load_config(sys.argv[1]), callbacks=(Gate(),))
 def test_a_second_writer_is_refused_while_the_first_trains(tiny_model_dir, tmp_path):
     run, steps = tmp_path / "run", 6
     cfg_file = tmp_path / "run.yaml"
-    save_config(tiny_run_config(tiny_model_dir, run, quant={"quant": "none"}, data={"max_rows": 100},
-                                train={"max_steps": steps, "save_steps": 2, "eval_at_end": False}), cfg_file)
+    save_config(
+        tiny_run_config(
+            tiny_model_dir,
+            run,
+            quant={"quant": "none"},
+            data={"max_rows": 100},
+            train={"max_steps": steps, "save_steps": 2, "eval_at_end": False},
+        ),
+        cfg_file,
+    )
     log = tmp_path / "first.log"
     with log.open("w") as out:
-        first = subprocess.Popen([sys.executable, "-c", GATED_TRAINING, str(cfg_file), str(tmp_path)], env=child_env(),
-                                 stdout=out, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(
+            [sys.executable, "-c", GATED_TRAINING, str(cfg_file), str(tmp_path)],
+            env=child_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 300
         while not (tmp_path / "paused").exists():
@@ -218,9 +266,15 @@ def test_a_second_writer_is_refused_while_the_first_trains(tiny_model_dir, tmp_p
             time.sleep(0.05)
         before = contents(run)
         assert "checkpoints/checkpoint-2/trainer_state.json" in before
-        message = rf"error: {run}: in use by qtune process {first.pid} \(started [\d: -]+\); wait for it to finish or stop it\n"
-        for args in (["train", "--resume", str(run)], ["train", "--config", str(cfg_file), "--overwrite"],
-                     ["train", "--config", str(cfg_file)]):
+        message = (
+            rf"error: {run}: in use by qtune process {first.pid} \(started [\d: -]+\); "
+            r"wait for it to finish or stop it\n"
+        )
+        for args in (
+            ["train", "--resume", str(run)],
+            ["train", "--config", str(cfg_file), "--overwrite"],
+            ["train", "--config", str(cfg_file)],
+        ):
             result = CliRunner().invoke(app, args)
             assert result.exit_code == 2 and re.fullmatch(message, result.output), (args, result.output)
         assert contents(run) == before  # the refused --overwrite deleted nothing under the live run
@@ -238,6 +292,7 @@ def test_a_second_writer_is_refused_while_the_first_trains(tiny_model_dir, tmp_p
 
 
 # ---- export --overwrite: the same rule for the merged model and the GGUF file ------------------------------------
+
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_model_dir, tmp_path_factory):
@@ -268,7 +323,9 @@ def test_export_overwrite_replaces_only_its_own_output(finished_run, tmp_path, m
     for out, expected in cases.items():
         before = contents(tmp_path)
         result = runner.invoke(app, ["export", "--run", str(finished_run.root), "--merged", str(out), "--overwrite"])
-        assert result.exit_code == 2 and result.output.startswith(f"error: {out}: --overwrite refused: {expected}"), result.output
+        assert result.exit_code == 2 and result.output.startswith(f"error: {out}: --overwrite refused: {expected}"), (
+            result.output
+        )
         assert len(result.output.splitlines()) == 1 and contents(tmp_path) == before
 
 
@@ -289,12 +346,34 @@ def test_gguf_overwrite_replaces_only_a_gguf_file(finished_run, tmp_path):
     notes.write_text("my notes, not a model\n")
     result = runner.invoke(app, ["export", "--run", str(finished_run.root), "--gguf", str(notes), "--overwrite"])
     assert result.exit_code == 2
-    assert result.output == f"error: {notes}: --overwrite refused: not a GGUF file; delete it yourself or choose another --gguf\n"
+    assert (
+        result.output
+        == f"error: {notes}: --overwrite refused: not a GGUF file; delete it yourself or choose another --gguf\n"
+    )
     assert notes.read_text() == "my notes, not a model\n"
     result = runner.invoke(app, ["export", "--run", str(finished_run.root), "--gguf", str(tmp_path), "--overwrite"])
-    assert result.exit_code == 2 and result.output.startswith(f"error: {tmp_path}: is a directory; --gguf takes the file")
+    assert result.exit_code == 2 and result.output.startswith(
+        f"error: {tmp_path}: is a directory; --gguf takes the file"
+    )
     out = tmp_path / "model.gguf"
     for _ in range(2):  # written, then replaced
         result = runner.invoke(app, ["export", "--run", str(finished_run.root), "--gguf", str(out), "--overwrite"])
         assert result.exit_code == 0, result.output
         assert out.read_bytes()[:4] == b"GGUF" and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_not_a_run_directory_is_one_message_wherever_it_is_found(tmp_path):
+    from qtune.train.checkpoints import resume_point
+
+    rd = RunDir(tmp_path / "empty")
+    expected = f"{rd.root}: not a qtune run directory (no config.yaml)"
+    with pytest.raises(QtuneError) as e:
+        rd.require_adapter()
+    assert str(e.value) == expected
+    with pytest.raises(QtuneError) as e:
+        resume_point(rd)
+    assert str(e.value) == f"{expected}; nothing to resume"
+    result = CliRunner().invoke(app, ["train", "--resume", str(rd.root)])
+    assert (result.exit_code, result.output) == (2, f"error: {expected}; nothing to resume\n")
+    result = CliRunner().invoke(app, ["eval", "--run", str(rd.root)])
+    assert (result.exit_code, result.output) == (2, f"error: {expected}\n")

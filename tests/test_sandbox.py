@@ -49,8 +49,11 @@ ENDED = "program ended before check() completed"
         ("import sys\ndef main():\n    pass\nif __name__ == '__main__':\n    sys.exit(main())\n", "SystemExit"),
         # what pytest.main() ends with (no pytest in the sandbox's isolated interpreter)
         ("if __name__ == '__main__':\n    import sys\n    sys.exit(0)\n", "SystemExit: 0"),
-        ("import unittest\nclass T(unittest.TestCase):\n    def test_nothing(self):\n        pass\nunittest.main()\n",
-         "SystemExit: False"),
+        (
+            "import unittest\nclass T(unittest.TestCase):\n    def test_nothing(self):\n"
+            "        pass\nunittest.main()\n",
+            "SystemExit: False",
+        ),
         ("import os\nos._exit(0)\n", "exit status 0"),
         ("import atexit, os\natexit.register(os._exit, 0)\nraise SystemExit(3)\n", "SystemExit: 3"),
         ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", "killed by signal SIGKILL"),
@@ -58,19 +61,44 @@ ENDED = "program ended before check() completed"
         ("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n", "KeyboardInterrupt"),
         ("import os\nos.abort()\n", "killed by signal SIGABRT"),
         ("import os, sys\nos.execv(sys.executable, [sys.executable, '-c', 'pass'])\n", "exit status 0"),
-        ("import os, threading, time\nthreading.Thread(target=os._exit, args=(0,)).start()\ntime.sleep(5)\n",
-         "exit status 0"),
+        (
+            "import os, threading, time\nthreading.Thread(target=os._exit, args=(0,)).start()\ntime.sleep(5)\n",
+            "exit status 0",
+        ),
         ("import sys\ndef answer():\n    sys.exit(0)\n", "SystemExit: 0"),  # exits when check calls it
-        ("import os, sys\nfor m in ('passed', 'PASSED', 'OK', '1 passed', 'All tests passed', '0' * 32 + ' passed'):\n"
-         "    print(m)\n    print(m, file=sys.stderr)\nsys.stdout.flush()\nos._exit(0)\n", "exit status 0"),
-        ("import os\nfor fd in range(3, 21):\n    for m in (b'passed\\n', b'0' * 32 + b' passed \\n', b'\\n' * 100):\n"
-         "        try:\n            os.write(fd, m)\n        except OSError:\n            pass\nos._exit(0)\n",
-         "exit status 0"),
+        (
+            "import os, sys\n"
+            "for m in ('passed', 'PASSED', 'OK', '1 passed', 'All tests passed', '0' * 32 + ' passed'):\n"
+            "    print(m)\n    print(m, file=sys.stderr)\nsys.stdout.flush()\nos._exit(0)\n",
+            "exit status 0",
+        ),
+        (
+            "import os\nfor fd in range(3, 21):\n"
+            "    for m in (b'passed\\n', b'0' * 32 + b' passed \\n', b'\\n' * 100):\n"
+            "        try:\n            os.write(fd, m)\n        except OSError:\n            pass\nos._exit(0)\n",
+            "exit status 0",
+        ),
         ("import os\nos.closerange(3, 64)\n", "exit status 1"),  # no channel left to report on
     ],
-    ids=["sys.exit", "raise SystemExit", "sys.exit(main())", "pytest.main-like", "unittest.main", "os._exit",
-         "atexit", "SIGKILL", "SIGTERM", "SIGINT", "abort", "execv", "thread os._exit", "exit inside check",
-         "printed markers", "fds 3-20", "closed fds"],
+    ids=[
+        "sys.exit",
+        "raise SystemExit",
+        "sys.exit(main())",
+        "pytest.main-like",
+        "unittest.main",
+        "os._exit",
+        "atexit",
+        "SIGKILL",
+        "SIGTERM",
+        "SIGINT",
+        "abort",
+        "execv",
+        "thread os._exit",
+        "exit inside check",
+        "printed markers",
+        "fds 3-20",
+        "closed fds",
+    ],
 )
 def test_a_program_that_ends_before_its_check_is_not_passed(body, tail, how):
     r = run_program(body + tail, SMALL, check="check(answer)")
@@ -83,7 +111,8 @@ def test_a_program_that_ends_before_its_check_is_not_passed(body, tail, how):
         "import atexit, os\natexit.register(os._exit, 0)\nassert answer() == 1\n",  # no atexit handler runs
         "import os\nfor fd in range(3, 21):\n    try:\n        os.write(fd, b'passed\\n')\n    except OSError:\n"
         "        pass\n",  # bytes on the report pipe before the report
-        "import builtins\nbuiltins.eval = builtins.exec = builtins.compile = lambda *a, **k: None\n",  # boot keeps its own
+        # boot keeps its own
+        "import builtins\nbuiltins.eval = builtins.exec = builtins.compile = lambda *a, **k: None\n",
     ],
     ids=["atexit os._exit", "junk on fds", "patched builtins"],
 )
@@ -253,8 +282,10 @@ def test_nothing_written_to_any_world_writable_directory_survives():
 @pytest.mark.skipif(not CONTAINED, reason="a tmpfs of its own needs namespaces")
 def test_all_files_together_are_bounded_not_only_each_file():
     limits = SandboxLimits(timeout_s=5, memory_mb=256, nproc=8, fsize_mb=1, disk_mb=4)
-    program = ("for i, d in enumerate(['.', '/tmp', '/var/tmp', '/dev/shm'] * 2):\n"
-               "    open(f'{d}/part{i}', 'wb').write(b'x' * (900 << 10))\n")  # 7.2 MiB in 900 KiB files
+    program = (
+        "for i, d in enumerate(['.', '/tmp', '/var/tmp', '/dev/shm'] * 2):\n"
+        "    open(f'{d}/part{i}', 'wb').write(b'x' * (900 << 10))\n"
+    )  # 7.2 MiB in 900 KiB files
     r = run_program(program, limits)
     assert (r.status, r.error) == ("error", "OSError: [Errno 28] No space left on device")
     r = run_program(program.replace("* 2", "* 1"), limits)  # 3.6 MiB fits
@@ -264,10 +295,12 @@ def test_all_files_together_are_bounded_not_only_each_file():
 @pytest.mark.skipif(not CONTAINED, reason="mounts made read-only one by one need namespaces")
 def test_mounts_made_read_only_one_by_one_on_old_kernels(monkeypatch):
     monkeypatch.setattr(sandbox, "_REMOUNT_EACH", True)  # the path taken where mount_setattr is missing
-    program = ("import errno\nfor d in ['/run/lock', '/var/lib', '/dev/pts', '/sys/fs/cgroup', '/']:\n"
-               "    try:\n        open(d + '/qtune-escape', 'w')\n    except OSError as e:\n"
-               "        assert e.errno in (errno.EROFS,), (d, e)\n    else:\n        raise AssertionError(d)\n"
-               "open('inside.txt', 'w').write('ok')\n")
+    program = (
+        "import errno\nfor d in ['/run/lock', '/var/lib', '/dev/pts', '/sys/fs/cgroup', '/']:\n"
+        "    try:\n        open(d + '/qtune-escape', 'w')\n    except OSError as e:\n"
+        "        assert e.errno in (errno.EROFS,), (d, e)\n    else:\n        raise AssertionError(d)\n"
+        "open('inside.txt', 'w').write('ok')\n"
+    )
     r = run_program(program, SMALL)
     assert (r.status, r.error) == ("passed", "")
 
@@ -324,7 +357,7 @@ def test_killing_the_parent_is_refused():
 
 
 def test_parallel_workers_keep_order_and_overlap():
-    programs = ["import time\ntime.sleep(1)\nassert %d %% 2 == 0" % i for i in range(4)]
+    programs = [f"import time\ntime.sleep(1)\nassert {i} % 2 == 0" for i in range(4)]
     start = time.monotonic()
     results = run_programs(programs, SMALL, workers=2)
     assert [r.status for r in results] == ["passed", "failed", "passed", "failed"]
@@ -356,16 +389,25 @@ print(json.dumps([[r.status, r.error] for r in (run_program(p, limits, check=c) 
 
 
 def _as_nobody(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv],
-                          capture_output=True, text=True, timeout=120, cwd="/")
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
 
 
 @pytest.mark.skipif(not ROOT or not shutil.which("setpriv"), reason="runs the evaluator as another user (root only)")
 def test_an_unprivileged_evaluator_gets_the_user_namespace_sandbox():
     python = sandbox.sandbox_python(True)
     src = str(Path(sandbox.__file__).resolve().parents[2])
-    probe = _as_nobody(python, "-c", f"import sys; sys.path.insert(0, {src!r}); import qtune.evaluate.sandbox; "
-                       "import ctypes; sys.exit(ctypes.CDLL(None).unshare(0x10000000) != 0)")
+    probe = _as_nobody(
+        python,
+        "-c",
+        f"import sys; sys.path.insert(0, {src!r}); import qtune.evaluate.sandbox; "
+        "import ctypes; sys.exit(ctypes.CDLL(None).unshare(0x10000000) != 0)",
+    )
     if probe.returncode != 0:
         pytest.skip(f"this checkout or user namespaces are out of an unprivileged user's reach: {probe.stderr[-200:]}")
     outside = _outside_directory()

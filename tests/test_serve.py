@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -22,26 +21,10 @@ from qtune.serve.engine import Engine, GenerationSettings, StreamState
 from qtune.serve.session import ChatSession, ContextOverflow, Turn, fit_messages
 
 from conftest import CODEALPACA
-from serve_fixtures import free_port, make_tiny_run, scripted, scripted_engines, serve_process
-
-GREEDY = GenerationSettings(max_new_tokens=12)
-INDENTED = "    return sorted(xs)\n\n    # done\n"
-"""An answer that starts with spaces and ends with a newline: every front end must keep it character for character."""
-FILLER = " word" * 480
-"""A scripted answer longer than any generation in these tests (each ' word' is one token)."""
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_model_dir, tmp_path_factory):
-    return make_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("serve") / "run")
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_run):
-    return Engine(str(tiny_run.root))
-
+from serve_fixtures import FILLER, GREEDY, INDENTED, make_tiny_run, running, scripted, scripted_engines, serve_process
 
 # ---- templates: the server's prompt is the training prompt ------------------------------------------------------
+
 
 @pytest.mark.parametrize("template", ["alpaca", "chat"])
 def test_one_turn_chat_prompt_equals_training_prompt_token_for_token(tokenizer, template):
@@ -71,9 +54,12 @@ def test_engine_prompt_for_one_turn_equals_training(engine, tokenizer):
 
 @pytest.mark.parametrize("template", ["alpaca", "chat"])
 def test_two_turn_prompt_renders_turn_one_before_the_second_question(tokenizer, template):
-    q1, a1, q2 = "Write hello world in C.", "printf(\"hello\");", "Now in Rust."
-    text = format_conversation([{"role": "user", "content": q1}, {"role": "assistant", "content": a1},
-                                {"role": "user", "content": q2}], template, tokenizer)
+    q1, a1, q2 = "Write hello world in C.", 'printf("hello");', "Now in Rust."
+    text = format_conversation(
+        [{"role": "user", "content": q1}, {"role": "assistant", "content": a1}, {"role": "user", "content": q2}],
+        template,
+        tokenizer,
+    )
     assert text.index(q1) < text.index(a1) < text.index(q2)
     one_turn = format_conversation([{"role": "user", "content": q1}], template, tokenizer)
     assert text.startswith(one_turn)  # the first turn is rendered exactly as a one-turn prompt, then extended
@@ -90,14 +76,22 @@ def test_malformed_conversations_are_rejected():
         format_conversation([])
     # messages are named by their index in the list, the system message being message 0
     with pytest.raises(ValueError, match=r"^message 1: expected role 'user' .*, got 'system'$"):
-        format_conversation([{"role": "system", "content": "a"}, {"role": "system", "content": "b"},
-                             {"role": "user", "content": "q"}])
+        format_conversation(
+            [{"role": "system", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "q"}]
+        )
     with pytest.raises(ValueError, match=r"^message 2: content must be text$"):
-        format_conversation([{"role": "system", "content": "a"}, {"role": "user", "content": "q"},
-                             {"role": "assistant", "content": None}, {"role": "user", "content": "q"}])
+        format_conversation(
+            [
+                {"role": "system", "content": "a"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": None},
+                {"role": "user", "content": "q"},
+            ]
+        )
 
 
 # ---- engine -------------------------------------------------------------------------------------------------------
+
 
 def test_greedy_is_deterministic_and_streaming_gives_the_same_text(engine):
     first = engine.answer("Write a loop.", settings=GREEDY)
@@ -122,8 +116,11 @@ def test_stop_string_cuts_the_answer(engine):
     assert stop.strip() and full.find(stop) >= 5
     cut = engine.answer("Write a loop.", settings=GenerationSettings(max_new_tokens=16, stop=(stop,)))
     assert cut == full[: full.find(stop)]
-    state_text = "".join(engine.stream(engine.encode(engine.prompt("Write a loop.")),
-                                       GenerationSettings(max_new_tokens=16, stop=(stop,))))
+    state_text = "".join(
+        engine.stream(
+            engine.encode(engine.prompt("Write a loop.")), GenerationSettings(max_new_tokens=16, stop=(stop,))
+        )
+    )
     assert stop not in state_text and state_text == cut
 
 
@@ -134,18 +131,22 @@ def test_the_adapter_is_applied(engine, tiny_run):
     assert base_answer != engine.answer("Write a loop.", settings=GREEDY)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"max_new_tokens": 0}, "max_new_tokens must be positive"),
-    ({"temperature": -1}, "temperature must be in"),
-    ({"top_p": 0}, "top_p must be in"),
-    ({"repetition_penalty": 0}, "repetition_penalty must be in"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be positive"),
+        ({"temperature": -1}, "temperature must be in"),
+        ({"top_p": 0}, "top_p must be in"),
+        ({"repetition_penalty": 0}, "repetition_penalty must be in"),
+    ],
+)
 def test_out_of_range_settings_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GenerationSettings(**kwargs)
 
 
 # ---- generated text is kept exactly -------------------------------------------------------------------------------
+
 
 def test_an_indented_answer_is_kept_exactly_by_every_engine_call(engine):
     assert engine.tokenizer.decode(engine.tokenizer(INDENTED, add_special_tokens=False)["input_ids"]) == INDENTED
@@ -224,17 +225,20 @@ def test_web_sessions_keep_one_transcript_each_and_end_with_it(engine, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("text, shown", [
-    ("Use sorted() on the list.\nIt returns a new list.", "Use sorted() on the list.\nIt returns a new list."),
-    ("Here:\n```python\ndef f():\n    return 1\n", "Here:\n```python\ndef f():\n    return 1\n"),  # open fence
-    ("~~~\nx\n~~~", "~~~\nx\n~~~"),
-    (INDENTED, f"```\n{INDENTED}\n```"),  # bare code: indentation and "#" kept
-    ("x = a * b", "```\nx = a * b\n```"),
-    ("1. first", "```\n1. first\n```"),
-    ("a  b", "```\na  b\n```"),  # HTML would collapse the spaces
-    ("run ``` inline", "```\nrun ``` inline\n```"),  # not a fence: mid-line
-    ("    ```\nx", "```\n    ```\nx\n```"),  # not a fence either: indented four spaces
-])
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("Use sorted() on the list.\nIt returns a new list.", "Use sorted() on the list.\nIt returns a new list."),
+        ("Here:\n```python\ndef f():\n    return 1\n", "Here:\n```python\ndef f():\n    return 1\n"),  # open fence
+        ("~~~\nx\n~~~", "~~~\nx\n~~~"),
+        (INDENTED, f"```\n{INDENTED}\n```"),  # bare code: indentation and "#" kept
+        ("x = a * b", "```\nx = a * b\n```"),
+        ("1. first", "```\n1. first\n```"),
+        ("a  b", "```\na  b\n```"),  # HTML would collapse the spaces
+        ("run ``` inline", "```\nrun ``` inline\n```"),  # not a fence: mid-line
+        ("    ```\nx", "```\n    ```\nx\n```"),  # not a fence either: indented four spaces
+    ],
+)
 def test_web_messages_show_as_markdown_only_when_markdown_keeps_them(text, shown):
     from qtune.serve.web import display
 
@@ -242,6 +246,7 @@ def test_web_messages_show_as_markdown_only_when_markdown_keeps_them(text, shown
 
 
 # ---- session holding ----------------------------------------------------------------------------------------------
+
 
 def test_session_keeps_turns_and_the_second_prompt_contains_the_first(engine):
     session = ChatSession(engine)
@@ -271,7 +276,7 @@ def test_truncation_drops_the_oldest_turns_and_keeps_the_system_prompt(engine):
     assert kept[-1]["content"] == "last question"
     assert len(reply.fitted.prompt_ids) <= engine.prompt_budget(settings)
     # minimal: keeping one more (older) turn would not fit
-    one_more = session.messages("last question")[:1] + session.messages("last question")[1 + 2 * (reply.dropped - 1):]
+    one_more = session.messages("last question")[:1] + session.messages("last question")[1 + 2 * (reply.dropped - 1) :]
     assert len(engine.encode(engine.chat_prompt(one_more))) > engine.prompt_budget(settings)
     assert len(session.turns) == 6  # the transcript keeps every turn
 
@@ -286,9 +291,9 @@ def test_a_message_longer_than_the_context_is_a_clear_error(engine):
 def fewest_dropped_by_trying_each(engine, messages, settings) -> int | None:
     """The reference: leave out 0, 1, 2, ... pairs until the prompt fits (quadratic, for small cases only)."""
     head = messages[:1] if messages[0]["role"] == "system" else []
-    body = messages[len(head):]
+    body = messages[len(head) :]
     for dropped in range((len(body) - 1) // 2 + 1):
-        if len(engine.encode(engine.chat_prompt(head + body[2 * dropped:]))) <= engine.prompt_budget(settings):
+        if len(engine.encode(engine.chat_prompt(head + body[2 * dropped :]))) <= engine.prompt_budget(settings):
             return dropped
     return None
 
@@ -299,7 +304,7 @@ def test_fitting_leaves_out_exactly_the_fewest_pairs(engine, max_new_tokens):
 
     rng = random.Random(max_new_tokens)
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
-    for trial in range(4):
+    for _ in range(4):
         messages = [{"role": "system", "content": "You write Python."}]
         for i in range(41):
             pieces = ["x", "def", "  return", "\n", "(1, 2)", "élan"]
@@ -309,7 +314,7 @@ def test_fitting_leaves_out_exactly_the_fewest_pairs(engine, max_new_tokens):
         fitted = fit_messages(engine, messages, settings)
         assert fitted.dropped == expected
         assert fitted.prompt_ids == engine.encode(engine.chat_prompt(fitted.messages))
-        assert fitted.messages == messages[:1] + messages[1 + 2 * expected:]
+        assert fitted.messages == messages[:1] + messages[1 + 2 * expected :]
 
 
 def test_fitting_thousands_of_messages_tokenizes_each_message_at_most_once(engine, monkeypatch):
@@ -324,8 +329,8 @@ def test_fitting_thousands_of_messages_tokenizes_each_message_at_most_once(engin
     probes = len(encoded)
     budget = engine.prompt_budget(GREEDY)
     # the fewest pairs: what is kept fits, and one more pair would not
-    assert fitted.messages == messages[:1] + messages[1 + 2 * fitted.dropped:] and len(fitted.prompt_ids) <= budget
-    one_more = messages[:1] + messages[1 + 2 * (fitted.dropped - 1):]
+    assert fitted.messages == messages[:1] + messages[1 + 2 * fitted.dropped :] and len(fitted.prompt_ids) <= budget
+    one_more = messages[:1] + messages[1 + 2 * (fitted.dropped - 1) :]
     assert len(encode(engine.chat_prompt(one_more))) > budget
     # each message tokenized at most once, and only the newest: those kept and the pair that did not fit
     n_kept = len(fitted.messages) - 2
@@ -346,32 +351,6 @@ def test_a_huge_message_is_refused_without_tokenizing_it(engine, monkeypatch):
 
 
 # ---- the server: OpenAI API on a free localhost port -------------------------------------------------------------
-
-@contextmanager
-def running(app_):
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app_, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    from qtune.serve.api import create_app
-
-    with running(create_app(engine, defaults=GREEDY)) as url:
-        yield url
 
 
 def test_openai_client_gets_completions_streaming_and_not(server, engine):
@@ -431,8 +410,12 @@ def test_api_bounds_every_request_with_a_clear_4xx(server, engine):
     hi = [{"role": "user", "content": "hi"}]
 
     def post(body):
-        return httpx.post(url, content=body if isinstance(body, bytes) else json.dumps(body),
-                          headers={"content-type": "application/json"}, timeout=30)
+        return httpx.post(
+            url,
+            content=body if isinstance(body, bytes) else json.dumps(body),
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
 
     r = post({"messages": [{"role": "user", "content": "x" * (2 << 20)}]})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
@@ -440,11 +423,14 @@ def test_api_bounds_every_request_with_a_clear_4xx(server, engine):
     r = post({"messages": many})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     assert f"at most {MAX_MESSAGES} items" in r.json()["error"]["message"]
+
     def nested(levels: int):  # lists in an ignored field of the body: the body and metadata are two levels
         return {"x": json.loads("[" * levels + "]" * levels)}
 
-    for deep in (b"[" * 100_000 + b"]" * 100_000,
-                 json.dumps({"messages": hi, "metadata": nested(MAX_JSON_DEPTH - 1)}).encode()):
+    for deep in (
+        b"[" * 100_000 + b"]" * 100_000,
+        json.dumps({"messages": hi, "metadata": nested(MAX_JSON_DEPTH - 1)}).encode(),
+    ):
         r = post(deep)
         assert r.status_code == 400
         assert r.json()["error"]["message"] == f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
@@ -456,8 +442,11 @@ def test_api_bounds_every_request_with_a_clear_4xx(server, engine):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
     r = post({"messages": hi, "stop": ["a", "b", "c", "d", "e"]})
     assert r.status_code == 400 and r.json()["error"] == {
-        "message": "stop: at most 4 stop strings, got 5", "type": "invalid_request_error", "param": "stop",
-        "code": None}
+        "message": "stop: at most 4 stop strings, got 5",
+        "type": "invalid_request_error",
+        "param": "stop",
+        "code": None,
+    }
     r = post({"messages": hi, "stop": "s" * 65})
     assert r.status_code == 400 and r.json()["error"]["message"] == "stop[0]: at most 64 characters, got 65"
     r = post({"messages": hi, "max_tokens": 512})
@@ -605,8 +594,10 @@ def test_sigterm_stops_the_server_within_seconds_during_long_answers(tiny_run):
 
         def ask(stream: bool):  # 400 tokens of 50 ms each: 20 s or more
             body = {"messages": [{"role": "user", "content": "Write a long story."}], "stream": stream}
-            with httpx.Client(timeout=120) as client, client.stream("POST", f"{url}/v1/chat/completions",
-                                                                     json=body) as r:
+            with (
+                httpx.Client(timeout=120) as client,
+                client.stream("POST", f"{url}/v1/chat/completions", json=body) as r,
+            ):
                 answers[stream].append(r.status_code)
                 answers[stream].extend(line for line in r.iter_lines() if line)
 
@@ -649,11 +640,13 @@ def test_api_auth(engine):
         assert client.models.list().data[0].id == engine.name
         assert client.models.retrieve(engine.name).id == engine.name
         wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="ada:wrong", max_retries=0)
-        for call in (wrong.models.list, lambda: wrong.models.retrieve(engine.name),
-                     lambda: wrong.models.retrieve("unknown"),  # credentials are checked before the model
-                     lambda: wrong.completions.create(model=engine.name, prompt="x"),
-                     lambda: wrong.chat.completions.create(model=engine.name, messages=[{"role": "user",
-                                                                                        "content": "x"}])):
+        for call in (
+            wrong.models.list,
+            lambda: wrong.models.retrieve(engine.name),
+            lambda: wrong.models.retrieve("unknown"),  # credentials are checked before the model
+            lambda: wrong.completions.create(model=engine.name, prompt="x"),
+            lambda: wrong.chat.completions.create(model=engine.name, messages=[{"role": "user", "content": "x"}]),
+        ):
             with pytest.raises(openai.AuthenticationError):
                 call()
         assert client.completions.create(model=engine.name, prompt="x", max_tokens=2).usage.completion_tokens == 2
@@ -665,21 +658,27 @@ runner = CliRunner()
 
 
 def test_chat_cli_keeps_the_conversation(tiny_run):
-    result = runner.invoke(app, ["chat", "--run", str(tiny_run.root), "--max-new-tokens", "8"],
-                           input="Write a loop.\n\nNow a function.\n/new\n/exit\n")
+    result = runner.invoke(
+        app,
+        ["chat", "--run", str(tiny_run.root), "--max-new-tokens", "8"],
+        input="Write a loop.\n\nNow a function.\n/new\n/exit\n",
+    )
     assert result.exit_code == 0, result.output
     assert result.output.count("assistant> ") == 2
     assert "(empty message ignored" in result.output and "(new conversation)" in result.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["chat", "--run", "no/such/run"], "error: no/such/run: not a qtune run directory (no config.yaml)"),
-    (["serve", "--run", "no/such/run", "--auth", "nopass"], "error: --auth 'nopass': expected USER:PASS"),
-    (["serve", "--run", "no/such/run", "--port", "7861"], "error: no/such/run: not a qtune run directory"),
-    (["export", "--run", "no/such/run", "--merged", "out"], "error: no/such/run: not a qtune run directory"),
-    (["export", "--run", "no/such/run"], "error: nothing to export: pass --merged OUT and/or --gguf OUT.gguf"),
-    (["chat", "--run", "x", "--temperature", "-1"], "error: temperature must be in [0, 5], got -1.0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["chat", "--run", "no/such/run"], "error: no/such/run: not a qtune run directory (no config.yaml)"),
+        (["serve", "--run", "no/such/run", "--auth", "nopass"], "error: --auth 'nopass': expected USER:PASS"),
+        (["serve", "--run", "no/such/run", "--port", "7861"], "error: no/such/run: not a qtune run directory"),
+        (["export", "--run", "no/such/run", "--merged", "out"], "error: no/such/run: not a qtune run directory"),
+        (["export", "--run", "no/such/run"], "error: nothing to export: pass --merged OUT and/or --gguf OUT.gguf"),
+        (["chat", "--run", "x", "--temperature", "-1"], "error: temperature must be in [0, 5], got -1.0"),
+    ],
+)
 def test_serving_cli_bad_input_is_one_line_and_exit_2(args, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 2
@@ -694,6 +693,7 @@ def test_chat_cli_run_without_adapter(tmp_path):
 
 
 # ---- export -------------------------------------------------------------------------------------------------------
+
 
 def test_loftq_run_is_not_merged_into_a_16_bit_base(tiny_run, tmp_path):
     import shutil
@@ -722,7 +722,9 @@ def test_merged_export_matches_base_plus_adapter(tiny_run, tiny_model_dir, tmp_p
     out = tmp_path / "merged"
     result = runner.invoke(app, ["export", "--run", str(tiny_run.root), "--merged", str(out)])
     assert result.exit_code == 0, result.output
-    assert (out / "model.safetensors").is_file() and json.loads((out / "qtune.json").read_text())["template"] == "alpaca"
+    assert (out / "model.safetensors").is_file() and json.loads((out / "qtune.json").read_text())[
+        "template"
+    ] == "alpaca"
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         names = list(f.keys())
         assert not any("lora" in n for n in names) and f.get_tensor(names[0]).dtype == torch.float16
@@ -753,6 +755,7 @@ def test_merged_export_matches_base_plus_adapter(tiny_run, tiny_model_dir, tmp_p
 
 
 # ---- the real SmolLM2-135M (NF4) ----------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_smollm2_batched_equals_single_and_a_two_turn_session(smol_dir, tmp_path):
@@ -786,7 +789,9 @@ def test_gguf_export_reads_back_with_every_tensor_and_the_same_logits(tiny_run, 
     merged, tokenizer, _ = merge_run(tiny_run.root)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
     expected = {names.get_name(n, try_suffixes=(".weight",)) for n in merged.state_dict()}
-    assert {t.name for t in reader.tensors} == expected and len(expected) == 2 + 9 * 2 + 1  # embed, 2 blocks, norm, head
+    assert {t.name for t in reader.tensors} == expected and len(
+        expected
+    ) == 2 + 9 * 2 + 1  # embed, 2 blocks, norm, head
     assert reader.fields["general.architecture"].contents() == "llama"
     assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from test_serve import GREEDY, engine, running, tiny_run  # noqa: F401 (fixtures)
+from serve_fixtures import FILLER, GREEDY, INDENTED, running, scripted, serve_process
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
@@ -20,8 +20,14 @@ pytestmark = [
 ]
 sync_api = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def send(page, text: str, bots: int) -> None:
@@ -84,7 +90,8 @@ def wait_for_words(page, n: int) -> None:
     page.wait_for_function(
         f"""() => {{ const b = document.querySelectorAll('[data-testid="bot"]');
                     return b.length && (b[b.length - 1].innerText.match(/word/g) || []).length >= {n}; }}""",
-        timeout=60_000)
+        timeout=60_000,
+    )
 
 
 def wait_until(condition, seconds: float) -> float:
@@ -96,15 +103,11 @@ def wait_until(condition, seconds: float) -> float:
     return time.perf_counter() - start
 
 
-def test_stop_ends_the_stream_and_closing_the_tab_cancels_it_and_deletes_the_transcript(engine, tmp_path,
-                                                                                          monkeypatch):
+def test_stop_ends_the_stream_and_closing_the_tab_cancels_it_and_deletes_the_transcript(engine, tmp_path, monkeypatch):
     from pathlib import Path
 
     from qtune.serve.api import create_app
     from qtune.serve.engine import GenerationSettings
-
-    from serve_fixtures import scripted
-    from test_serve import FILLER
 
     cache = tmp_path / "gradio"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))  # the app's cache folder, where transcripts live
@@ -173,11 +176,10 @@ def test_stop_ends_the_stream_and_closing_the_tab_cancels_it_and_deletes_the_tra
 def test_sigterm_while_the_web_app_streams_an_answer_exits_within_seconds(tiny_run):
     import signal
 
-    from serve_fixtures import serve_process
-    from test_serve import FILLER
-
-    with serve_process(tiny_run.root, FILLER, 0.05, "--max-new-tokens", "400") as (server, url), \
-            sync_api.sync_playwright() as p:
+    with (
+        serve_process(tiny_run.root, FILLER, 0.05, "--max-new-tokens", "400") as (server, url),
+        sync_api.sync_playwright() as p,
+    ):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_context().new_page()
@@ -210,9 +212,6 @@ def test_answers_render_as_markdown_with_highlighted_code_kept_exactly(engine):
     from qtune.serve.api import create_app
     from qtune.serve.engine import GenerationSettings
 
-    from serve_fixtures import scripted
-    from test_serve import INDENTED
-
     app = create_app(engine, defaults=GenerationSettings(max_new_tokens=200))
     with running(app) as url, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -227,8 +226,11 @@ def test_answers_render_as_markdown_with_highlighted_code_kept_exactly(engine):
                 box.fill("Write add.")
                 box.press("Enter")
                 # while streaming, the fence is still open: the block runs to the end of the text so far
-                page.wait_for_function("""() => { const c = document.querySelector('[data-testid="bot"] pre code');
-                                                  return c && c.textContent.includes('if a:'); }""", timeout=60_000)
+                page.wait_for_function(
+                    """() => { const c = document.querySelector('[data-testid="bot"] pre code');
+                                                  return c && c.textContent.includes('if a:'); }""",
+                    timeout=60_000,
+                )
                 partial = code_blocks(page)
                 assert page.locator("#send").is_disabled()  # still streaming
                 assert len(partial) == 1 and CODE.startswith(partial[0].rstrip("\n")) and partial[0] != CODE

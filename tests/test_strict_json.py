@@ -15,6 +15,7 @@ from conftest import tiny_run_config
 
 def strict_json(text: str):
     """json.loads that refuses NaN, Infinity and -Infinity (Python's reader accepts them; JSON has no such tokens)."""
+
     def refuse(token):
         raise ValueError(f"not JSON: {token}")
 
@@ -36,8 +37,13 @@ def test_summary_eval_json_and_printed_json_are_strict_with_a_nan_loss(tiny_mode
     from qtune.train.trainer import train
 
     monkeypatch.setattr(Trainer, "evaluate", lambda self, *a, **k: {"eval_loss": math.nan})
-    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", quant={"quant": "none"}, data={"max_rows": 60},
-                          train={"max_steps": 1, "warmup_steps": 0, "gradient_checkpointing": False})
+    cfg = tiny_run_config(
+        tiny_model_dir,
+        tmp_path / "run",
+        quant={"quant": "none"},
+        data={"max_rows": 60},
+        train={"max_steps": 1, "warmup_steps": 0, "gradient_checkpointing": False},
+    )
     train(cfg)
     rd = RunDir(tmp_path / "run")
     summary = strict_json(rd.summary.read_text())
@@ -45,7 +51,9 @@ def test_summary_eval_json_and_printed_json_are_strict_with_a_nan_loss(tiny_mode
     for line in rd.metrics.read_text().splitlines():
         strict_json(line)
 
-    monkeypatch.setattr(perplexity, "split_loss", lambda *a, **k: {"loss": math.nan, "perplexity": math.inf, "tokens": 7})
+    monkeypatch.setattr(
+        perplexity, "split_loss", lambda *a, **k: {"loss": math.nan, "perplexity": math.inf, "tokens": 7}
+    )
     result = CliRunner().invoke(app, ["eval", "--run", str(rd.root), "--splits", "val", "--json"])
     assert result.exit_code == 0, result.output
     expected = {who: {"val": {"loss": None, "perplexity": None, "tokens": 7}} for who in ("base", "adapter")}

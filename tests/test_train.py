@@ -8,10 +8,10 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from qtune.errors import QtuneError
-from qtune.evaluate.perplexity import evaluate_run, split_loss
 from qtune.data.prepare import load_splits
 from qtune.data.tokenize import padding_collator
+from qtune.errors import QtuneError
+from qtune.evaluate.perplexity import evaluate_run, split_loss
 from qtune.model.adapters import load_trained, lora_config
 from qtune.rundir import RunDir
 from qtune.train.trainer import train
@@ -112,7 +112,12 @@ def test_adapter_loads_with_plain_peft_and_matches_qtune(fp32_run, tiny_model_di
     ids = torch.tensor([[1, 504, 3070, 314, 260, 1345, 30, 2]])
     with torch.no_grad():
         base_logits = base(ids).logits
-    expected = set(get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config(tiny_run_config(tiny_model_dir, rd.root).lora)).state_dict())
+    expected = set(
+        get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+            lora_config(tiny_run_config(tiny_model_dir, rd.root).lora),
+        ).state_dict()
+    )
     saved = set(load_file(rd.adapter / "adapter_model.safetensors"))
     assert {k.replace(".default", "") for k in expected if "lora_" in k} == saved  # no missing, no unexpected keys
 
@@ -130,8 +135,8 @@ def test_eval_compares_base_and_adapter(fp32_run, tiny_model_dir):
     val = load_splits(fp32_run.data)["val"].remove_columns("row")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     tok_count = sum(sum(1 for x in lab[1:] if x != -100) for lab in val["labels"])
-    from qtune.model.load import load_tokenizer
     from qtune.config import ModelConfig
+    from qtune.model.load import load_tokenizer
 
     direct = split_loss(base, val, padding_collator(load_tokenizer(tiny_model_dir, ModelConfig())), batch_size=3)
     assert direct["tokens"] == tok_count == result["base"]["val"]["tokens"]
@@ -168,8 +173,11 @@ class LayerCalls(TrainerCallback):
 @pytest.mark.parametrize("checkpointing, calls", [(True, 2), (False, 1)])
 def test_gradient_checkpointing_recomputes_in_train_mode(tiny_model_dir, tmp_path, checkpointing, calls):
     probe = LayerCalls()
-    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", train={"max_steps": 1, "warmup_steps": 0, "eval_at_end": False,
-                                                                    "gradient_checkpointing": checkpointing})
+    cfg = tiny_run_config(
+        tiny_model_dir,
+        tmp_path / "run",
+        train={"max_steps": 1, "warmup_steps": 0, "eval_at_end": False, "gradient_checkpointing": checkpointing},
+    )
     train(cfg, callbacks=(probe,))
     assert probe.calls == calls  # forward, plus the recomputation in backward when checkpointing acts
     assert probe.training == [True]
@@ -188,14 +196,15 @@ def test_fast_path_matches_the_stock_recipe(tiny_model_dir, tmp_path):
     """Packing + response-only logits change the cost, not the math: same losses, same LoRA weights."""
     runs = {}
     for name, train_cfg in {"qtune": {}, "stock": STOCK}.items():
-        cfg = tiny_run_config(tiny_model_dir, tmp_path / name, quant={"quant": "none"},
-                              train={"eval_at_end": False, **train_cfg})
+        cfg = tiny_run_config(
+            tiny_model_dir, tmp_path / name, quant={"quant": "none"}, train={"eval_at_end": False, **train_cfg}
+        )
         train(cfg)
         losses = [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         runs[name] = (losses, load_file(tmp_path / name / "adapter" / "adapter_model.safetensors"))
     (fast, fast_w), (stock, stock_w) = runs["qtune"], runs["stock"]
     assert len(fast) == len(stock) == 20
-    for a, b in zip(fast, stock):
+    for a, b in zip(fast, stock, strict=True):
         assert a == pytest.approx(b, rel=1e-3)
     for key in stock_w:
         torch.testing.assert_close(fast_w[key], stock_w[key], atol=2e-3, rtol=2e-2)
@@ -222,8 +231,11 @@ def load_splits_for_test(tokenizer):
     from qtune.data.templates import format_prompt
     from qtune.data.tokenize import encode_example
 
-    pairs = [("Add two numbers.", "def add(a, b):\n    return a + b"), ("Say hi.", "print('hi')"),
-             ("Reverse a list in Python, explaining each step in detail.", "xs[::-1]  # slicing with step -1")]
+    pairs = [
+        ("Add two numbers.", "def add(a, b):\n    return a + b"),
+        ("Say hi.", "print('hi')"),
+        ("Reverse a list in Python, explaining each step in detail.", "xs[::-1]  # slicing with step -1"),
+    ]
     return [encode_example(format_prompt(q), a, tokenizer, 128) for q, a in pairs]
 
 
@@ -242,7 +254,10 @@ def test_tensorboard_holds_every_training_step_and_the_validation_loss(nf4_run):
 
 
 def test_report_to_none_writes_no_tensorboard(tiny_model_dir, tmp_path):
-    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", train={"max_steps": 2, "warmup_steps": 1,
-                                                                   "report_to": "none", "eval_at_end": False})
+    cfg = tiny_run_config(
+        tiny_model_dir,
+        tmp_path / "run",
+        train={"max_steps": 2, "warmup_steps": 1, "report_to": "none", "eval_at_end": False},
+    )
     train(cfg)
     assert not (tmp_path / "run" / "tensorboard").exists()

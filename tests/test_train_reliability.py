@@ -1,10 +1,11 @@
 """Training arithmetic and failure handling: accumulation, schedule, NaN loss, out of memory, precision, safety."""
 
-from dataclasses import replace
 import json
 import math
 import re
 import warnings
+from dataclasses import replace
+from itertools import pairwise
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from qtune.model.load import load_tokenizer
 from qtune.model.quantize import compute_dtype, precision_warnings
 from qtune.rundir import RunDir
 from qtune.train.trainer import train
+from qtune.units import GIB
 
 from conftest import tiny_run_config
 
@@ -47,9 +49,12 @@ class Grads(TrainerCallback):
 def _two_rows(tmp_path):
     rows = [
         {"instruction": "Name a colour.", "input": "", "output": "Red."},
-        {"instruction": "Explain recursion.", "input": "",
-         "output": "A recursive function calls itself on a smaller part of the problem until it reaches a base case "
-                   "that it can answer directly; then the partial answers are combined on the way back up. " * 2},
+        {
+            "instruction": "Explain recursion.",
+            "input": "",
+            "output": "A recursive function calls itself on a smaller part of the problem until it reaches a base case "
+            "that it can answer directly; then the partial answers are combined on the way back up. " * 2,
+        },
     ]
     path = tmp_path / "two.json"
     path.write_text(json.dumps(rows))
@@ -63,9 +68,19 @@ def accumulation_runs(tiny_model_dir, tmp_path_factory):
     out = {}
     for batch, accum in ((1, 2), (2, 1)):
         probe = Grads()
-        cfg = tiny_run_config(tiny_model_dir, tmp / f"b{batch}a{accum}", quant={"quant": "none"}, data=data,
-                              train={**FAST, "max_steps": 1, "batch_size": batch, "gradient_accumulation_steps": accum,
-                                     "max_grad_norm": 1e9})
+        cfg = tiny_run_config(
+            tiny_model_dir,
+            tmp / f"b{batch}a{accum}",
+            quant={"quant": "none"},
+            data=data,
+            train={
+                **FAST,
+                "max_steps": 1,
+                "batch_size": batch,
+                "gradient_accumulation_steps": accum,
+                "max_grad_norm": 1e9,
+            },
+        )
         train(cfg, callbacks=(probe,))
         out[(batch, accum)] = (probe, RunDir(tmp / f"b{batch}a{accum}"))
     return out
@@ -104,20 +119,32 @@ def test_logged_loss_is_the_token_weighted_mean(accumulation_runs, tiny_model_di
 def test_cosine_schedule_counts_warmup_in_optimizer_steps(tiny_model_dir, tmp_path):
     peak, warmup, steps, accum = 1e-2, 4, 12, 3
     probe = Grads()
-    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", quant={"quant": "none"},
-                          train={**FAST, "max_steps": steps, "warmup_steps": warmup, "batch_size": 1,
-                                 "gradient_accumulation_steps": accum, "learning_rate": peak})
+    cfg = tiny_run_config(
+        tiny_model_dir,
+        tmp_path / "run",
+        quant={"quant": "none"},
+        train={
+            **FAST,
+            "max_steps": steps,
+            "warmup_steps": warmup,
+            "batch_size": 1,
+            "gradient_accumulation_steps": accum,
+            "learning_rate": peak,
+        },
+    )
     train(cfg, callbacks=(probe,))
     assert probe.micro == steps * accum and len(probe.lrs) == steps
 
     def scheduled(s):  # the rate after s scheduler steps; optimizer step k uses scheduled(k - 1)
-        return peak * s / warmup if s < warmup else peak * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+        return (
+            peak * s / warmup if s < warmup else peak * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+        )
 
     assert probe.lrs == pytest.approx([scheduled(k - 1) for k in range(1, steps + 1)], rel=1e-6, abs=1e-12)
     assert probe.lrs.index(max(probe.lrs)) == warmup  # step warmup + 1, the first after warmup, runs at the peak
     assert max(probe.lrs) == pytest.approx(peak)
-    assert all(a < b for a, b in zip(probe.lrs[:warmup], probe.lrs[1:warmup + 1]))
-    assert all(a > b for a, b in zip(probe.lrs[warmup:], probe.lrs[warmup + 1:]))
+    assert all(a < b for a, b in pairwise(probe.lrs[: warmup + 1]))
+    assert all(a > b for a, b in pairwise(probe.lrs[warmup:]))
     assert probe.lrs[-1] < 0.05 * peak
     logged = [json.loads(x)["learning_rate"] for x in RunDir(tmp_path / "run").metrics.read_text().splitlines()]
     assert logged == pytest.approx(probe.lrs)
@@ -136,8 +163,9 @@ class PoisonAfter(TrainerCallback):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, capsys):
-    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", quant={"quant": "none"},
-                          train={**FAST, "max_steps": 10, "save_steps": 2})
+    cfg = tiny_run_config(
+        tiny_model_dir, tmp_path / "run", quant={"quant": "none"}, train={**FAST, "max_steps": 10, "save_steps": 2}
+    )
     with pytest.raises(QtuneError) as err:
         train(cfg, callbacks=(PoisonAfter(5),))
     rd = RunDir(tmp_path / "run")
@@ -157,6 +185,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_di
 
 def strict_json(text: str):
     """json.loads that refuses NaN, Infinity and -Infinity (not JSON; Python's reader would accept them)."""
+
     def refuse(token):
         raise ValueError(f"not JSON: {token}")
 
@@ -174,8 +203,13 @@ def _finite_count(path):
 
 def test_nan_guard_names_only_a_checkpoint_with_finite_weights(tiny_model_dir, tmp_path):
     """Checkpoint every step: the one of step 5 holds the poisoned weight, so step 4's is the last good one."""
-    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", quant={"quant": "none"}, data={"max_rows": 100},
-                          train={**FAST, "max_steps": 10, "save_steps": 1})
+    cfg = tiny_run_config(
+        tiny_model_dir,
+        tmp_path / "run",
+        quant={"quant": "none"},
+        data={"max_rows": 100},
+        train={**FAST, "max_steps": 10, "save_steps": 1},
+    )
     with pytest.raises(QtuneError) as err:
         train(cfg, callbacks=(PoisonAfter(5),))
     rd = RunDir(tmp_path / "run")
@@ -183,10 +217,14 @@ def test_nan_guard_names_only_a_checkpoint_with_finite_weights(tiny_model_dir, t
     assert _finite_count(rd.checkpoints / "checkpoint-5" / "adapter_model.safetensors") == (27, 28)
     assert _finite_count(rd.checkpoints / "checkpoint-4" / "adapter_model.safetensors") == (28, 28)
     first, second = str(err.value).splitlines()
-    assert first == (f"training stopped: loss is nan at step 6; last good checkpoint {rd.checkpoints / 'checkpoint-4'} "
-                     "(not checkpoint-5: 1 of 28 adapter tensors not finite)")
-    assert second.startswith(f"lower the learning rate and resume from it: qtune train --resume {rd.root} "
-                             "--set train.learning_rate=0.001 (a tenth of now;")
+    assert first == (
+        f"training stopped: loss is nan at step 6; last good checkpoint {rd.checkpoints / 'checkpoint-4'} "
+        "(not checkpoint-5: 1 of 28 adapter tensors not finite)"
+    )
+    assert second.startswith(
+        f"lower the learning rate and resume from it: qtune train --resume {rd.root} "
+        "--set train.learning_rate=0.001 (a tenth of now;"
+    )
     records = strict_records(rd)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert records[-1]["loss"] is None and all(math.isfinite(r["loss"]) for r in records[:-1])
@@ -196,27 +234,46 @@ def test_diverged_run_names_no_checkpoint_then_resumes_at_a_lower_rate(tiny_mode
     """A huge learning rate: step 1's update leaves finite but enormous weights in checkpoint-1, which give a NaN
     loss at step 2; so checkpoint-1 is not good, and the resume with a sane rate starts over from step 0."""
     run = tmp_path / "run"
-    cfg = tiny_run_config(tiny_model_dir, run, quant={"quant": "none"}, data={"max_rows": 60},
-                          train={**FAST, "max_steps": 6, "save_steps": 1, "learning_rate": 1e30})
+    cfg = tiny_run_config(
+        tiny_model_dir,
+        run,
+        quant={"quant": "none"},
+        data={"max_rows": 60},
+        train={**FAST, "max_steps": 6, "save_steps": 1, "learning_rate": 1e30},
+    )
     with pytest.raises(QtuneError) as err:
         train(cfg)
     rd = RunDir(run)
-    weights = torch.cat([t.flatten() for t in load_file(rd.checkpoints / "checkpoint-1" / "adapter_model.safetensors").values()])
+    weights = torch.cat(
+        [t.flatten() for t in load_file(rd.checkpoints / "checkpoint-1" / "adapter_model.safetensors").values()]
+    )
     assert torch.isfinite(weights).all() and weights.abs().max() > 1e20  # finite, and still no good
     first, second = str(err.value).splitlines()
-    assert first == "training stopped: loss is nan at step 2; no good checkpoint (checkpoint-1: its weights gave loss nan at step 2)"
-    assert second.startswith(f"lower the learning rate and resume from step 0: qtune train --resume {run} "
-                             "--set train.learning_rate=1e+29 (a tenth of now; --set may change train.learning_rate, "
-                             "train.max_grad_norm)")
+    assert first == (
+        "training stopped: loss is nan at step 2; "
+        "no good checkpoint (checkpoint-1: its weights gave loss nan at step 2)"
+    )
+    assert second.startswith(
+        f"lower the learning rate and resume from step 0: qtune train --resume {run} "
+        "--set train.learning_rate=1e+29 (a tenth of now; --set may change train.learning_rate, "
+        "train.max_grad_norm)"
+    )
     records = strict_records(rd)
-    assert [(r["step"], r["loss"] is None, r["grad_norm"] is None) for r in records] == [(1, False, False), (2, True, True)]
+    assert [(r["step"], r["loss"] is None, r["grad_norm"] is None) for r in records] == [
+        (1, False, False),
+        (2, True, True),
+    ]
 
     result = CliRunner().invoke(app, ["train", "--resume", str(run), "--set", "train.learning_rate=0.01"])
     assert result.exit_code == 0, result.output
-    assert (f"warning: {rd.checkpoints / 'checkpoint-1'}: not resumed from (its weights gave a non-finite loss at step 2); "
-            "deleted\n") in result.output
+    assert (
+        f"warning: {rd.checkpoints / 'checkpoint-1'}: not resumed from (its weights gave a non-finite loss at step 2); "
+        "deleted\n"
+    ) in result.output
     assert f"resuming {run} from step 0 (no good checkpoint)\n" in result.output
-    assert "resume changes train.learning_rate: 1e+30 -> 0.01 (saved in config.yaml and resumes.jsonl)\n" in result.output
+    assert (
+        "resume changes train.learning_rate: 1e+30 -> 0.01 (saved in config.yaml and resumes.jsonl)\n" in result.output
+    )
     records = strict_records(rd)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(r["loss"]) for r in records)
@@ -224,7 +281,8 @@ def test_diverged_run_names_no_checkpoint_then_resumes_at_a_lower_rate(tiny_mode
     assert [r["learning_rate"] for r in records] == pytest.approx(lrs, rel=1e-9)
     assert yaml.safe_load(rd.config.read_text())["train"]["learning_rate"] == 0.01
     assert [strict_json(x) for x in (run / "resumes.jsonl").read_text().splitlines()] == [
-        {"step": 0, "changes": {"train.learning_rate": {"from": 1e30, "to": 0.01}}}]
+        {"step": 0, "changes": {"train.learning_rate": {"from": 1e30, "to": 0.01}}}
+    ]
     strict_json(rd.summary.read_text())
 
 
@@ -242,14 +300,22 @@ def test_resume_with_a_new_learning_rate_runs_the_rest_of_the_schedule_at_it(tin
     from qtune.config import load_config
 
     steps, old, new = 6, 1e-2, 1e-3
-    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", quant={"quant": "none"}, data={"max_rows": 60},
-                          train={**FAST, "max_steps": steps, "save_steps": 2, "learning_rate": old})
+    cfg = tiny_run_config(
+        tiny_model_dir,
+        tmp_path / "run",
+        quant={"quant": "none"},
+        data={"max_rows": 60},
+        train={**FAST, "max_steps": steps, "save_steps": 2, "learning_rate": old},
+    )
     with pytest.raises(KeyboardInterrupt):
         train(cfg, callbacks=(CrashAt(3),))
     rd = RunDir(tmp_path / "run")
     longer = load_config(rd.config, ["train.max_steps=8"])
-    with pytest.raises(QtuneError, match=r"resuming with train.max_steps changed from the saved config; only "
-                                         r"train.learning_rate, train.max_grad_norm may change on resume$"):
+    with pytest.raises(
+        QtuneError,
+        match=r"resuming with train.max_steps changed from the saved config; only "
+        r"train.learning_rate, train.max_grad_norm may change on resume$",
+    ):
         train(longer, resume=True)
     probe = Grads()
     summary = train(load_config(rd.config, [f"train.learning_rate={new}"]), resume=True, callbacks=(probe,))
@@ -267,9 +333,11 @@ def test_resume_with_a_new_learning_rate_runs_the_rest_of_the_schedule_at_it(tin
 def test_resume_refuses_other_settings_and_lists_the_allowed_ones(tmp_path):
     result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path), "--set", "train.max_steps=100"])
     assert result.exit_code == 2
-    assert result.output == ("error: --resume: continues the run with its saved config; --set train.max_steps cannot "
-                             "change on resume (allowed: train.learning_rate, train.max_grad_norm; anything else: a "
-                             "new run)\n")
+    assert result.output == (
+        "error: --resume: continues the run with its saved config; --set train.max_steps cannot "
+        "change on resume (allowed: train.learning_rate, train.max_grad_norm; anything else: a "
+        "new run)\n"
+    )
 
 
 def test_checkpoint_verification_reads_weights_and_both_losses(tmp_path):
@@ -290,7 +358,10 @@ def test_checkpoint_verification_reads_weights_and_both_losses(tmp_path):
     assert checkpoint_problem(root / "checkpoint-4", {4: math.inf}) == "loss inf at step 4"
     good, rejected = last_good_checkpoint(root, {5: math.nan})
     assert good == root / "checkpoint-2"
-    assert [(p.name, why[:10]) for p, why in rejected] == [("checkpoint-6", "unreadable"), ("checkpoint-4", "its weight")]
+    assert [(p.name, why[:10]) for p, why in rejected] == [
+        ("checkpoint-6", "unreadable"),
+        ("checkpoint-4", "its weight"),
+    ]
     (root / "checkpoint-2" / "adapter_model.safetensors").unlink()  # FSDP's sharded checkpoints hold none
     assert checkpoint_problem(root / "checkpoint-2") is None
 
@@ -303,15 +374,31 @@ def test_out_of_memory_is_explained(tiny_model_dir, tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Trainer, "train", oom)
-    monkeypatch.setattr("qtune.train.guards.gpu_total_bytes", lambda: 1.0 * 1024**3)
-    result = CliRunner().invoke(app, ["train", "--set", f"model.name={tiny_model_dir}", "--set",
-                                      f"data.path={tiny_run_config(tiny_model_dir, tmp_path).data.path}",
-                                      "--set", "data.max_rows=40", "--set", "data.max_length=128",
-                                      "--set", f"train.output_dir={tmp_path / 'run'}", "--set", "train.batch_size=64"])
+    monkeypatch.setattr("qtune.train.guards.gpu_total_bytes", lambda: float(GIB))
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--set",
+            f"model.name={tiny_model_dir}",
+            "--set",
+            f"data.path={tiny_run_config(tiny_model_dir, tmp_path).data.path}",
+            "--set",
+            "data.max_rows=40",
+            "--set",
+            "data.max_length=128",
+            "--set",
+            f"train.output_dir={tmp_path / 'run'}",
+            "--set",
+            "train.batch_size=64",
+        ],
+    )
     assert result.exit_code == 2, result.output
     lines = [x for x in result.output.splitlines() if x.startswith("error: ")]
     assert len(lines) == 2 and "Traceback" not in result.output
-    assert lines[0].startswith("error: out of GPU memory (batch_size 64 x max_length 128): memory model (GiB): frozen_weights")
+    assert lines[0].startswith(
+        "error: out of GPU memory (batch_size 64 x max_length 128): memory model (GiB): frozen_weights"
+    )
     assert "GPU has 1.00 GiB" in lines[0]
     assert re.search(r"largest that should fit: batch_size [1-9]\d* x max_length 128; lower train.batch_size", lines[1])
 
@@ -330,9 +417,17 @@ def test_oom_advice_comes_from_the_memory_model(tiny_model_dir):
     assert second.startswith("largest that should fit: batch_size 4 x max_length 128;")
     long = tiny_run_config(tiny_model_dir, "unused", data={"max_length": 256}, train={"batch_size": 64})
     counts, shape = run_config_inputs(long, device="cuda")
-    between = (estimate(counts, replace(shape, batch_size=1, seq_len=128)).peak_bytes
-               + estimate(counts, replace(shape, batch_size=1, seq_len=256)).peak_bytes) / 2 / 0.9
-    assert oom_message(long, between).splitlines()[1].startswith("largest that should fit: batch_size 1 x max_length 128;")
+    between = (
+        (
+            estimate(counts, replace(shape, batch_size=1, seq_len=128)).peak_bytes
+            + estimate(counts, replace(shape, batch_size=1, seq_len=256)).peak_bytes
+        )
+        / 2
+        / 0.9
+    )
+    assert (
+        oom_message(long, between).splitlines()[1].startswith("largest that should fit: batch_size 1 x max_length 128;")
+    )
     nothing = estimate(counts, shape).term("frozen_weights").bytes * 0.5
     assert "largest that should fit: nothing: the weights alone do not fit" in oom_message(long, nothing)
 
@@ -362,11 +457,15 @@ def test_remote_code_needs_the_flag(tiny_model_dir, tmp_path):
     base = ["--set", f"model.name={tiny_model_dir}", "--set", f"train.output_dir={tmp_path / 'run'}"]
     result = CliRunner().invoke(app, ["train", *base, "--set", "model.trust_remote_code=true"])
     assert result.exit_code == 2
-    assert result.output == "error: model.trust_remote_code: true also needs the --trust-remote-code flag on the command line\n"
+    assert (
+        result.output
+        == "error: model.trust_remote_code: true also needs the --trust-remote-code flag on the command line\n"
+    )
     assert not (tmp_path / "run").exists()
     data = tiny_run_config(tiny_model_dir, tmp_path).data.path
-    result = CliRunner().invoke(app, ["data", "prepare", "--data", data, "--out", str(tmp_path / "d"),
-                                      "--set", "model.trust_remote_code=true"])
+    result = CliRunner().invoke(
+        app, ["data", "prepare", "--data", data, "--out", str(tmp_path / "d"), "--set", "model.trust_remote_code=true"]
+    )
     assert result.exit_code == 2 and "--trust-remote-code flag" in result.output
 
 
@@ -377,9 +476,13 @@ def test_pickled_weights_are_refused(tiny_model_dir, tmp_path):
     torch.save(model.state_dict(), pickled / "pytorch_model.bin")
     load_tokenizer(tiny_model_dir, ModelConfig()).save_pretrained(pickled)
     assert not list(pickled.glob("*.safetensors")) and list(pickled.glob("*.bin"))
-    result = CliRunner().invoke(app, ["train", "--set", f"model.name={pickled}", "--set", f"train.output_dir={tmp_path / 'run'}"])
+    result = CliRunner().invoke(
+        app, ["train", "--set", f"model.name={pickled}", "--set", f"train.output_dir={tmp_path / 'run'}"]
+    )
     assert result.exit_code == 2
-    assert result.output.startswith(f"error: {pickled}: no .safetensors weights; qtune loads weights from safetensors only")
+    assert result.output.startswith(
+        f"error: {pickled}: no .safetensors weights; qtune loads weights from safetensors only"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -389,19 +492,31 @@ def test_only_out_of_memory_errors_are_rewritten(tiny_model_dir):
     cfg = tiny_run_config(tiny_model_dir, "unused", quant={"quant": "none"})
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(QtuneError, match=r"^out of GPU memory \(batch_size 4 x max_length 128\)"):
-        with explain_out_of_memory(model, cfg, total_bytes=2 * 1024**3):
+        with explain_out_of_memory(model, cfg, total_bytes=2 * GIB):
             raise RuntimeError("CUDA error: out of memory")
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        with explain_out_of_memory(model, cfg, total_bytes=2 * 1024**3):
+        with explain_out_of_memory(model, cfg, total_bytes=2 * GIB):
             raise RuntimeError("shape mismatch")
 
 
 def test_target_modules_naming_nothing_is_one_line(tiny_model_dir, tmp_path):
     cfg = tiny_run_config(tiny_model_dir, tmp_path)
-    result = CliRunner().invoke(app, ["train", "--set", f"model.name={tiny_model_dir}", "--set",
-                                      f"data.path={cfg.data.path}", "--set", "data.max_rows=50",
-                                      "--set", f"train.output_dir={tmp_path / 'run'}",
-                                      "--set", "lora.target_modules=[no_such_proj]"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--set",
+            f"model.name={tiny_model_dir}",
+            "--set",
+            f"data.path={cfg.data.path}",
+            "--set",
+            "data.max_rows=50",
+            "--set",
+            f"train.output_dir={tmp_path / 'run'}",
+            "--set",
+            "lora.target_modules=[no_such_proj]",
+        ],
+    )
     assert result.exit_code == 2
     errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: lora.target_modules=['no_such_proj']: Target modules")

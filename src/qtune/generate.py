@@ -33,21 +33,21 @@ import functools
 import json
 import re
 import threading
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import regex
 import torch
 from transformers import StoppingCriteria, StopStringCriteria, TextIteratorStreamer
 
-from qtune.data.templates import ALPACA_HEADER, ALPACA_STOP, Message, format_conversation, format_prompt
+from qtune.config import QUANT_FORMATS
+from qtune.data.templates import ALPACA_HEADER, ALPACA_STOP, Message, Template, format_conversation, format_prompt
 from qtune.data.tokenize import encode_prompt
 from qtune.errors import QtuneError
 
 MERGED_META = "qtune.json"
 """File in a merged-model directory naming the template (and source run) the weights were trained with."""
-QUANT_CHOICES = ("nf4", "fp4", "int8", "fp16", "bf16", "none")
 MAX_STOP_STRINGS = 4
 """Most extra stop strings per request (OpenAI's limit); each costs ~0.1 s to prepare, so this bounds that cost."""
 MAX_STOP_CHARS = 64
@@ -91,8 +91,9 @@ class GenerationSettings:
         if not 0 < self.top_p <= 1:
             raise SettingsError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 < self.repetition_penalty <= 10:
-            raise SettingsError("repetition_penalty",
-                                f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+            raise SettingsError(
+                "repetition_penalty", f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}"
+            )
         if len(self.stop) > MAX_STOP_STRINGS:
             raise SettingsError("stop", f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for i, text in enumerate(self.stop):
@@ -192,7 +193,7 @@ class _StopTrimmer:
         cut = self.end.find(self.text, final=False, start=self.shown)
         self.stopped = self.stopped or cut is not None
         safe = min(len(self.text) if cut is None else cut, self.end.hold_from(self.text, self.shown))
-        out, self.shown = self.text[self.shown:safe], max(self.shown, safe)
+        out, self.shown = self.text[self.shown : safe], max(self.shown, safe)
         return out
 
     def flush(self) -> str:
@@ -200,7 +201,7 @@ class _StopTrimmer:
         cut = self.end.find(self.text, final=True, start=self.shown)
         end = len(self.text) if cut is None else cut
         self.stopped = self.stopped or cut is not None
-        out, self.shown = self.text[self.shown:end], end
+        out, self.shown = self.text[self.shown : end], end
         return out
 
 
@@ -230,7 +231,7 @@ class HeaderStop(StoppingCriteria):
             first = max(self.start, width - HEADER_TAIL_TOKENS)
             text = self.tokenizer.decode(row[first:].tolist(), skip_special_tokens=True)
             if first > self.start:  # the tail's first line may have begun before it
-                text = text[text.find("\n") + 1:]
+                text = text[text.find("\n") + 1 :]
             done.append(self.line.search(text) is not None)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -268,8 +269,8 @@ class Engine:
     """
 
     def __init__(self, run_dir: str, quant: str | None = None):
-        if quant is not None and quant not in QUANT_CHOICES:
-            raise QtuneError(f"--quant {quant!r}: expected one of {', '.join(QUANT_CHOICES)}")
+        if quant is not None and quant not in QUANT_FORMATS:
+            raise QtuneError(f"--quant {quant!r}: expected one of {', '.join(QUANT_FORMATS)}")
         path = Path(run_dir)
         if (path / MERGED_META).is_file():
             model, tokenizer, template = _load_merged(path, quant)
@@ -282,7 +283,7 @@ class Engine:
         self._setup(model, tokenizer, template, path.resolve().name)
 
     @classmethod
-    def from_model(cls, model, tokenizer, template: str, name: str = "model", cfg=None) -> "Engine":
+    def from_model(cls, model, tokenizer, template: Template, name: str = "model", cfg=None) -> Engine:
         """An engine on a model already loaded (e.g. by :func:`qtune.model.adapters.load_trained`), answering in
         ``template`` ("alpaca" or "chat"); ``cfg`` is the run's configuration, if any."""
         engine = cls.__new__(cls)
@@ -290,7 +291,7 @@ class Engine:
         engine._setup(model, tokenizer, template, name)
         return engine
 
-    def _setup(self, model, tokenizer, template: str, name: str) -> None:
+    def _setup(self, model, tokenizer, template: Template, name: str) -> None:
         self.model, self.tokenizer, self.template, self.name = model, tokenizer, template, name
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.stops = ALPACA_STOP if self.template == "alpaca" else ()
@@ -355,8 +356,11 @@ class Engine:
         """
         budget = self.context_length - settings.max_new_tokens
         if budget < 1:
-            raise SettingsError("max_new_tokens", f"max_new_tokens must be below the model's context of "
-                                f"{self.context_length} tokens, got {settings.max_new_tokens}")
+            raise SettingsError(
+                "max_new_tokens",
+                f"max_new_tokens must be below the model's context of "
+                f"{self.context_length} tokens, got {settings.max_new_tokens}",
+            )
         return budget
 
     # ---- generation ------------------------------------------------------------------------------------------
@@ -412,11 +416,18 @@ class Engine:
     def _check_fits(self, ids: list[int], settings: GenerationSettings) -> None:
         budget = self.prompt_budget(settings)
         if len(ids) > budget:
-            raise ValueError(f"the prompt has {len(ids)} tokens; with max_new_tokens {settings.max_new_tokens} "
-                             f"at most {budget} fit in the model's context of {self.context_length}")
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; with max_new_tokens {settings.max_new_tokens} "
+                f"at most {budget} fit in the model's context of {self.context_length}"
+            )
 
-    def stream(self, prompt_ids: list[int], settings: GenerationSettings | None = None,
-               state: StreamState | None = None, cancel: threading.Event | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        prompt_ids: list[int],
+        settings: GenerationSettings | None = None,
+        state: StreamState | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Generator[str, None, None]:
         """Yield the answer's text piece by piece as it is generated (``TextIteratorStreamer``).
 
         Generation ends at EOS, after ``max_new_tokens``, or where :meth:`answer_end` ends the answer (a stop
@@ -458,8 +469,12 @@ class Engine:
                 try:
                     with torch.no_grad():
                         result["out"] = self.model.generate(
-                            input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                            stopping_criteria=criteria, **self._generate_kwargs(s))
+                            input_ids=ids,
+                            attention_mask=torch.ones_like(ids),
+                            streamer=streamer,
+                            stopping_criteria=criteria,
+                            **self._generate_kwargs(s),
+                        )
                 finally:
                     self._lock.release()
             except Exception as e:  # surfaced in the consumer's thread
@@ -495,7 +510,7 @@ class Engine:
         if "out" not in result:  # cancelled before generation started
             state.cancelled, state.completion_tokens, state.finish_reason = True, 0, "stop"
             return
-        new = result["out"][0, len(prompt_ids):].tolist()
+        new = result["out"][0, len(prompt_ids) :].tolist()
         state.completion_tokens = len(new)
         stopped = trimmer.stopped or (new and new[-1] == self.tokenizer.eos_token_id)
         state.cancelled = cancelled and not stopped and len(new) < s.max_new_tokens
@@ -521,9 +536,14 @@ class Engine:
         return state.text
 
     @torch.no_grad()
-    def generate_batch(self, prompts: Sequence[str], settings: GenerationSettings | None = None,
-                       inputs: Sequence[str] | None = None, batch_size: int | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> list[str]:
+    def generate_batch(
+        self,
+        prompts: Sequence[str],
+        settings: GenerationSettings | None = None,
+        inputs: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
         """Answers to several instructions, generated in batches (HumanEval's path).
 
         Prompts are sorted longest first (stable), so a batch holds prompts of similar length, then left-padded
@@ -562,15 +582,16 @@ class Engine:
         size = batch_size or max(1, len(order))
         answers: list[str] = [""] * len(encoded)
         for b in range(0, len(order), size):
-            rows = [encoded[j] for j in order[b:b + size]]
+            rows = [encoded[j] for j in order[b : b + size]]
             width = max(len(x) for x in rows)
-            ids = torch.tensor([[self._pad_id] * (width - len(x)) + x for x in rows], device=self.device)
+            batch = torch.tensor([[self._pad_id] * (width - len(x)) + x for x in rows], device=self.device)
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in rows], device=self.device)
             criteria = self._stopping_criteria(end, width)
             with self._lock:
-                out = self.model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=criteria,
-                                          **self._generate_kwargs(s))
-            for row, j in zip(out[:, width:].tolist(), order[b:b + size]):
+                out = self.model.generate(
+                    input_ids=batch, attention_mask=mask, stopping_criteria=criteria, **self._generate_kwargs(s)
+                )
+            for row, j in zip(out[:, width:].tolist(), order[b : b + size], strict=True):
                 if self.tokenizer.eos_token_id in row:
                     row = row[: row.index(self.tokenizer.eos_token_id)]
                 text = self.tokenizer.decode(row, skip_special_tokens=True)

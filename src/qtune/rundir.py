@@ -13,14 +13,18 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from qtune.errors import QtuneError
 
 TMP_PREFIX = ".tmp-"
 """Prefix of the temporary files and folders qtune writes before renaming them into place."""
+ADAPTER_CONFIG = "adapter_config.json"
+"""PEFT's adapter config file (``peft.utils.CONFIG_NAME``), in the adapter folder of a run and of a checkpoint."""
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+"""PEFT's adapter weights file (``peft.utils.SAFETENSORS_WEIGHTS_NAME``)."""
 
 
 @dataclass(frozen=True)
@@ -103,21 +107,33 @@ class RunDir:
         """Whether training finished: ``train_summary.json``, written after the adapter and tokenizer, exists."""
         return self.summary.is_file()
 
-    def require_adapter(self) -> "RunDir":
-        """Raises QtuneError unless this run directory holds a config and the adapter of a finished run."""
+    def require_config(self, consequence: str = "") -> RunDir:
+        """Raises QtuneError unless this run directory holds its ``config.yaml``: the one message for a folder
+        that is not a qtune run directory, with ``consequence`` (e.g. "nothing to resume") after a semicolon."""
         if not self.config.is_file():
-            raise QtuneError(f"{self.root}: not a qtune run directory (no config.yaml)")
-        if not (self.adapter / "adapter_config.json").is_file():
-            raise QtuneError(f"{self.root}: no trained adapter (expected {self.adapter}/adapter_config.json); did training finish?")
+            tail = f"; {consequence}" if consequence else ""
+            raise QtuneError(f"{self.root}: not a qtune run directory (no {self.config.name}){tail}")
+        return self
+
+    def require_adapter(self) -> RunDir:
+        """Raises QtuneError unless this run directory holds a config and the adapter of a finished run."""
+        self.require_config()
+        if not (self.adapter / ADAPTER_CONFIG).is_file():
+            raise QtuneError(
+                f"{self.root}: no trained adapter (expected {self.adapter}/{ADAPTER_CONFIG}); did training finish?"
+            )
         if not self.is_finished():
-            raise QtuneError(f"{self.root}: training did not finish (no {self.summary.name}); "
-                             f"'qtune train --resume {self.root}' completes it")
+            raise QtuneError(
+                f"{self.root}: training did not finish (no {self.summary.name}); "
+                f"'qtune train --resume {self.root}' completes it"
+            )
         return self
 
     def write_marker(self) -> None:
         """Mark the directory as a qtune run (:attr:`marker`)."""
-        self.marker.write_text(json.dumps({"version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n",
-                               encoding="utf-8")
+        self.marker.write_text(
+            json.dumps({"version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n", encoding="utf-8"
+        )
 
     def check_replaceable(self, inputs: Iterable[str | Path] = ()) -> None:
         """Raises QtuneError (one line) unless ``--overwrite`` may delete this existing directory's contents.
@@ -136,11 +152,16 @@ class RunDir:
             if path.exists() and path.resolve().is_relative_to(root):
                 raise QtuneError(f"{refused} it holds {path}, which this run reads; {way_out}")
         if not self.marker.is_file():
-            raise QtuneError(f"{refused} no {self.marker.name} marker, so not a run directory qtune created (or "
-                             f"one from an older qtune); {way_out}")
+            raise QtuneError(
+                f"{refused} no {self.marker.name} marker, so not a run directory qtune created (or "
+                f"one from an older qtune); {way_out}"
+            )
         known = self.written_names()
-        foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in self.root.iterdir()
-                         if e.is_symlink() or not (e.name in known or e.name.startswith(TMP_PREFIX)))
+        foreign = sorted(
+            e.name + ("/" if e.is_dir() else "")
+            for e in self.root.iterdir()
+            if e.is_symlink() or not (e.name in known or e.name.startswith(TMP_PREFIX))
+        )
         if foreign:
             more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
             raise QtuneError(f"{refused} it holds {', '.join(foreign[:5])}{more}, which qtune did not write; {way_out}")

@@ -36,7 +36,7 @@ class DataCard:
 
     source: str
     rows_in: int
-    dropped: dict[str, int] = field(default_factory=lambda: {r: 0 for r in REASONS})
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
     examples: dict[str, list[int]] = field(default_factory=lambda: {r: [] for r in REASONS})
     splits: dict[str, int] = field(default_factory=dict)
     template: str = "alpaca"

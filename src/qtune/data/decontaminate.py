@@ -20,13 +20,15 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
+from qtune.config import Benchmark, default_humaneval_path
 from qtune.data.load import FIELDS, read_jsonl
 from qtune.errors import QtuneError
 
 NGRAM = 13
 """Words per n-gram (GPT-3, appendix C)."""
-BENCHMARKS = ("humaneval",)
+BENCHMARKS: tuple[Benchmark, ...] = get_args(Benchmark)
 """Benchmarks ``data.decontaminate`` knows."""
 HUMANEVAL_FIELDS = ("prompt", "canonical_solution", "test")
 """Fields of a HumanEval problem whose n-grams count."""
@@ -43,17 +45,15 @@ def ngrams(text: str, n: int = NGRAM) -> set[str]:
     """The distinct ``n``-grams of :func:`words` of ``text``, each as its words joined by one space; empty when
     ``text`` has fewer than ``n`` words."""
     w = words(text)
-    return {" ".join(w[i:i + n]) for i in range(len(w) - n + 1)}
+    return {" ".join(w[i : i + n]) for i in range(len(w) - n + 1)}
 
 
 def default_benchmark_path(benchmark: str) -> Path:
     """Where a benchmark's problems are read from: ``humaneval/HumanEval.jsonl.gz`` in the shared data directory
     (:func:`qtune.config.shared_data_dir`, ``$QTUNE_DATA_DIR`` when set)."""
-    from qtune.config import shared_data_dir
-
     if benchmark != "humaneval":
         raise QtuneError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
-    return shared_data_dir() / "humaneval" / "HumanEval.jsonl.gz"
+    return default_humaneval_path()
 
 
 def benchmark_documents(benchmark: str, path: str | Path | None = None) -> dict[str, list[str]]:
@@ -72,8 +72,10 @@ def benchmark_documents(benchmark: str, path: str | Path | None = None) -> dict[
     """
     p = Path(path) if path is not None else default_benchmark_path(benchmark)
     if not p.is_file():
-        raise QtuneError(f"{p}: {benchmark} problems not found (needed to decontaminate against {benchmark}); set "
-                         "QTUNE_DATA_DIR to the folder holding humaneval/HumanEval.jsonl.gz")
+        raise QtuneError(
+            f"{p}: {benchmark} problems not found (needed to decontaminate against {benchmark}); set "
+            "QTUNE_DATA_DIR to the folder holding humaneval/HumanEval.jsonl.gz"
+        )
     docs: dict[str, list[str]] = {}
     for line, problem in read_jsonl(p):
         if not isinstance(problem, dict) or not all(isinstance(problem.get(k), str) for k in ("task_id", "prompt")):
@@ -120,8 +122,10 @@ class Overlap:
         """One line of counts, then one line per overlapped problem: its rows, each with the n-grams it shares
         (a copy of a problem shares most of them; a common idiom, a few)."""
         problems = self.problems
-        lines = [f"{self.benchmark}: {len(self.rows)} of {self.rows_checked} rows share a {self.n}-gram with "
-                 f"{len(problems)} of {len(self.problem_ngrams)} problems (lowercased \\w+ words)"]
+        lines = [
+            f"{self.benchmark}: {len(self.rows)} of {self.rows_checked} rows share a {self.n}-gram with "
+            f"{len(problems)} of {len(self.problem_ngrams)} problems (lowercased \\w+ words)"
+        ]
         for pid, rows in problems.items():
             shared = ", ".join(f"{row} ({self.rows[row][pid]})" for row in rows)
             lines.append(f"  {pid} ({self.problem_ngrams[pid]} {self.n}-grams): rows {shared}")
@@ -143,7 +147,7 @@ def find_overlap(rows: Iterable[dict], benchmark: str, path: str | Path | None =
     """
     docs = benchmark_documents(benchmark, path)
     index = build_index(docs, n)
-    sizes = {pid: 0 for pid in docs}
+    sizes = dict.fromkeys(docs, 0)
     for pids in index.values():
         for pid in pids:
             sizes[pid] += 1
@@ -151,7 +155,7 @@ def find_overlap(rows: Iterable[dict], benchmark: str, path: str | Path | None =
     for row in rows:
         result.rows_checked += 1
         grams = set().union(*(ngrams(row[f], n) for f in FIELDS if isinstance(row.get(f), str)))
-        shared = {pid: 0 for pid in docs}
+        shared = dict.fromkeys(docs, 0)
         for gram in grams & index.keys():
             for pid in index[gram]:
                 shared[pid] += 1

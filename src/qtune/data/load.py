@@ -29,7 +29,7 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is accepted and removed
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise QtuneError(f"{path}:{line}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+        raise QtuneError(f"{path}:{line}: not UTF-8 text (byte {e.start}: {raw[e.start : e.start + 1]!r})") from None
 
 
 def _read_json(path: Path) -> list[tuple[int, object]]:
@@ -43,7 +43,9 @@ def _read_json(path: Path) -> list[tuple[int, object]]:
     except RecursionError:
         raise QtuneError(f"{path}: JSON nested too deeply; expected an array of flat objects") from None
     if isinstance(data, dict):
-        raise QtuneError(f"{path}: top level is an object; expected a JSON array of rows (use .jsonl for one object per line)")
+        raise QtuneError(
+            f"{path}: top level is an object; expected a JSON array of rows (use .jsonl for one object per line)"
+        )
     if not isinstance(data, list):
         raise QtuneError(f"{path}: top level is {type(data).__name__}; expected a JSON array of rows")
     if not data:
@@ -97,11 +99,15 @@ def _read_hub(dataset_id: str, split: str = "train") -> list[tuple[int, object]]
     try:
         ds = datasets.load_dataset(dataset_id, split=split)
     except Exception as e:  # offline, unknown id, gated: all reach the user as one line
-        raise QtuneError(f"{dataset_id}: could not load hub dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise QtuneError(
+            f"{dataset_id}: could not load hub dataset ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     return list(enumerate(ds))
 
 
-def load_rows(source: str, columns: dict[str, str] | None = None, max_rows: int | None = None) -> tuple[list[dict], str]:
+def load_rows(
+    source: str, columns: dict[str, str] | None = None, max_rows: int | None = None
+) -> tuple[list[dict], str]:
     """Load rows and map column names onto ``instruction``, ``input``, ``output``.
 
     Args:
@@ -138,10 +144,14 @@ def load_rows(source: str, columns: dict[str, str] | None = None, max_rows: int 
         items = items[:max_rows]
 
     found: set[str] = set()
+    objects: list[tuple[int, dict]] = []
     for idx, item in items:
         if not isinstance(item, dict):
-            raise QtuneError(f"{source}: {unit} {idx}: expected an object with {', '.join(FIELDS)}, got {type(item).__name__}")
+            raise QtuneError(
+                f"{source}: {unit} {idx}: expected an object with {', '.join(FIELDS)}, got {type(item).__name__}"
+            )
         found.update(item)
+        objects.append((idx, item))
     missing = [f for f in REQUIRED if columns[f] not in found]
     if missing:
         wanted = ", ".join(f"{f} (column {columns[f]!r})" for f in missing)
@@ -149,5 +159,5 @@ def load_rows(source: str, columns: dict[str, str] | None = None, max_rows: int 
             f"{source}: no column for {wanted}; expected columns {sorted(set(columns.values()))}, "
             f"found {sorted(found)}; map them with --columns instruction=NAME,output=NAME"
         )
-    rows = [{"row": idx, **{f: item.get(columns[f]) for f in FIELDS}} for idx, item in items]
+    rows = [{"row": idx, **{f: item.get(columns[f]) for f in FIELDS}} for idx, item in objects]
     return rows, unit

@@ -4,6 +4,7 @@ save Arrow + data card."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qtune.config import DataConfig
 from qtune.data.clean import DataCard, clean_rows
@@ -14,11 +15,14 @@ from qtune.data.templates import format_prompt
 from qtune.data.tokenize import encode_example, longest_token_chars
 from qtune.errors import QtuneError
 
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+
 SPLITS_DIR = "splits"
 CARD_FILE = "data_card.json"
 
 
-def prepare_dataset(cfg: DataConfig, tokenizer, out_dir: str | Path):
+def prepare_dataset(cfg: DataConfig, tokenizer, out_dir: str | Path) -> tuple[DatasetDict, DataCard]:
     """Build tokenized train/val/test splits from ``cfg.path`` and save them under ``out_dir``.
 
     Returns:
@@ -53,12 +57,16 @@ def prepare_dataset(cfg: DataConfig, tokenizer, out_dir: str | Path):
         else:
             samples.append({**enc, "row": row["row"]})
     if not samples:
-        raise QtuneError(f"{cfg.path}: no usable rows left after cleaning ({card.rows_in} read; dropped {card.dropped})")
+        raise QtuneError(
+            f"{cfg.path}: no usable rows left after cleaning ({card.rows_in} read; dropped {card.dropped})"
+        )
 
     parts = split_indices(len(samples), cfg.split, cfg.seed)
     if not parts["train"]:
-        raise QtuneError(f"{cfg.path}: {len(samples)} usable rows leave no training rows after the validation and "
-                         f"test splits (data.split={list(cfg.split)}); use more rows or smaller val/test fractions")
+        raise QtuneError(
+            f"{cfg.path}: {len(samples)} usable rows leave no training rows after the validation and "
+            f"test splits (data.split={list(cfg.split)}); use more rows or smaller val/test fractions"
+        )
     splits = DatasetDict({name: Dataset.from_list([samples[i] for i in idx]) for name, idx in parts.items() if idx})
     card.splits = {name: len(ds) for name, ds in splits.items()}
     card.tokens = {name: int(sum(len(x) for x in ds["input_ids"])) for name, ds in splits.items()}
@@ -68,7 +76,7 @@ def prepare_dataset(cfg: DataConfig, tokenizer, out_dir: str | Path):
     return splits, card
 
 
-def load_splits(data_dir: str | Path):
+def load_splits(data_dir: str | Path) -> DatasetDict:
     """Read splits saved by :func:`prepare_dataset` as a ``datasets.DatasetDict``.
 
     Raises:

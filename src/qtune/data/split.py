@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import random
 
+SPLITS = ("train", "val", "test")
+"""The names of a run's prepared splits."""
+
 
 def split_indices(n: int, fractions: tuple[float, float, float], seed: int) -> dict[str, list[int]]:
     """Shuffle ``range(n)`` with ``seed`` and cut it into train/val/test by ``fractions``.
@@ -22,6 +25,6 @@ def split_indices(n: int, fractions: tuple[float, float, float], seed: int) -> d
     n_val, n_test = sizes
     return {
         "val": sorted(order[:n_val]),
-        "test": sorted(order[n_val:n_val + n_test]),
-        "train": sorted(order[n_val + n_test:]),
+        "test": sorted(order[n_val : n_val + n_test]),
+        "train": sorted(order[n_val + n_test :]),
     }

@@ -15,9 +15,12 @@ Whitespace is looked at only to decide whether an input is empty (empty or white
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal, get_args
 
 Template = Literal["alpaca", "chat"]
+"""A prompt template (``data.template``)."""
+TEMPLATES: tuple[Template, ...] = get_args(Template)
 Message = dict[str, str]
 """One chat message: ``{"role": "system" | "user" | "assistant", "content": text}``."""
 
@@ -56,8 +59,10 @@ def check_messages(messages: Sequence[Message]) -> None:
     for i, m in enumerate(body, start):
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if m.get("role") != expected:
-            raise ValueError(f"message {i}: expected role {expected!r} (system first, then user/assistant "
-                             f"alternating), got {m.get('role')!r}")
+            raise ValueError(
+                f"message {i}: expected role {expected!r} (system first, then user/assistant "
+                f"alternating), got {m.get('role')!r}"
+            )
         if not isinstance(m.get("content"), str):
             raise ValueError(f"message {i}: content must be text")
     if not body or body[-1]["role"] != "user":
@@ -118,7 +123,7 @@ def format_prompt(instruction: str, input: str = "", template: Template = "alpac
     """
     if template == "alpaca" and input.strip():
         return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
-    if template not in ("alpaca", "chat"):
+    if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; expected 'alpaca' or 'chat'")
     return format_conversation([{"role": "user", "content": user_message(instruction, input)}], template, tokenizer)
 
@@ -156,16 +161,24 @@ def export_chat_template(template: Template, tokenizer) -> str:
     if template != "alpaca":
         raise ValueError(f"unknown template {template!r}; expected 'alpaca' or 'chat'")
     turn_head, turn_tail = ALPACA_TURN.split("{instruction}")
-    return "".join([
-        "{{- bos_token -}}" if adds_bos(tokenizer) else "",
-        "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] -}}"
-        "{%- set loop_messages = messages[1:] -%}",
-        "{%- else -%}", _jinja_literal(ALPACA_PREAMBLE), "{%- set loop_messages = messages -%}{%- endif -%}",
-        _jinja_literal("\n\n"),
-        "{%- for message in loop_messages -%}",
-        "{%- if message['role'] == 'user' -%}", _jinja_literal(turn_head), "{{- message['content'] -}}",
-        _jinja_literal(turn_tail),
-        "{%- elif loop.last -%}{{- message['content'] -}}{{- eos_token -}}",
-        "{%- else -%}{{- message['content'] -}}", _jinja_literal("\n\n"), "{%- endif -%}",
-        "{%- endfor -%}",
-    ])
+    return "".join(
+        [
+            "{{- bos_token -}}" if adds_bos(tokenizer) else "",
+            "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] -}}"
+            "{%- set loop_messages = messages[1:] -%}",
+            "{%- else -%}",
+            _jinja_literal(ALPACA_PREAMBLE),
+            "{%- set loop_messages = messages -%}{%- endif -%}",
+            _jinja_literal("\n\n"),
+            "{%- for message in loop_messages -%}",
+            "{%- if message['role'] == 'user' -%}",
+            _jinja_literal(turn_head),
+            "{{- message['content'] -}}",
+            _jinja_literal(turn_tail),
+            "{%- elif loop.last -%}{{- message['content'] -}}{{- eos_token -}}",
+            "{%- else -%}{{- message['content'] -}}",
+            _jinja_literal("\n\n"),
+            "{%- endif -%}",
+            "{%- endfor -%}",
+        ]
+    )

@@ -12,6 +12,11 @@ the EOS token. A BOS is added only if the tokenizer adds one and the prompt text
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import DataCollatorForSeq2Seq
+
 IGNORE_INDEX = -100
 """Label value ignored by ``torch.nn.functional.cross_entropy`` (its default ``ignore_index``)."""
 
@@ -54,7 +59,7 @@ def longest_token_chars(tokenizer) -> int:
     return max((len(t) for t in tokenizer.get_vocab()), default=1)
 
 
-def padding_collator(tokenizer):
+def padding_collator(tokenizer) -> DataCollatorForSeq2Seq:
     """Pads a list of samples to the batch's longest: input_ids with the pad token, attention_mask with 0,
     labels with -100. Returns tensors of shape [B, T]. (``transformers.DataCollatorForSeq2Seq``.)"""
     from transformers import DataCollatorForSeq2Seq
@@ -83,7 +88,9 @@ class ResponseLogitsCollator:
         return batch
 
 
-def training_collator(tokenizer, packing: bool, response_logits_only: bool):
+def training_collator(
+    tokenizer, packing: bool, response_logits_only: bool
+) -> DataCollatorForSeq2Seq | PackingCollator | ResponseLogitsCollator:
     """The collator training uses.
 
     packing: :class:`PackingCollator` joins a micro-batch into one row [1, sum T_i] with position_ids restarting

@@ -18,27 +18,28 @@ import re
 import tokenize
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from qtune.config import default_humaneval_path
 from qtune.data.load import read_jsonl
+from qtune.data.templates import Template, format_prompt
 from qtune.errors import QtuneError
 from qtune.evaluate.sandbox import SandboxLimits, run_programs
 from qtune.jsonio import dumps
 
-
-def default_humaneval_path() -> Path:
-    """``humaneval/HumanEval.jsonl.gz`` in the shared data directory (:func:`qtune.config.shared_data_dir`)."""
-    from qtune.config import shared_data_dir
-
-    return shared_data_dir() / "humaneval" / "HumanEval.jsonl.gz"
+if TYPE_CHECKING:
+    from qtune.generate import GenerationSettings
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(1-based line number, object) for every line of a JSON Lines file of objects."""
     if not path.is_file():
         raise QtuneError(f"{path}: file not found")
-    rows = read_jsonl(path)
-    for n, row in rows:
+    rows = []
+    for n, row in read_jsonl(path):
         if not isinstance(row, dict):
             raise QtuneError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append((n, row))
     return rows
 
 
@@ -74,8 +75,10 @@ def load_samples(path: str | Path, problems: dict[str, dict]) -> list[dict]:
     for n, row in _read_jsonl(p):
         bad = [k for k in ("task_id", "completion") if not isinstance(row.get(k), str)]
         if bad:
-            raise QtuneError(f"{p}:{n}: expected string fields task_id and completion ({', '.join(bad)} "
-                             f"{'is' if len(bad) == 1 else 'are'} missing or not a string)")
+            raise QtuneError(
+                f"{p}:{n}: expected string fields task_id and completion ({', '.join(bad)} "
+                f"{'is' if len(bad) == 1 else 'are'} missing or not a string)"
+            )
         if row["task_id"] not in problems:
             raise QtuneError(f"{p}:{n}: unknown task_id {row['task_id']!r}")
         samples.append({"task_id": row["task_id"], "completion": row["completion"]})
@@ -145,11 +148,13 @@ def extract_code(answer: str, problem: dict) -> str:
     entry = problem["entry_point"]
     def_indent, body_indent = _prompt_indents(problem["prompt"], entry)
     nested = body_indent.startswith(def_indent) and body_indent != def_indent
-    unit = body_indent[len(def_indent):] if nested else "    "  # the prompt's indentation step
+    unit = body_indent[len(def_indent) :] if nested else "    "  # the prompt's indentation step
     code = answer
     blocks = _FENCE.findall(answer)
     if blocks:
-        python = [body for lang, body in blocks if lang.lower() in ("", "python", "py", "python3")] or [b for _, b in blocks]
+        python = [body for lang, body in blocks if lang.lower() in ("", "python", "py", "python3")] or [
+            b for _, b in blocks
+        ]
         code = next((b for b in python if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", b, re.M)), python[0])
     code = code.replace("\r\n", "\n")
     m = re.search(rf"^([ \t]*)def\s+{re.escape(entry)}\s*\(", code, re.M)
@@ -160,8 +165,16 @@ def extract_code(answer: str, problem: dict) -> str:
         above = [line for line in lines[:start] if not line.strip() or _looks_like_code(line)]
         block = _Lines(above + lines[start:])
         top = block.widths[block.code[0]] if block.code else 0
-        cut = next((i for i in block.code if block.widths[i] <= top and not _looks_like_code(block.lines[i].lstrip())
-                    and not block.lines[i].lstrip().startswith((")", "]", "}", "if __name__"))), len(block.lines))
+        cut = next(
+            (
+                i
+                for i in block.code
+                if block.widths[i] <= top
+                and not _looks_like_code(block.lines[i].lstrip())
+                and not block.lines[i].lstrip().startswith((")", "]", "}", "if __name__"))
+            ),
+            len(block.lines),
+        )
         return "\n" + block.render(def_indent, unit, cut=cut).strip("\n") + "\n"
     body = _Lines(code.strip("\n").splitlines())
     if not body.code:
@@ -175,8 +188,9 @@ def extract_code(answer: str, problem: dict) -> str:
         candidates.append((min(later), cut))  # the first line lost (or gained) its indentation
     if not body.widths[first]:
         candidates += [(0, z) for z in reversed(zeros)]
-    completions = [body.render(body_indent, unit, cut=c, first_width=w).strip("\n").rstrip() + "\n"
-                   for w, c in candidates]
+    completions = [
+        body.render(body_indent, unit, cut=c, first_width=w).strip("\n").rstrip() + "\n" for w, c in candidates
+    ]
     return next((c for c in completions if _parses(problem["prompt"] + c)), completions[0])
 
 
@@ -221,7 +235,7 @@ class _Lines:
         out: list[str] = []
         stack: list[int] = []  # widths of the open blocks
         shift = 0  # columns the current logical line moved, applied to its continuation lines
-        for i, (line, kind, width) in enumerate(zip(self.lines[:cut], self.kinds, self.widths)):
+        for i, (line, kind, width) in enumerate(zip(self.lines[:cut], self.kinds, self.widths, strict=False)):
             text = line.lstrip(" \t")
             if kind in ("blank", "verbatim"):
                 out.append(line if kind == "verbatim" else "")
@@ -311,9 +325,14 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> str | None:
     return None
 
 
-def score_samples(problems: dict[str, dict], samples: list[dict], ks: tuple[int, ...] = (1,),
-                  limits: SandboxLimits | None = None, workers: int = 2,
-                  results_path: str | Path | None = None) -> dict:
+def score_samples(
+    problems: dict[str, dict],
+    samples: list[dict],
+    ks: tuple[int, ...] = (1,),
+    limits: SandboxLimits | None = None,
+    workers: int = 2,
+    results_path: str | Path | None = None,
+) -> dict:
     """Run every sample in the sandbox and compute pass@k per problem, averaged over the problems sampled.
 
     A sample passes only when ``check(entry_point)``, called by the sandbox after the program
@@ -341,17 +360,30 @@ def score_samples(problems: dict[str, dict], samples: list[dict], ks: tuple[int,
     results = run_programs(programs, limits, workers, checks=checks)
     counts: dict[str, int] = {}
     rows = []
-    for s, r in zip(samples, results):
+    for s, r in zip(samples, results, strict=True):
         per_task[s["task_id"]].append(r.status == "passed")
         counts[r.status] = counts.get(r.status, 0) + 1
-        rows.append({"task_id": s["task_id"], "completion": s["completion"], "status": r.status,
-                     "passed": r.status == "passed", "error": r.error, "seconds": r.seconds})
+        rows.append(
+            {
+                "task_id": s["task_id"],
+                "completion": s["completion"],
+                "status": r.status,
+                "passed": r.status == "passed",
+                "error": r.error,
+                "seconds": r.seconds,
+            }
+        )
     summary: dict = {}
     for k in ks:
         vals = [pass_at_k(len(v), sum(v), k) for v in per_task.values()]
         summary[f"pass@{k}"] = sum(vals) / len(vals)
-    summary.update({"problems": len(per_task), "samples": len(samples),
-                    "counts": {st: counts.get(st, 0) for st in ("passed", "failed", "timed out", "error")}})
+    summary.update(
+        {
+            "problems": len(per_task),
+            "samples": len(samples),
+            "counts": {st: counts.get(st, 0) for st in ("passed", "failed", "timed out", "error")},
+        }
+    )
     if results_path:
         problem = write_jsonl(results_path, rows)
         summary["results"] = None if problem else str(results_path)
@@ -375,16 +407,15 @@ HUMANEVAL_INSTRUCTION = "Complete the following Python function. Write the whole
 """The instruction each problem is asked with; the problem's prompt (signature and docstring) is the input."""
 
 
-def problem_prompt(problem: dict, template: str, tokenizer=None) -> str:
+def problem_prompt(problem: dict, template: Template, tokenizer=None) -> str:
     """The model's prompt for a problem: :data:`HUMANEVAL_INSTRUCTION` with the problem's code as input, in the
     run's training template (:func:`qtune.data.templates.format_prompt`)."""
-    from qtune.data.templates import format_prompt
-
     return format_prompt(HUMANEVAL_INSTRUCTION, problem["prompt"].strip("\n"), template, tokenizer)
 
 
-def generation_settings(samples: int = 1, max_new_tokens: int = 384, temperature: float = 0.0,
-                        top_p: float = 0.95):
+def generation_settings(
+    samples: int = 1, max_new_tokens: int = 384, temperature: float = 0.0, top_p: float = 0.95
+) -> GenerationSettings:
     """The decoding settings of a HumanEval run (:class:`qtune.generate.GenerationSettings`).
 
     Raises:
@@ -400,8 +431,9 @@ def generation_settings(samples: int = 1, max_new_tokens: int = 384, temperature
         raise QtuneError(f"--{e.field.replace('_', '-')}: {e}") from None
 
 
-def generate_answers(engine, problems: list[dict], settings, samples: int = 1, batch_size: int = 8, seed: int = 0,
-                     progress=None) -> list[list[str]]:
+def generate_answers(
+    engine, problems: list[dict], settings, samples: int = 1, batch_size: int = 8, seed: int = 0, progress=None
+) -> list[list[str]]:
     """``samples`` answers per problem to :func:`problem_prompt`, through the one batched generation path
     (:meth:`qtune.generate.Engine.generate_batch` of ``engine``, with ``settings`` from
     :func:`generation_settings`): sorted longest first, batches of ``batch_size`` left-padded prompts, greedy when
@@ -428,24 +460,41 @@ def generate_answers(engine, problems: list[dict], settings, samples: int = 1, b
     except SettingsError as e:
         raise QtuneError(f"--max-new-tokens {settings.max_new_tokens}: {e}") from None
     inputs = [p["prompt"].strip("\n") for p in problems]
-    for p, text in zip(problems, inputs):
+    for p, text in zip(problems, inputs, strict=True):
         n = len(engine.encode(engine.prompt(HUMANEVAL_INSTRUCTION, text)))
         if n > budget:
-            raise QtuneError(f"{p['task_id']}: the prompt has {n} tokens; with --max-new-tokens "
-                             f"{settings.max_new_tokens} at most {budget} fit in the model's context of "
-                             f"{engine.context_length}")
+            raise QtuneError(
+                f"{p['task_id']}: the prompt has {n} tokens; with --max-new-tokens "
+                f"{settings.max_new_tokens} at most {budget} fit in the model's context of "
+                f"{engine.context_length}"
+            )
     torch.manual_seed(seed)
-    flat = engine.generate_batch([HUMANEVAL_INSTRUCTION] * (len(problems) * samples), settings,
-                                 inputs=[text for text in inputs for _ in range(samples)], batch_size=batch_size,
-                                 progress=progress)
-    return [flat[i * samples:(i + 1) * samples] for i in range(len(problems))]
+    flat = engine.generate_batch(
+        [HUMANEVAL_INSTRUCTION] * (len(problems) * samples),
+        settings,
+        inputs=[text for text in inputs for _ in range(samples)],
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return [flat[i * samples : (i + 1) * samples] for i in range(len(problems))]
 
 
-def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: int | None = None,
-                           samples: int = 1, base: bool = False, ks: tuple[int, ...] = (1,),
-                           temperature: float = 0.0, top_p: float = 0.95, max_new_tokens: int = 384,
-                           batch_size: int = 8, limits: SandboxLimits | None = None, workers: int = 2,
-                           trust_remote_code: bool = False, progress=None) -> dict:
+def evaluate_run_humaneval(
+    run_dir: str,
+    path: str | Path | None = None,
+    limit: int | None = None,
+    samples: int = 1,
+    base: bool = False,
+    ks: tuple[int, ...] = (1,),
+    temperature: float = 0.0,
+    top_p: float = 0.95,
+    max_new_tokens: int = 384,
+    batch_size: int = 8,
+    limits: SandboxLimits | None = None,
+    workers: int = 2,
+    trust_remote_code: bool = False,
+    progress=None,
+) -> dict:
     """Generate answers to the first ``limit`` HumanEval problems with base + adapter (or the base alone, the
     adapter disabled, with ``base``), extract the code, score it in the sandbox.
 
@@ -489,14 +538,18 @@ def evaluate_run_humaneval(run_dir: str, path: str | Path | None = None, limit: 
             answers = generate_answers(engine, chosen, settings, **kwargs)
     else:
         answers = generate_answers(engine, chosen, settings, **kwargs)
-    rows = [{"task_id": p["task_id"], "completion": extract_code(a, p), "answer": a}
-            for p, many in zip(chosen, answers) for a in many]
+    rows = [
+        {"task_id": p["task_id"], "completion": extract_code(a, p), "answer": a}
+        for p, many in zip(chosen, answers, strict=True)
+        for a in many
+    ]
     who = "base" if base else "adapter"
     unwritten = [write_jsonl(out / f"{who}_samples.jsonl", rows)]
     summary = score_samples(problems, rows, ks, limits, workers, out / f"{who}_results.jsonl")
     unwritten.append(summary.pop("warning", None))
-    summary.update({"model": who, "temperature": temperature, "max_new_tokens": max_new_tokens,
-                    "samples_per_problem": samples})
+    summary.update(
+        {"model": who, "temperature": temperature, "max_new_tokens": max_new_tokens, "samples_per_problem": samples}
+    )
     try:
         (out / f"{who}.json").write_text(dumps(summary, indent=2), encoding="utf-8")
     except OSError as e:

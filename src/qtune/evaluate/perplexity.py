@@ -20,8 +20,12 @@ from qtune.train.validation import split_loss
 __all__ = ["evaluate_run", "split_loss"]
 
 
-def evaluate_run(run_dir: str, splits: tuple[str, ...] = ("val", "test"), batch_size: int | None = None,
-                 trust_remote_code: bool = False) -> dict:
+def evaluate_run(
+    run_dir: str,
+    splits: tuple[str, ...] = ("val", "test"),
+    batch_size: int | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
     """Loss and perplexity of the base and of base + adapter on each split, under the run's quantization.
 
     The base is loaded once; the base figures come from the same model with the adapter disabled. Each figure is

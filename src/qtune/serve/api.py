@@ -50,21 +50,22 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.routing import Mount
 
 from qtune.data.templates import Message
-from qtune.serve.engine import (MAX_STOP_CHARS, MAX_STOP_STRINGS, Engine, GenerationSettings, SettingsError,
-                                StreamState)
+from qtune.serve.engine import MAX_STOP_CHARS, MAX_STOP_STRINGS, Engine, GenerationSettings, SettingsError, StreamState
 from qtune.serve.session import ContextOverflow, fit_messages
+from qtune.units import MIB
 
-MAX_BODY_BYTES = 1 << 20
+MAX_BODY_BYTES = MIB
 """Largest request body (1 MiB), answered 413 beyond: bounds reading, parsing and tokenizing one request."""
 MAX_MESSAGES = 4096
 """Most messages in one request, answered 400 beyond: bounds validation before the conversation is fitted."""
@@ -78,6 +79,7 @@ SHUTDOWN_GRACE_S = 3
 
 
 # ---- which request fields qtune honours ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class RequestFields:
@@ -102,12 +104,12 @@ _SAMPLING = {
     "temperature": "0 to 2; 0 is greedy (unset: the server's default, greedy unless `qtune serve --temperature`)",
     "top_p": "nucleus sampling, (0, 1]",
     "stop": f"a string or a list of at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters; the "
-            "answer ends before the first",
+    "answer ends before the first",
     "stream": "true: server-sent events, ending with `data: [DONE]`",
     "stream_options": "only with stream; `include_usage: true` adds a last event with `usage` and `choices: []` "
-                      "(`include_obfuscation` is ignored)",
+    "(`include_obfuscation` is ignored)",
     "seed": "accepted when decoding is greedy (the answer is then always the same); 400 with temperature > 0, "
-            "as sampled answers cannot be made reproducible",
+    "as sampled answers cannot be made reproducible",
     "repetition_penalty": "qtune's own: (0, 10], 1 is none",
 }
 _PENALTIES = {
@@ -118,11 +120,22 @@ _PENALTIES = {
 }
 
 CHAT_FIELDS = RequestFields(
-    supported={"messages": "an optional system (or developer) message first, then user and assistant messages "
-                           "alternating, ending with a user message; content is a string or a list of text parts",
-               "max_completion_tokens": "as max_tokens (wins over it)", **_SAMPLING},
-    ignored=("metadata", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "safety_identifier",
-             "service_tier", "store", "user"),
+    supported={
+        "messages": "an optional system (or developer) message first, then user and assistant messages "
+        "alternating, ending with a user message; content is a string or a list of text parts",
+        "max_completion_tokens": "as max_tokens (wins over it)",
+        **_SAMPLING,
+    },
+    ignored=(
+        "metadata",
+        "prompt_cache_key",
+        "prompt_cache_options",
+        "prompt_cache_retention",
+        "safety_identifier",
+        "service_tier",
+        "store",
+        "user",
+    ),
     rejected={
         **_PENALTIES,
         "audio": ((None,), "audio output"),
@@ -145,9 +158,12 @@ CHAT_FIELDS = RequestFields(
 """``POST /v1/chat/completions``: the fields of OpenAI's chat-completion request, as qtune treats them."""
 
 COMPLETION_FIELDS = RequestFields(
-    supported={"prompt": "one text (a string, or a list of one string), tokenized as training tokenized prompts "
-                         "and continued as it is (no template added)",
-               "echo": "true: the prompt text, then the completion", **_SAMPLING},
+    supported={
+        "prompt": "one text (a string, or a list of one string), tokenized as training tokenized prompts "
+        "and continued as it is (no template added)",
+        "echo": "true: the prompt text, then the completion",
+        **_SAMPLING,
+    },
     ignored=("user",),
     rejected={
         **_PENALTIES,
@@ -159,8 +175,10 @@ COMPLETION_FIELDS = RequestFields(
 """``POST /v1/completions``: the fields of OpenAI's (legacy) completion request, as qtune treats them."""
 
 MESSAGE_FIELDS = RequestFields(
-    supported={"role": "system, developer (the same as system), user or assistant",
-               "content": "a string, or a list of `{\"type\": \"text\", \"text\": ...}` parts (joined)"},
+    supported={
+        "role": "system, developer (the same as system), user or assistant",
+        "content": 'a string, or a list of `{"type": "text", "text": ...}` parts (joined)',
+    },
     rejected={
         "name": ((None,), "participant names"),
         "tool_calls": ((None, []), "tool calling"),
@@ -173,14 +191,21 @@ MESSAGE_FIELDS = RequestFields(
 """One entry of ``messages``."""
 
 _TEXT_PART = RequestFields(supported={"type": "text", "text": "the text"})
-_STREAM_OPTIONS = RequestFields(supported={"include_usage": "true: a last event with usage"},
-                                ignored=("include_obfuscation",))
+_STREAM_OPTIONS = RequestFields(
+    supported={"include_usage": "true: a last event with usage"}, ignored=("include_obfuscation",)
+)
 ROLES = ("system", "developer", "user", "assistant")
 
 
 class _ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -195,8 +220,14 @@ def _bad(param: str, message: str, code: str | None = None) -> _ApiError:
 
 
 def _json_type(value) -> str:
-    for types, name in ((type(None), "null"), (bool, "a boolean"), ((int, float), "a number"), (str, "a string"),
-                        (list, "an array"), (dict, "an object")):
+    for types, name in (
+        (type(None), "null"),
+        (bool, "a boolean"),
+        ((int, float), "a number"),
+        (str, "a string"),
+        (list, "an array"),
+        (dict, "an object"),
+    ):
         if isinstance(value, types):
             return name
     return type(value).__name__
@@ -227,12 +258,16 @@ def _check_fields(obj: dict, fields: RequestFields, prefix: str = "") -> dict:
             accepted, what = rejected[key]
             if not any(_same(value, a) for a in accepted):
                 send = " or ".join(json.dumps(a) for a in accepted if a is not None)
-                raise _bad(f"{prefix}{key}", f"not supported by qtune ({what}); leave it out"
-                           + (f" or send {send}" if send else ""), code="unsupported_parameter")
+                raise _bad(
+                    f"{prefix}{key}",
+                    f"not supported by qtune ({what}); leave it out" + (f" or send {send}" if send else ""),
+                    code="unsupported_parameter",
+                )
         elif key not in fields.ignored:
             known = ", ".join(sorted([*fields.supported, *fields.ignored]))
-            raise _bad(f"{prefix}{key}", f"unrecognized request argument (qtune accepts {known})",
-                       code="unknown_parameter")
+            raise _bad(
+                f"{prefix}{key}", f"unrecognized request argument (qtune accepts {known})", code="unknown_parameter"
+            )
     return kept
 
 
@@ -300,11 +335,13 @@ def _messages(items: list) -> list[Message]:
         if "role" not in m:
             raise _bad(f"{at}.role", "required")
         if role in ("tool", "function"):
-            raise _bad(f"{at}.role", f"{role!r} messages are not supported (qtune has no tool calling); "
-                       "expected 'system', 'developer', 'user' or 'assistant'")
+            raise _bad(
+                f"{at}.role",
+                f"{role!r} messages are not supported (qtune has no tool calling); "
+                "expected 'system', 'developer', 'user' or 'assistant'",
+            )
         if role not in ROLES:
-            raise _bad(f"{at}.role", f"expected 'system', 'developer', 'user' or 'assistant', got "
-                       f"{json.dumps(role)}")
+            raise _bad(f"{at}.role", f"expected 'system', 'developer', 'user' or 'assistant', got {json.dumps(role)}")
         m = _check_fields(m, MESSAGE_FIELDS, f"{at}.")
         if "content" not in m:
             raise _bad(f"{at}.content", "required")
@@ -316,11 +353,13 @@ def _messages(items: list) -> list[Message]:
             for j, part in enumerate(content):
                 where = f"{at}.content[{j}]"
                 if not isinstance(part, dict):
-                    raise _bad(where, f"expected a text part {{\"type\": \"text\", \"text\": ...}}, got "
-                               f"{_json_type(part)}")
+                    raise _bad(where, f'expected a text part {{"type": "text", "text": ...}}, got {_json_type(part)}')
                 if part.get("type") != "text":
-                    raise _bad(f"{where}.type", f"only text parts are supported (qtune serves a text model), got "
-                               f"{json.dumps(part.get('type'))}")
+                    raise _bad(
+                        f"{where}.type",
+                        f"only text parts are supported (qtune serves a text model), got "
+                        f"{json.dumps(part.get('type'))}",
+                    )
                 _check_fields(part, _TEXT_PART, f"{where}.")
                 if not isinstance(part.get("text"), str):
                     raise _bad(f"{where}.text", f"expected a string, got {_json_type(part.get('text'))}")
@@ -334,17 +373,24 @@ def _messages(items: list) -> list[Message]:
     for i, m in enumerate(out[start:], start):
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if m["role"] == "system":
-            raise _bad(f"messages[{i}]", "a second system message; qtune takes one system (or developer) message, "
-                       "as the first message" if start else "a system (or developer) message must be the first "
-                       "message")
+            raise _bad(
+                f"messages[{i}]",
+                "a second system message; qtune takes one system (or developer) message, as the first message"
+                if start
+                else "a system (or developer) message must be the first message",
+            )
         if m["role"] != expected:
-            raise _bad(f"messages[{i}].role", f"expected role {expected!r} (an optional system message first, "
-                       f"then user and assistant alternating), got {m['role']!r}")
+            raise _bad(
+                f"messages[{i}].role",
+                f"expected role {expected!r} (an optional system message first, "
+                f"then user and assistant alternating), got {m['role']!r}",
+            )
     if len(out) == start:
         raise _bad("messages", "a conversation needs a user message after the system message")
     if out[-1]["role"] != "user":
-        raise _bad(f"messages[{len(out) - 1}].role", "a conversation must end with a user message, got "
-                   f"{out[-1]['role']!r}")
+        raise _bad(
+            f"messages[{len(out) - 1}].role", f"a conversation must end with a user message, got {out[-1]['role']!r}"
+        )
     return out
 
 
@@ -383,8 +429,7 @@ def _settings_error(e: SettingsError) -> _ApiError:
     return _ApiError(400, str(e), param={"max_new_tokens": "max_tokens"}.get(e.field, e.field))
 
 
-def _settings(req: _Sampling, max_tokens: int | None, defaults: GenerationSettings) -> tuple[GenerationSettings,
-                                                                                             bool]:
+def _settings(req: _Sampling, max_tokens: int | None, defaults: GenerationSettings) -> tuple[GenerationSettings, bool]:
     """The decoding settings of a request, and whether its stream ends with a usage event.
 
     Raises:
@@ -405,23 +450,28 @@ def _settings(req: _Sampling, max_tokens: int | None, defaults: GenerationSettin
             max_new_tokens=max_tokens or defaults.max_new_tokens,
             temperature=defaults.temperature if req.temperature is None else req.temperature,
             top_p=defaults.top_p if req.top_p is None else req.top_p,
-            repetition_penalty=(defaults.repetition_penalty if req.repetition_penalty is None
-                                else req.repetition_penalty),
+            repetition_penalty=(
+                defaults.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty
+            ),
             stop=tuple(defaults.stop) + _stop(req.stop),
         )
     except SettingsError as e:
         raise _settings_error(e) from None
     if req.seed is not None and settings.temperature > 0:
-        raise _bad("seed", "not supported with sampling (temperature > 0): qtune cannot make sampled answers "
-                   "reproducible; leave it out, or use temperature 0 (greedy: the same answer every time)",
-                   code="unsupported_parameter")
+        raise _bad(
+            "seed",
+            "not supported with sampling (temperature > 0): qtune cannot make sampled answers "
+            "reproducible; leave it out, or use temperature 0 (greedy: the same answer every time)",
+            code="unsupported_parameter",
+        )
     return settings, include_usage
 
 
 async def _read_body(request: Request) -> bytes:
     """The request body, or 413 as soon as it is known to exceed ``MAX_BODY_BYTES``."""
-    too_large = _ApiError(413, f"request body over {MAX_BODY_BYTES} bytes; send a shorter conversation",
-                          code="request_too_large")
+    too_large = _ApiError(
+        413, f"request body over {MAX_BODY_BYTES} bytes; send a shorter conversation", code="request_too_large"
+    )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise too_large
@@ -506,9 +556,12 @@ def _prepare_completion(engine: Engine, raw: bytes, defaults: GenerationSettings
         raise _settings_error(e) from None
 
     def overflow(tokens: str) -> _ApiError:
-        return _bad("prompt", f"{tokens} tokens, but at most {budget} fit (context {engine.context_length} tokens "
-                    f"less max_tokens {settings.max_new_tokens}); shorten it or lower max_tokens",
-                    code="context_length_exceeded")
+        return _bad(
+            "prompt",
+            f"{tokens} tokens, but at most {budget} fit (context {engine.context_length} tokens "
+            f"less max_tokens {settings.max_new_tokens}); shorten it or lower max_tokens",
+            code="context_length_exceeded",
+        )
 
     if len(prompt) > budget * engine.max_token_chars:  # so long that it cannot fit: not worth tokenizing
         raise overflow(f"at least {len(prompt) // engine.max_token_chars}")
@@ -548,8 +601,14 @@ class _Pieces:
     abandoned at once when the request is cancelled; :meth:`close` then cancels the generation and waits (in a
     thread) until the engine is free."""
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], settings: GenerationSettings, state: StreamState,
-                 limiter: anyio.CapacityLimiter):
+    def __init__(
+        self,
+        engine: Engine,
+        prompt_ids: list[int],
+        settings: GenerationSettings,
+        state: StreamState,
+        limiter: anyio.CapacityLimiter,
+    ):
         self.cancel, self._limiter = threading.Event(), limiter
         self._stream = engine.stream(prompt_ids, settings, state, self.cancel)
         self._lock = threading.Lock()  # a generator runs in one thread at a time: next() and close() take turns
@@ -574,8 +633,11 @@ class _Pieces:
 
 def _usage(state: StreamState) -> dict:
     """OpenAI's usage object: tokens of the prompt sent to the model and tokens generated (EOS included)."""
-    return {"prompt_tokens": state.prompt_tokens, "completion_tokens": state.completion_tokens,
-            "total_tokens": state.prompt_tokens + state.completion_tokens}
+    return {
+        "prompt_tokens": state.prompt_tokens,
+        "completion_tokens": state.completion_tokens,
+        "total_tokens": state.prompt_tokens + state.completion_tokens,
+    }
 
 
 async def _whole_text(request: Request, pieces: _Pieces, state: StreamState) -> str:
@@ -586,6 +648,7 @@ async def _whole_text(request: Request, pieces: _Pieces, state: StreamState) -> 
     """
     text, gone = [], False
     async with anyio.create_task_group() as tg:
+
         async def watch():
             nonlocal gone
             await _until_disconnected(request)
@@ -605,15 +668,23 @@ async def _whole_text(request: Request, pieces: _Pieces, state: StreamState) -> 
     return "".join(text)
 
 
-async def _respond(request: Request, engine: Engine, job: _Prepared, limiter: anyio.CapacityLimiter, *,
-                   obj: str, choice: Callable[[str | None, str | None, bool], dict], headers: dict):
+async def _respond(
+    request: Request,
+    engine: Engine,
+    job: _Prepared,
+    limiter: anyio.CapacityLimiter,
+    *,
+    obj: str,
+    choice: Callable[[str | None, str | None, bool], dict | None],
+    headers: dict,
+) -> Response:
     """Run one prepared request and answer it as JSON or as server-sent events.
 
     Args:
         obj: the response's ``object`` (``chat.completion`` or ``text_completion``; chunks add ``.chunk`` for
             chat).
         choice: (text, finish_reason, streamed) -> the one choice of the body or of a chunk; text None is the
-            opening chunk of a stream (no text yet).
+            opening chunk of a stream (no text yet), None when the stream has no opening chunk.
     """
     cid = f"{'chatcmpl' if obj.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
     created, state = int(time.time()), StreamState()
@@ -625,12 +696,14 @@ async def _respond(request: Request, engine: Engine, job: _Prepared, limiter: an
             text = await _whole_text(request, pieces, state)
         except _ApiError as e:
             return e.response()
-        return JSONResponse({**head, "choices": [choice(job.echo + text, state.finish_reason, False)],
-                             "usage": _usage(state)}, headers=headers)
+        return JSONResponse(
+            {**head, "choices": [choice(job.echo + text, state.finish_reason, False)], "usage": _usage(state)},
+            headers=headers,
+        )
 
     head["object"] = f"{obj}.chunk" if obj.startswith("chat") else obj
 
-    def event(choices: list[dict], usage: dict | None = None) -> str:
+    def event(choices: list[dict | None], usage: dict | None = None) -> str:
         data = {**head, "choices": choices}
         if job.include_usage:  # OpenAI's layout: null in every chunk but the last
             data["usage"] = usage
@@ -661,8 +734,12 @@ async def _respond(request: Request, engine: Engine, job: _Prepared, limiter: an
 
 def _chat_choice(text: str | None, finish: str | None, streamed: bool) -> dict:
     if not streamed:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish}
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
     if text is None:
         delta = {"role": "assistant", "content": ""}
     else:
@@ -690,12 +767,17 @@ def _check_auth(request: Request, auth: tuple[str, str] | None) -> None:
         except (ValueError, UnicodeDecodeError):
             given = ""
     if not secrets.compare_digest(given.encode(), f"{auth[0]}:{auth[1]}".encode()):
-        raise _ApiError(401, "missing or wrong credentials: send 'Authorization: Bearer USER:PASS'",
-                        type="authentication_error", code="invalid_api_key")
+        raise _ApiError(
+            401,
+            "missing or wrong credentials: send 'Authorization: Bearer USER:PASS'",
+            type="authentication_error",
+            code="invalid_api_key",
+        )
 
 
-def api_router(engine: Engine, auth: tuple[str, str] | None = None,
-               defaults: GenerationSettings | None = None) -> APIRouter:
+def api_router(
+    engine: Engine, auth: tuple[str, str] | None = None, defaults: GenerationSettings | None = None
+) -> APIRouter:
     """The ``/v1`` routes on ``engine``.
 
     Args:
@@ -722,8 +804,12 @@ def api_router(engine: Engine, auth: tuple[str, str] | None = None,
         try:
             _check_auth(request, auth)
             if model_id != engine.name:
-                raise _ApiError(404, f"model {model_id!r} not found: this server serves {engine.name!r} only",
-                                param="model", code="model_not_found")
+                raise _ApiError(
+                    404,
+                    f"model {model_id!r} not found: this server serves {engine.name!r} only",
+                    param="model",
+                    code="model_not_found",
+                )
         except _ApiError as e:
             return e.response()
         return card
@@ -735,8 +821,15 @@ def api_router(engine: Engine, auth: tuple[str, str] | None = None,
             job = await anyio.to_thread.run_sync(_prepare_chat, engine, await _read_body(request), defaults)
         except _ApiError as e:
             return e.response()
-        return await _respond(request, engine, job, waiting, obj="chat.completion", choice=_chat_choice,
-                              headers={"X-Qtune-Dropped-Turns": str(job.dropped)})
+        return await _respond(
+            request,
+            engine,
+            job,
+            waiting,
+            obj="chat.completion",
+            choice=_chat_choice,
+            headers={"X-Qtune-Dropped-Turns": str(job.dropped)},
+        )
 
     @router.post("/completions")
     async def completions(request: Request):
@@ -745,14 +838,20 @@ def api_router(engine: Engine, auth: tuple[str, str] | None = None,
             job = await anyio.to_thread.run_sync(_prepare_completion, engine, await _read_body(request), defaults)
         except _ApiError as e:
             return e.response()
-        return await _respond(request, engine, job, waiting, obj="text_completion", choice=_completion_choice,
-                              headers={})
+        return await _respond(
+            request, engine, job, waiting, obj="text_completion", choice=_completion_choice, headers={}
+        )
 
     return router
 
 
-def create_app(engine: Engine, auth: tuple[str, str] | None = None, defaults: GenerationSettings | None = None,
-               concurrency: int = 1, ui: bool = True) -> FastAPI:
+def create_app(
+    engine: Engine,
+    auth: tuple[str, str] | None = None,
+    defaults: GenerationSettings | None = None,
+    concurrency: int = 1,
+    ui: bool = True,
+) -> FastAPI:
     """The whole server: the ``/v1`` API and, at ``/``, the Gradio chat app (:func:`qtune.serve.web.build_ui`).
 
     Args:
@@ -794,6 +893,5 @@ def run_server(app: FastAPI, engine: Engine, host: str, port: int, log_level: st
                 stop()
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     Server(config).run()

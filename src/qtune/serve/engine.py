@@ -6,7 +6,6 @@ from qtune.generate import (  # noqa: F401 (re-exported)
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
     MERGED_META,
-    QUANT_CHOICES,
     AnswerEnd,
     Completion,
     Engine,

@@ -4,8 +4,9 @@ The base is loaded again in fp16 or bf16 (never the 4-bit or 8-bit weights the a
 against: merging into quantized weights would round the update away), the adapter is loaded with PEFT and
 folded in with ``merge_and_unload``. Both exports embed the chat template the adapter was trained with
 (:func:`qtune.data.templates.export_chat_template`), not the base's, so tools that prompt through the embedded
-template (vLLM, llama.cpp's server, Ollama, LM Studio) send the prompt qtune trained on. The output directory loads with plain ``AutoModelForCausalLM`` and with
-``qtune chat/serve --run OUT`` (``qtune.json`` records the template).
+template (vLLM, llama.cpp's server, Ollama, LM Studio) send the prompt qtune trained on. The output directory
+loads with plain ``AutoModelForCausalLM`` and with ``qtune chat/serve --run OUT`` (``qtune.json`` records the
+template).
 
 The GGUF file (LLaMA architecture only) is written with the ``gguf`` package's ``GGUFWriter``: fp16 matrices,
 fp32 norms, tensor names from ``gguf``'s own name map, q/k rows reordered to the GGUF rotary layout, and the
@@ -23,17 +24,25 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
+from qtune.config import SIXTEEN_BIT
 from qtune.data.templates import export_chat_template
 from qtune.errors import QtuneError
+from qtune.generate import MERGED_META
 from qtune.jsonio import dumps
 from qtune.rundir import TMP_PREFIX, refuse_user_places
-from qtune.generate import MERGED_META
 
-MERGE_DTYPES = ("fp16", "bf16")
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from qtune.config import RunConfig
+
+MERGE_DTYPES = SIXTEEN_BIT
+"""Weight dtypes of a merged export (``--dtype``)."""
 
 
-def merge_run(run_dir: str | Path, dtype: str = "fp16"):
+def merge_run(run_dir: str | Path, dtype: str = "fp16") -> tuple[PreTrainedModel, PreTrainedTokenizerBase, RunConfig]:
     """(merged model in eval mode, tokenizer, RunConfig): the base loaded in ``dtype`` + the adapter, merged.
 
     Raises:
@@ -50,8 +59,10 @@ def merge_run(run_dir: str | Path, dtype: str = "fp16"):
     cfg = load_config(rd.config, saved_run=True)
     cfg.model.trust_remote_code = False  # as for load_trained: never from a run's config alone
     if cfg.lora.init == "loftq":
-        raise QtuneError(f"{run_dir}: a LoftQ adapter starts from the NF4 quantization error and only fits the NF4 "
-                         "base; merging it into a 16-bit base would add that error again (serve the run instead)")
+        raise QtuneError(
+            f"{run_dir}: a LoftQ adapter starts from the NF4 quantization error and only fits the NF4 "
+            "base; merging it into a 16-bit base would add that error again (serve the run instead)"
+        )
     base = load_model(resolve_model(cfg.model), cfg.model, QuantConfig(quant=dtype))
     merged = PeftModel.from_pretrained(base, str(rd.adapter)).merge_and_unload()
     merged.eval()
@@ -80,7 +91,11 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "fp16", ove
         raise QtuneError(f"--dtype {dtype!r}: expected one of {', '.join(MERGE_DTYPES)}")
     rd = RunDir(Path(run_dir)).require_adapter()
     out = Path(out)
-    if out.resolve() == rd.root.resolve() or rd.root.resolve() in out.resolve().parents or out.resolve() in rd.root.resolve().parents:
+    if (
+        out.resolve() == rd.root.resolve()
+        or rd.root.resolve() in out.resolve().parents
+        or out.resolve() in rd.root.resolve().parents
+    ):
         raise QtuneError(f"{out}: the output must lie outside the run directory {rd.root}")
     if out.exists() and not out.is_dir():
         raise QtuneError(f"{out}: exists and is not a directory; choose another --merged")
@@ -101,10 +116,15 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "fp16", ove
     try:
         merged.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
-        meta = {"template": cfg.data.template, "dtype": dtype, "source_run": str(rd.root.resolve()),
-                "base_model": cfg.model.name, "trained_quant": cfg.quant.quant,
-                "lora": {"r": cfg.lora.r, "lora_alpha": cfg.lora.lora_alpha},
-                "files": sorted([MERGED_META, *(p.name for p in staging.iterdir())])}
+        meta = {
+            "template": cfg.data.template,
+            "dtype": dtype,
+            "source_run": str(rd.root.resolve()),
+            "base_model": cfg.model.name,
+            "trained_quant": cfg.quant.quant,
+            "lora": {"r": cfg.lora.r, "lora_alpha": cfg.lora.lora_alpha},
+            "files": sorted([MERGED_META, *(p.name for p in staging.iterdir())]),
+        }
         (staging / MERGED_META).write_text(dumps(meta, indent=2), encoding="utf-8")
     except OSError as e:  # named after the output the user gave, not the staging folder beside it
         shutil.rmtree(staging, ignore_errors=True)
@@ -133,8 +153,12 @@ def check_replaceable_export(out: Path) -> None:
     try:
         files = set(json.loads((out / MERGED_META).read_text(encoding="utf-8")).get("files", []))
     except (OSError, ValueError, AttributeError):
-        raise QtuneError(f"{refused} no readable {MERGED_META}, so not a merged model qtune exported; {way_out}") from None
-    foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in out.iterdir() if e.is_symlink() or e.name not in files)
+        raise QtuneError(
+            f"{refused} no readable {MERGED_META}, so not a merged model qtune exported; {way_out}"
+        ) from None
+    foreign = sorted(
+        e.name + ("/" if e.is_dir() else "") for e in out.iterdir() if e.is_symlink() or e.name not in files
+    )
     if foreign:
         more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
         raise QtuneError(f"{refused} it holds {', '.join(foreign[:5])}{more}, which qtune did not write; {way_out}")
@@ -157,8 +181,12 @@ def _source_metadata(model_cfg) -> dict:
         return {}
     fields = {}
     for key, field in gguf.GGUFReader(str(path)).fields.items():
-        if key.startswith("GGUF.") or key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-                                              "tokenizer.ggml.merges", "tokenizer.ggml.scores"):
+        if key.startswith("GGUF.") or key in (
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.token_type",
+            "tokenizer.ggml.merges",
+            "tokenizer.ggml.scores",
+        ):
             continue
         vtype = field.types[0]
         sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
@@ -208,7 +236,9 @@ def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     if out.exists():
         with open(out, "rb") as f:
             if f.read(4) != b"GGUF":
-                raise QtuneError(f"{out}: --overwrite refused: not a GGUF file; delete it yourself or choose another --gguf")
+                raise QtuneError(
+                    f"{out}: --overwrite refused: not a GGUF file; delete it yourself or choose another --gguf"
+                )
     model, tokenizer, cfg = merge_run(run_dir, "fp16")
     c = model.config
     if c.model_type != "llama":
@@ -225,10 +255,12 @@ def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     state = model.state_dict()
     if c.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    gguf_names = {hf_name: names.get_name(hf_name, try_suffixes=(".weight", ".bias")) for hf_name in state}
-    for hf_name, name in gguf_names.items():
+    gguf_names: dict[str, str] = {}
+    for hf_name in state:
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise QtuneError(f"--gguf: no GGUF name for tensor {hf_name}")
+        gguf_names[hf_name] = name
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(TMP_PREFIX + out.name)  # renamed to OUT once complete: a killed export leaves no half file
@@ -253,23 +285,29 @@ def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
 
         vocab = len(tokenizer)
         special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-        tokens = tokenizer.convert_ids_to_tokens(list(range(vocab)))
+        tokens = cast(list[str], tokenizer.convert_ids_to_tokens(list(range(vocab))))  # a list for a list of ids
         tokens += [f"[PAD{i}]" for i in range(vocab, c.vocab_size)]
         types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(vocab)]
         types += [gguf.TokenType.UNUSED] * (c.vocab_size - vocab)
         writer.add_tokenizer_model("gpt2")
         pre = source.get("tokenizer.ggml.pre", (None,))[0]
         if pre is None:
-            print("warning: --gguf: the base did not come from a GGUF file, so its llama.cpp pre-tokenizer name is "
-                  "unknown; wrote 'default' (llama.cpp may split text differently than the tokenizer did)")
+            print(
+                "warning: --gguf: the base did not come from a GGUF file, so its llama.cpp pre-tokenizer name is "
+                "unknown; wrote 'default' (llama.cpp may split text differently than the tokenizer did)"
+            )
         writer.add_tokenizer_pre(pre or "default")
         if "tokenizer.ggml.add_space_prefix" in source:
             writer.add_add_space_prefix(bool(source["tokenizer.ggml.add_space_prefix"][0]))
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec.get("merges", [])])
-        for name, setter in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-                             ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
+        for name, setter in (
+            ("bos_token_id", writer.add_bos_token_id),
+            ("eos_token_id", writer.add_eos_token_id),
+            ("unk_token_id", writer.add_unk_token_id),
+            ("pad_token_id", writer.add_pad_token_id),
+        ):
             if getattr(tokenizer, name, None) is not None:
                 setter(getattr(tokenizer, name))
         writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))

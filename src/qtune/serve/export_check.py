@@ -51,8 +51,10 @@ class ExportCheck:
 
     def table(self) -> str:
         """Plain-text table: one line per model form, its loss and, for exports, the drift."""
-        lines = [f"export check: {self.rows} validation rows, {self.tokens} supervised tokens "
-                 f"(max drift {self.max_drift} nats)"]
+        lines = [
+            f"export check: {self.rows} validation rows, {self.tokens} supervised tokens "
+            f"(max drift {self.max_drift} nats)"
+        ]
         for name, loss in self.losses.items():
             drift = f"drift {self.drift[name]:+.5f}" if name in self.drift else ""
             lines.append(f"  {name:<44}{loss:>10.5f}  {drift}")
@@ -66,11 +68,16 @@ def _score(model, rows, collate, batch_size: int) -> tuple[float, int]:
     from qtune.evaluate.perplexity import split_loss
 
     result = split_loss(model, rows, collate, batch_size)
-    return result["loss"], result["tokens"]
+    return result["loss"], int(result["tokens"])  # a count (split_loss's figures are typed float)
 
 
-def check_export(run_dir: str | Path, merged: str | Path | None = None, gguf_file: str | Path | None = None,
-                 rows: int = DEFAULT_CHECK_ROWS, max_drift: float = DEFAULT_MAX_DRIFT) -> ExportCheck | None:
+def check_export(
+    run_dir: str | Path,
+    merged: str | Path | None = None,
+    gguf_file: str | Path | None = None,
+    rows: int = DEFAULT_CHECK_ROWS,
+    max_drift: float = DEFAULT_MAX_DRIFT,
+) -> ExportCheck | None:
     """Score the first ``rows`` validation rows of ``run_dir`` with the trained model and with each export.
 
     Returns:
@@ -121,16 +128,28 @@ def check_export(run_dir: str | Path, merged: str | Path | None = None, gguf_fil
     reference = check.losses[REFERENCE]
     exports = []
     if merged is not None:
-        exports.append(("merged model (read back)", lambda: AutoModelForCausalLM.from_pretrained(
-            str(merged), dtype=torch.float32, device_map={"": device()})))
+        exports.append(
+            (
+                "merged model (read back)",
+                lambda: AutoModelForCausalLM.from_pretrained(
+                    str(merged), dtype=torch.float32, device_map={"": device()}
+                ),
+            )
+        )
     if gguf_file is not None:
         g = Path(gguf_file)
-        exports.append(("GGUF file (read back by transformers)", lambda: AutoModelForCausalLM.from_pretrained(
-            str(g.parent), gguf_file=g.name, dtype=torch.float32, device_map={"": device()})))
+        exports.append(
+            (
+                "GGUF file (read back by transformers)",
+                lambda: AutoModelForCausalLM.from_pretrained(
+                    str(g.parent), gguf_file=g.name, dtype=torch.float32, device_map={"": device()}
+                ),
+            )
+        )
     for name, load in exports:
-        model = load()
-        check.losses[name] = _score(model, data, collate, bs)[0]
+        exported = load()
+        check.losses[name] = _score(exported, data, collate, bs)[0]
         check.drift[name] = check.losses[name] - reference
-        del model
+        del exported
         gc.collect()
     return check

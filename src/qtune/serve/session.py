@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
 
 from qtune.data.templates import Message, check_messages
 from qtune.generate import Engine, GenerationSettings, StreamState
@@ -43,8 +43,10 @@ class Fitted:
         if not self.dropped:
             return None
         turns = "turn" if self.dropped == 1 else "turns"
-        return f"The conversation is longer than the context window: the oldest {self.dropped} {turns} " \
-               "were left out of this prompt (the system prompt is kept)."
+        return (
+            f"The conversation is longer than the context window: the oldest {self.dropped} {turns} "
+            "were left out of this prompt (the system prompt is kept)."
+        )
 
 
 def _smallest(fits, start: int, n: int) -> int | None:
@@ -94,20 +96,21 @@ def fit_messages(engine: Engine, messages: Sequence[Message], settings: Generati
     check_messages(messages)
     budget = engine.prompt_budget(settings)
     head = [dict(messages[0])] if messages[0]["role"] == "system" else []
-    body = [dict(m) for m in messages[len(head):]]
+    body = [dict(m) for m in messages[len(head) :]]
     n_pairs = (len(body) - 1) // 2
     encoded: dict[int, list[int]] = {}
 
     def prompt_ids(dropped: int) -> list[int]:
         if dropped not in encoded:
-            encoded[dropped] = engine.encode(engine.chat_prompt(head + body[2 * dropped:]))
+            encoded[dropped] = engine.encode(engine.chat_prompt(head + body[2 * dropped :]))
         return encoded[dropped]
 
     def overflow(taken: str) -> ContextOverflow:
         return ContextOverflow(
             f"the message is too long: with the system prompt it takes {taken} tokens, but at most {budget} fit "
             f"(context {engine.context_length} tokens less max_new_tokens {settings.max_new_tokens}); shorten it "
-            "or lower max_new_tokens")
+            "or lower max_new_tokens"
+        )
 
     chars = sum(len(m["content"]) for m in head + body[-1:])
     if chars > budget * engine.max_token_chars:  # so long that it cannot fit: not worth tokenizing
@@ -117,7 +120,7 @@ def fit_messages(engine: Engine, messages: Sequence[Message], settings: Generati
         raise overflow(str(used))
     estimate = n_pairs  # pairs to leave out, by the per-message counts
     for k in range(n_pairs):  # the k-th newest earlier pair, each message tokenized once
-        pair = body[len(body) - 3 - 2 * k: len(body) - 1 - 2 * k]
+        pair = body[len(body) - 3 - 2 * k : len(body) - 1 - 2 * k]
         if sum(len(m["content"]) for m in pair) > (budget - used + 1) * engine.max_token_chars:
             break  # cannot fit: not worth tokenizing
         used += sum(engine.count_tokens(m["content"]) for m in pair) + engine.pair_overhead
@@ -125,7 +128,8 @@ def fit_messages(engine: Engine, messages: Sequence[Message], settings: Generati
             break
         estimate = n_pairs - k - 1
     dropped = _smallest(lambda d: len(prompt_ids(d)) <= budget, estimate, n_pairs)
-    return Fitted(head + body[2 * dropped:], prompt_ids(dropped), dropped)
+    assert dropped is not None  # dropping all n_pairs fits: checked above (used <= budget)
+    return Fitted(head + body[2 * dropped :], prompt_ids(dropped), dropped)
 
 
 @dataclass
@@ -149,7 +153,7 @@ class ChatSession:
             out += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.assistant}]
         return out + [{"role": "user", "content": user}]
 
-    def ask(self, user: str, settings: GenerationSettings | None = None) -> "Reply":
+    def ask(self, user: str, settings: GenerationSettings | None = None) -> Reply:
         """Start the answer to ``user``; iterate the returned :class:`Reply` to stream it.
 
         Raises:
@@ -167,8 +171,9 @@ class ChatSession:
 
     def transcript(self) -> str:
         """The whole conversation as JSON: ``{"system": ..., "turns": [{"user": ..., "assistant": ...}]}``."""
-        return json.dumps({"system": self.system, "turns": [asdict(t) for t in self.turns]}, indent=2,
-                          ensure_ascii=False)
+        return json.dumps(
+            {"system": self.system, "turns": [asdict(t) for t in self.turns]}, indent=2, ensure_ascii=False
+        )
 
 
 class Reply:
@@ -195,8 +200,7 @@ class Reply:
     def __iter__(self) -> Iterator[str]:
         pieces: list[str] = []
         try:
-            for piece in self.session.engine.stream(self.fitted.prompt_ids, self.settings, self.state,
-                                                    self._cancel):
+            for piece in self.session.engine.stream(self.fitted.prompt_ids, self.settings, self.state, self._cancel):
                 pieces.append(piece)
                 yield piece
         finally:

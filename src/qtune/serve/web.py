@@ -88,20 +88,24 @@ def _assistant(text: str) -> dict:
     return _message("assistant", text)
 
 
+SessionKey = str | None
+"""Gradio's session hash of a request (``gr.Request.session_hash``; None for a request outside a session)."""
+
+
 class _Sessions:
     """What each browser session holds on the server, by Gradio session hash: the answer being streamed (so that
     Stop can end it) and the folder with its transcript (deleted when the session ends)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._replies: dict[str, Reply] = {}
-        self._folders: dict[str, Path] = {}
+        self._replies: dict[SessionKey, Reply] = {}
+        self._folders: dict[SessionKey, Path] = {}
 
-    def started(self, key: str, reply: Reply) -> None:
+    def started(self, key: SessionKey, reply: Reply) -> None:
         with self._lock:
             self._replies[key] = reply
 
-    def finished(self, key: str, reply: Reply) -> bool:
+    def finished(self, key: SessionKey, reply: Reply) -> bool:
         """The answer has ended; False when its session ended first (then nothing more is kept for it)."""
         with self._lock:
             if self._replies.get(key) is reply:
@@ -109,14 +113,14 @@ class _Sessions:
                 return True
             return False
 
-    def stop(self, key: str) -> None:
+    def stop(self, key: SessionKey) -> None:
         """End the session's answer at its next token (nothing when none is streaming)."""
         with self._lock:
             reply = self._replies.get(key)
         if reply is not None:
             reply.stop()
 
-    def write_transcript(self, key: str, session: ChatSession) -> str:
+    def write_transcript(self, key: SessionKey, session: ChatSession) -> str:
         """Write the transcript as the session's only file; returns its path."""
         with self._lock:
             folder = self._folders.get(key)
@@ -125,12 +129,13 @@ class _Sessions:
                 folder = self._folders[key] = Path(tempfile.mkdtemp(prefix="qtune-chat-", dir=get_upload_folder()))
         for old in folder.iterdir():
             old.unlink()
-        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="chat-", dir=folder, delete=False,
-                                         encoding="utf-8") as f:
+        with tempfile.NamedTemporaryFile(
+            "w", suffix=".json", prefix="chat-", dir=folder, delete=False, encoding="utf-8"
+        ) as f:
             f.write(session.transcript())
         return f.name
 
-    def end(self, key: str) -> None:
+    def end(self, key: SessionKey) -> None:
         """The session is over (tab closed): stop its answer and delete its transcript folder."""
         with self._lock:
             reply = self._replies.pop(key, None)
@@ -151,15 +156,20 @@ def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.B
     sessions = _Sessions()
     max_new_cap = max(1, min(4096, engine.context_length - 1))
 
-    def respond(message, turns, chat, system, temperature, top_p, max_new_tokens, repetition_penalty,
-                request: gr.Request):
+    def respond(
+        message, turns, chat, system, temperature, top_p, max_new_tokens, repetition_penalty, request: gr.Request
+    ):
         if not message or not message.strip():
             gr.Info("Empty message ignored: type a question, then press Enter.")
             yield message, turns, chat, gr.skip(), gr.skip(), gr.skip()
             return
         try:
-            settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                          top_p=float(top_p), repetition_penalty=float(repetition_penalty))
+            settings = GenerationSettings(
+                max_new_tokens=int(max_new_tokens),
+                temperature=float(temperature),
+                top_p=float(top_p),
+                repetition_penalty=float(repetition_penalty),
+            )
             session = ChatSession(engine, system if system.strip() else None, [Turn(**t) for t in turns])
             reply = session.ask(message, settings)
         except ValueError as e:  # out-of-range settings, a message longer than the context
@@ -183,10 +193,15 @@ def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.B
         if not alive:  # the tab was closed while answering: no transcript for a session that has ended
             return
         chat[-1] = _assistant(session.turns[-1].assistant)
-        transcript = gr.DownloadButton(value=sessions.write_transcript(request.session_hash, session),
-                                       interactive=True)
-        yield ("", [asdict(t) for t in session.turns], chat, transcript, gr.Button(interactive=True),
-               gr.Button(interactive=False))
+        transcript = gr.DownloadButton(value=sessions.write_transcript(request.session_hash, session), interactive=True)
+        yield (
+            "",
+            [asdict(t) for t in session.turns],
+            chat,
+            transcript,
+            gr.Button(interactive=True),
+            gr.Button(interactive=False),
+        )
 
     def stop(request: gr.Request):
         sessions.stop(request.session_hash)
@@ -195,19 +210,31 @@ def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.B
         sessions.end(request.session_hash)
 
     def new_conversation():
-        return ("", [], [], gr.DownloadButton(value=None, interactive=False), gr.Button(interactive=True),
-                gr.Button(interactive=False))
+        return (
+            "",
+            [],
+            [],
+            gr.DownloadButton(value=None, interactive=False),
+            gr.Button(interactive=True),
+            gr.Button(interactive=False),
+        )
 
     with gr.Blocks(title=f"qtune · {engine.name}") as demo:
-        gr.Markdown(f"### qtune chat · `{engine.name}`  \ntemplate `{engine.template}`, context "
-                    f"{engine.context_length} tokens; oldest turns leave the prompt first when it is full.")
+        gr.Markdown(
+            f"### qtune chat · `{engine.name}`  \ntemplate `{engine.template}`, context "
+            f"{engine.context_length} tokens; oldest turns leave the prompt first when it is full."
+        )
         turns = gr.State([])
         # Markdown with highlighted code (see display()); no LaTeX, so that "$$" in code and prose stays text
-        chat = gr.Chatbot(label="Conversation", height=720, elem_id="chat", render_markdown=True,
-                          latex_delimiters=[])
+        chat = gr.Chatbot(label="Conversation", height=720, elem_id="chat", render_markdown=True, latex_delimiters=[])
         with gr.Row():
-            message = gr.Textbox(placeholder="Ask a coding question and press Enter", show_label=False, scale=5,
-                                 elem_id="message", autofocus=True)
+            message = gr.Textbox(
+                placeholder="Ask a coding question and press Enter",
+                show_label=False,
+                scale=5,
+                elem_id="message",
+                autofocus=True,
+            )
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
             stop_button = gr.Button("Stop", variant="stop", scale=1, elem_id="stop", interactive=False)
         with gr.Row():
@@ -217,8 +244,9 @@ def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.B
             system = gr.Textbox(value=default_system_prompt(engine), label="System prompt", lines=2)
             temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top-p")
-            max_new = gr.Slider(1, max_new_cap, value=min(d.max_new_tokens, max_new_cap), step=1,
-                                label="Max new tokens")
+            max_new = gr.Slider(
+                1, max_new_cap, value=min(d.max_new_tokens, max_new_cap), step=1, label="Max new tokens"
+            )
             rep = gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.05, label="Repetition penalty")
         inputs = [message, turns, chat, system, temperature, top_p, max_new, rep]
         outputs = [message, turns, chat, download, send, stop_button]

@@ -12,8 +12,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from qtune.jsonio import dumps
-
-GIB = 1024**3
+from qtune.units import GIB
 
 
 def peak_memory() -> dict[str, float]:
@@ -46,13 +45,13 @@ class MetricsRecorder(TrainerCallback):
         self.path = Path(path)
         self.records: list[dict] = []
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self.t0 = self.t_last = time.perf_counter()
         self.tokens_last = state.num_input_tokens_seen
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         if not state.is_world_process_zero:  # one writer: the main process (logs hold figures reduced over ranks)
             return
         logs = logs or {}
@@ -88,26 +87,31 @@ class ProgressBar(TrainerCallback):
         self.recorder = recorder
         self.bar = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
         if state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
-                            dynamic_ncols=True)  # a resumed run starts at its checkpoint's step
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True
+            )  # a resumed run starts at its checkpoint's step
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, **kwargs) -> None:
         # a step that logs moves the bar in on_log, together with its own figures (not the previous step's)
         if self.bar is not None and state.global_step % max(args.logging_steps, 1):
             self.bar.update(state.global_step - self.bar.n)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         last = self.recorder.records[-1] if self.recorder.records else {}
         if self.bar is not None and "loss" in last and last.get("step") == state.global_step:
-            self.bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}",
-                                 tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{last['loss']:.4f}",
+                lr=f"{last['learning_rate']:.2e}",
+                tok_s=f"{last['tokens_per_s']:.0f}",
+                refresh=False,
+            )
             self.bar.update(state.global_step - self.bar.n)  # refreshes: the step count and its figures together
         if self.bar is not None and "eval_loss" in (logs or {}):
             self.bar.write(f"step {state.global_step}: val loss {logs['eval_loss']:.4f}")
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, **kwargs) -> None:
         self.close()
 
     def close(self) -> None:

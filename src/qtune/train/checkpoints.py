@@ -38,7 +38,7 @@ from qtune.config import RESUME_SETTABLE, RunConfig, TrainConfig, load_config, s
 from qtune.errors import QtuneError, QtuneWarning
 from qtune.jsonio import dumps
 from qtune.model.adapters import finish_adapter, save_adapter
-from qtune.rundir import TMP_PREFIX, RunDir, write_atomic
+from qtune.rundir import ADAPTER_WEIGHTS, TMP_PREFIX, RunDir, write_atomic
 
 KEEP_CHECKPOINTS = 2
 """Checkpoints kept on disk; older ones are deleted after a newer one is complete."""
@@ -189,7 +189,7 @@ def checkpoint_problem(checkpoint: Path, losses: dict[int, float | None] | None 
     """
     checkpoint = Path(checkpoint)
     step = int(checkpoint.name.rsplit("-", 1)[1])
-    files = sorted(checkpoint.rglob("adapter_model.safetensors"))  # none under FSDP's sharded state dict
+    files = sorted(checkpoint.rglob(ADAPTER_WEIGHTS))  # none under FSDP's sharded state dict
     bad = total = 0
     optimizer = checkpoint / "optimizer.pt"
     try:
@@ -214,14 +214,18 @@ def checkpoint_problem(checkpoint: Path, losses: dict[int, float | None] | None 
     return None
 
 
-def last_good_checkpoint(checkpoints_dir: str | Path, losses: dict[int, float | None] | None = None
-                         ) -> tuple[Path | None, list[tuple[Path, str]]]:
+def last_good_checkpoint(
+    checkpoints_dir: str | Path, losses: dict[int, float | None] | None = None
+) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest complete checkpoint in ``checkpoints_dir`` that :func:`checkpoint_problem` verifies, and the
     newer ones it rejected, each with its reason: ``(checkpoint or None, [(checkpoint, reason), ...])``."""
     root = Path(checkpoints_dir)
-    found = [p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-             if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", p.name) and (p / STATE_FILE).is_file()]
-    rejected = []
+    found = [
+        p
+        for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", p.name) and (p / STATE_FILE).is_file()
+    ]
+    rejected: list[tuple[Path, str]] = []
     for ckpt in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True):
         problem = checkpoint_problem(ckpt, losses)
         if problem is None:
@@ -258,8 +262,7 @@ def resume_point(rd: RunDir) -> Path | None:
     Raises:
         QtuneError: ``rd`` is not a run directory, has no prepared data, or its training already finished.
     """
-    if not rd.config.is_file():
-        raise QtuneError(f"{rd.root}: not a qtune run directory (no config.yaml); nothing to resume")
+    rd.require_config("nothing to resume")
     if rd.is_finished():
         raise QtuneError(f"{rd.root}: training already finished (adapter saved); nothing to resume")
     if not (rd.data / "splits").is_dir():
@@ -281,8 +284,8 @@ def resume_point(rd: RunDir) -> Path | None:
 def record_resume(rd: RunDir, cfg: RunConfig, step: int) -> dict[str, tuple]:
     """Compare ``cfg`` with the run's saved ``config.yaml`` before resuming it at optimizer step ``step``.
 
-    Changed fields of :data:`qtune.config.RESUME_SETTABLE` are saved: ``config.yaml`` is rewritten with ``cfg`` (atomically) and
-    one line ``{"step", "changes": {field: {"from", "to"}}}`` is appended to ``RUN/resumes.jsonl``.
+    Changed fields of :data:`qtune.config.RESUME_SETTABLE` are saved: ``config.yaml`` is rewritten with ``cfg``
+    (atomically) and one line ``{"step", "changes": {field: {"from", "to"}}}`` is appended to ``RUN/resumes.jsonl``.
 
     Returns:
         {field: (old, new)} of the changed fields (empty when nothing changed).
@@ -293,12 +296,18 @@ def record_resume(rd: RunDir, cfg: RunConfig, step: int) -> dict[str, tuple]:
     """
     saved = load_config(rd.config, saved_run=True).model_dump(mode="json")
     now = cfg.model_dump(mode="json")
-    changes = {f"{sec}.{key}": (saved[sec][key], value) for sec, fields in now.items() for key, value in fields.items()
-               if value != saved[sec][key] and f"{sec}.{key}" not in ("train.output_dir", "model.trust_remote_code")}
+    changes = {
+        f"{sec}.{key}": (saved[sec][key], value)
+        for sec, fields in now.items()
+        for key, value in fields.items()
+        if value != saved[sec][key] and f"{sec}.{key}" not in ("train.output_dir", "model.trust_remote_code")
+    }
     other = [k for k in changes if k not in RESUME_SETTABLE]
     if other:
-        raise QtuneError(f"{rd.root}: resuming with {', '.join(other)} changed from the saved config; only "
-                         f"{', '.join(RESUME_SETTABLE)} may change on resume")
+        raise QtuneError(
+            f"{rd.root}: resuming with {', '.join(other)} changed from the saved config; only "
+            f"{', '.join(RESUME_SETTABLE)} may change on resume"
+        )
     if changes:
         for sec, key in (("train", "output_dir"), ("model", "trust_remote_code")):
             now[sec][key] = saved[sec][key]
@@ -326,7 +335,7 @@ def keep_configured_learning_rate(trainer) -> None:
         load(checkpoint)
         if checkpoint is None or not wanted or list(sched.base_lrs) == wanted:
             return
-        for group, old, new in zip(trainer.optimizer.param_groups, sched.base_lrs, wanted):
+        for group, old, new in zip(trainer.optimizer.param_groups, sched.base_lrs, wanted, strict=True):
             group["lr"] = group["lr"] / old * new
             group["initial_lr"] = new
         sched.base_lrs = wanted
@@ -351,8 +360,9 @@ def train_from(trainer, checkpoint: Path | None) -> TrainOutput:
     return TrainOutput(trainer.state.global_step, 0.0, {})
 
 
-def save_final(rd: RunDir, model, tokenizer, summary: dict, cfg: RunConfig | None = None,
-               data_card: dict | None = None) -> None:
+def save_final(
+    rd: RunDir, model, tokenizer, summary: dict, cfg: RunConfig | None = None, data_card: dict | None = None
+) -> None:
     """Save the trained adapter and tokenizer to ``rd.adapter``, then ``summary`` to ``rd.summary``, then
     remove the checkpoints; a process killed at any point leaves a run that ``--resume`` completes.
 

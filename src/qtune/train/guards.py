@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import TrainerCallback
 
 from qtune.config import RESUME_SETTABLE, RunConfig
 from qtune.errors import QtuneError
+from qtune.units import GIB
 
-GIB = 1024**3
+if TYPE_CHECKING:
+    from qtune.model.memory import Strategy
 
 
 class NonFiniteLossGuard(TrainerCallback):
@@ -32,7 +36,7 @@ class NonFiniteLossGuard(TrainerCallback):
     (see :func:`qtune.train.checkpoints.checkpoint_arguments`).
     """
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         loss = (logs or {}).get("loss")
         if loss is None or math.isfinite(loss):
             return
@@ -55,7 +59,7 @@ class NonFiniteLossGuard(TrainerCallback):
         )
 
 
-def oom_message(cfg: RunConfig, total_bytes: float, world_size: int = 1, strategy: str = "ddp") -> str:
+def oom_message(cfg: RunConfig, total_bytes: float, world_size: int = 1, strategy: Strategy = "ddp") -> str:
     """The two-line explanation printed when training runs out of GPU memory: the memory model's breakdown
     (:mod:`qtune.model.memory`) for this config on ``world_size`` GPUs under ``strategy`` (ddp or fsdp), and the
     largest micro-batch it expects to fit in 90% of the GPU. Every position's logits are counted (a bound)."""
@@ -71,8 +75,11 @@ def oom_message(cfg: RunConfig, total_bytes: float, world_size: int = 1, strateg
         advice = f"batch_size {fitted['max_batch_size']} x max_length {cfg.data.max_length}"
     else:
         shorter = [row for row in fitted["table"] if row["max_batch_size"] >= 1]
-        advice = (f"batch_size {shorter[-1]['max_batch_size']} x max_length {shorter[-1]['seq_len']}" if shorter else
-                  "nothing: the weights alone do not fit; use a smaller model or 4-bit weights (quant.quant=nf4)")
+        advice = (
+            f"batch_size {shorter[-1]['max_batch_size']} x max_length {shorter[-1]['seq_len']}"
+            if shorter
+            else "nothing: the weights alone do not fit; use a smaller model or 4-bit weights (quant.quant=nf4)"
+        )
     per_gpu = f" per GPU ({world_size} x {strategy})" if world_size > 1 else ""
     return (
         f"out of GPU memory (batch_size {t.batch_size} x max_length {cfg.data.max_length}): memory model (GiB"
@@ -82,7 +89,7 @@ def oom_message(cfg: RunConfig, total_bytes: float, world_size: int = 1, strateg
     )
 
 
-def distributed_layout() -> tuple[int, str]:
+def distributed_layout() -> tuple[int, Strategy]:
     """(world size, strategy) of this training process as the Trainer runs it: accelerate's state, which
     transformers' Trainer sets up from the launcher (torchrun / accelerate launch): its process count, and fsdp
     when its distributed type is FSDP, else ddp. (1, "ddp") before any Trainer exists."""
@@ -96,12 +103,21 @@ def distributed_layout() -> tuple[int, str]:
 
 def gpu_total_bytes() -> float:
     """Total memory of the current CUDA device in bytes (0 without CUDA)."""
-    return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory) if torch.cuda.is_available() else 0.0
+    return (
+        float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+        if torch.cuda.is_available()
+        else 0.0
+    )
 
 
 @contextlib.contextmanager
-def explain_out_of_memory(model, cfg: RunConfig, total_bytes: float | None = None, world_size: int | None = None,
-                          strategy: str | None = None):
+def explain_out_of_memory(
+    model,
+    cfg: RunConfig,
+    total_bytes: float | None = None,
+    world_size: int | None = None,
+    strategy: Strategy | None = None,
+) -> Iterator[None]:
     """Context manager: running out of GPU memory inside becomes a :class:`QtuneError` (see :func:`oom_message`);
     other errors pass through unchanged.
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qtune.errors import QtuneError
+
+if TYPE_CHECKING:
+    from transformers.integrations import TensorBoardCallback
 
 
 def tensorboard_available() -> bool:
@@ -17,7 +21,7 @@ def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
-def tensorboard_callback(report_to: str, log_dir: Path):
+def tensorboard_callback(report_to: str, log_dir: Path) -> TensorBoardCallback | None:
     """A ``transformers`` ``TensorBoardCallback`` writing to ``log_dir``, or None.
 
     Args:
@@ -29,8 +33,10 @@ def tensorboard_callback(report_to: str, log_dir: Path):
     if report_to == "none" or (report_to == "auto" and not tensorboard_available()):
         return None
     if not tensorboard_available():
-        raise QtuneError("train.report_to: tensorboard needs the tensorboard package (pip install tensorboard), "
-                         "or set train.report_to=none")
+        raise QtuneError(
+            "train.report_to: tensorboard needs the tensorboard package (pip install tensorboard), "
+            "or set train.report_to=none"
+        )
     from transformers.integrations import TensorBoardCallback
 
     callback = TensorBoardCallback()

@@ -12,12 +12,13 @@ import shutil
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from qtune.config import RunConfig, check_require_cuda, save_config
-from qtune.data.prepare import load_splits, prepare_dataset
+from qtune.data.prepare import CARD_FILE, load_splits, prepare_dataset
 from qtune.data.tokenize import padding_collator, training_collator
 from qtune.errors import QtuneError
 from qtune.jsonio import dumps
@@ -26,12 +27,24 @@ from qtune.model.load import check_max_length, device, load_model, load_tokenize
 from qtune.model.quantize import compute_dtype, is_quantized
 from qtune.rundir import RunDir, RunLock
 from qtune.train.callbacks import MetricsRecorder, ProgressBar, peak_memory
-from qtune.train.checkpoints import (checkpoint_arguments, checkpoint_state, keep_configured_learning_rate,
-                                     make_checkpoints_atomic, record_resume, resume_point, resumed_summary, save_final,
-                                     train_from, truncate_metrics)
+from qtune.train.checkpoints import (
+    checkpoint_arguments,
+    checkpoint_state,
+    keep_configured_learning_rate,
+    make_checkpoints_atomic,
+    record_resume,
+    resume_point,
+    resumed_summary,
+    save_final,
+    train_from,
+    truncate_metrics,
+)
 from qtune.train.guards import NonFiniteLossGuard, explain_out_of_memory
 from qtune.train.tensorboard import tensorboard_callback
 from qtune.train.validation import ValidationTrainer
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 PACKAGES = ("qtune", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "gguf")
 
@@ -67,7 +80,9 @@ def make_run_dir(path: str | Path, overwrite: bool, lock: RunLock, inputs: tuple
     existed = rd.root.is_dir()
     if existed and any(e != rd.lock for e in rd.root.iterdir()):
         if not overwrite:
-            raise QtuneError(f"{rd.root}: run directory exists and is not empty; pass --overwrite or choose another train.output_dir")
+            raise QtuneError(
+                f"{rd.root}: run directory exists and is not empty; pass --overwrite or choose another train.output_dir"
+            )
         rd.check_replaceable(inputs)
         lock.acquire()
         rd.clear()
@@ -149,8 +164,16 @@ def training_arguments(cfg: RunConfig, output_dir: Path) -> TrainingArguments:
     )
 
 
-def build_trainer(cfg: RunConfig, model_path: str, tokenizer, train_dataset, eval_dataset, output_dir: Path,
-                  callbacks: tuple = (), args: TrainingArguments | None = None) -> Trainer:
+def build_trainer(
+    cfg: RunConfig,
+    model_path: str,
+    tokenizer,
+    train_dataset,
+    eval_dataset,
+    output_dir: Path,
+    callbacks: tuple = (),
+    args: TrainingArguments | None = None,
+) -> Trainer:
     """Load the (quantized) base, attach LoRA and build the Trainer with qtune's collator and arguments.
 
     Args:
@@ -161,11 +184,17 @@ def build_trainer(cfg: RunConfig, model_path: str, tokenizer, train_dataset, eva
     """
     check_device_switches(cfg)
     set_seed(cfg.train.seed)
-    model = load_model(model_path, cfg.model, cfg.quant)
-    loaded_dtypes = [(p, p.dtype) for p in model.parameters()]  # evaluation uses them as `qtune eval` loads them
-    model = attach_lora(model, cfg.lora, is_quantized(cfg.quant), cfg.train.gradient_checkpointing,
-                        upcast_frozen=cfg.train.upcast_frozen, offload_activations=cfg.train.offload_activations,
-                        model_path=model_path)
+    base = load_model(model_path, cfg.model, cfg.quant)
+    loaded_dtypes = [(p, p.dtype) for p in base.parameters()]  # evaluation uses them as `qtune eval` loads them
+    model = attach_lora(
+        base,
+        cfg.lora,
+        is_quantized(cfg.quant),
+        cfg.train.gradient_checkpointing,
+        upcast_frozen=cfg.train.upcast_frozen,
+        offload_activations=cfg.train.offload_activations,
+        model_path=model_path,
+    )
     trainer = ValidationTrainer(
         model=model,
         args=args or training_arguments(cfg, output_dir),
@@ -181,8 +210,9 @@ def build_trainer(cfg: RunConfig, model_path: str, tokenizer, train_dataset, eva
     return trainer
 
 
-def train(cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume: bool = False,
-          protect: tuple = ()) -> dict:
+def train(
+    cfg: RunConfig, overwrite: bool = False, callbacks: tuple = (), resume: bool = False, protect: tuple = ()
+) -> dict:
     """Run one fine-tuning job and return its summary (also written to ``train_summary.json``).
 
     Args:
@@ -254,19 +284,28 @@ def _train(cfg: RunConfig, overwrite: bool, callbacks: tuple, resume: bool, prot
     splits = splits.remove_columns("row")
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     if main and args.world_size > 1:
-        print(f"distributed: {args.world_size} processes x batch {args.per_device_train_batch_size} x "
-              f"accumulation {args.gradient_accumulation_steps} = global batch {global_batch}")
+        print(
+            f"distributed: {args.world_size} processes x batch {args.per_device_train_batch_size} x "
+            f"accumulation {args.gradient_accumulation_steps} = global batch {global_batch}"
+        )
 
     recorder = MetricsRecorder(rd.metrics)
     recorder.records = done
     bar = ProgressBar(recorder)
     board = tensorboard_callback(cfg.train.report_to, rd.tensorboard) if main else None
-    trainer = build_trainer(cfg, model_path, tokenizer, splits["train"], splits.get("val"), rd.checkpoints,
-                            callbacks=(recorder, bar, NonFiniteLossGuard(), *callbacks, *([board] if board else [])),
-                            args=args)
+    trainer = build_trainer(
+        cfg,
+        model_path,
+        tokenizer,
+        splits["train"],
+        splits.get("val"),
+        rd.checkpoints,
+        callbacks=(recorder, bar, NonFiniteLossGuard(), *callbacks, *([board] if board else [])),
+        args=args,
+    )
     make_checkpoints_atomic(trainer)
     keep_configured_learning_rate(trainer)
-    model = trainer.model
+    model = cast("PeftModel", trainer.model)  # build_trainer attached the LoRA adapter
     trainable, total = model.get_nb_trainable_parameters()
     start = time.perf_counter()
     try:
@@ -300,7 +339,8 @@ def _train(cfg: RunConfig, overwrite: bool, callbacks: tuple, resume: bool, prot
     }
     if checkpoint:  # tokens/s of this session only; the checkpoint brought the earlier tokens along
         summary |= resumed_summary(resumed_state, trainer.state.num_input_tokens_seen, wall)
-    card = json.loads((rd.data / "data_card.json").read_text(encoding="utf-8")) if (rd.data / "data_card.json").is_file() else None
-    save_final(rd, model, tokenizer, summary, cfg, card)  # the summary, written last, marks the run finished
+    card_fields = (
+        json.loads((rd.data / CARD_FILE).read_text(encoding="utf-8")) if (rd.data / CARD_FILE).is_file() else None
+    )
+    save_final(rd, model, tokenizer, summary, cfg, card_fields)  # the summary, written last, marks the run finished
     return summary
-

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterator, Sized
+from typing import cast
 
 import torch
 from transformers import Trainer
@@ -61,8 +63,9 @@ def split_loss(model, dataset, collate, batch_size: int | None = None, progress=
                     continue
                 batch = {k: v.to(dev) for k, v in batch.items()}
                 logits = model(**batch, logits_to_keep=keep.to(dev), use_cache=False).logits[0]  # [K, V]
-                losses += torch.nn.functional.cross_entropy(logits.float(), next_labels[keep].to(dev),
-                                                            reduction="none").tolist()
+                losses += torch.nn.functional.cross_entropy(
+                    logits.float(), next_labels[keep].to(dev), reduction="none"
+                ).tolist()
     finally:
         model.train(was_training)
     count = len(losses)
@@ -71,7 +74,7 @@ def split_loss(model, dataset, collate, batch_size: int | None = None, progress=
 
 
 @contextlib.contextmanager
-def no_cpu_repacking(model):
+def no_cpu_repacking(model) -> Iterator[None]:
     """Keep bitsandbytes from repacking 4-bit weights for CPU inference inside the block.
 
     On a CPU with AVX512-BF16, a ``Linear4bit`` in eval mode without gradients rewrites its weight on first use
@@ -94,7 +97,7 @@ def no_cpu_repacking(model):
 
 
 @contextlib.contextmanager
-def loaded_precision(dtypes: list[tuple[torch.nn.Parameter, torch.dtype]]):
+def loaded_precision(dtypes: list[tuple[torch.nn.Parameter, torch.dtype]]) -> Iterator[None]:
     """Cast the given parameters back to the dtype they were loaded in, for the duration of the block.
 
     Training upcasts a quantized base's non-quantized parameters (norms, embeddings, LM head) to float32
@@ -140,24 +143,38 @@ class ValidationTrainer(Trainer):
             {prefix_loss, prefix_perplexity, prefix_tokens (supervised tokens), prefix_runtime (s)}; also logged
             (callbacks' ``on_log``) and passed to ``on_evaluate``.
         """
-        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        # one split (a datasets.Dataset): qtune never gives the Trainer a dict of evaluation sets
+        dataset = cast(Sized, self.eval_dataset if eval_dataset is None else eval_dataset)
         start = time.perf_counter()
         bar = None
         if self.is_world_process_zero():
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(dataset), desc=f"eval (step {self.state.global_step})", unit="sample",
-                       dynamic_ncols=True, leave=False)
+            bar = tqdm(
+                total=len(dataset),
+                desc=f"eval (step {self.state.global_step})",
+                unit="sample",
+                dynamic_ncols=True,
+                leave=False,
+            )
         try:
             with loaded_precision(self.loaded_dtypes):
-                result = split_loss(self.model, dataset, self.eval_collate,
-                                    progress=(lambda done: bar.update(done - bar.n)) if bar else None)
+                result = split_loss(
+                    self.model,
+                    dataset,
+                    self.eval_collate,
+                    progress=(lambda done: bar.update(done - bar.n)) if bar else None,
+                )
         finally:
             if bar is not None:
                 bar.close()
         p = metric_key_prefix
-        metrics = {f"{p}_loss": result["loss"], f"{p}_perplexity": result["perplexity"],
-                   f"{p}_tokens": result["tokens"], f"{p}_runtime": round(time.perf_counter() - start, 3)}
+        metrics = {
+            f"{p}_loss": result["loss"],
+            f"{p}_perplexity": result["perplexity"],
+            f"{p}_tokens": result["tokens"],
+            f"{p}_runtime": round(time.perf_counter() - start, 3),
+        }
         self.log(dict(metrics))  # log() adds epoch and token counts to the dict it gets
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
