@@ -67,7 +67,8 @@ class RunDir:
 
     @property
     def versions(self) -> Path:
-        """Installed versions of the packages the run depended on, plus Python's (:func:`qtune.train.trainer.library_versions`)."""
+        """Installed versions of the packages the run depended on, plus Python's
+        (:func:`qtune.train.trainer.library_versions`)."""
         return self.root / "versions.json"
 
     @property
