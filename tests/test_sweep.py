@@ -16,8 +16,13 @@ from qtune.config import LoraSettings, ModelConfig, QuantConfig, RunConfig
 from qtune.errors import QtuneError
 from qtune.model.adapters import attach_lora, lora_config, loraplus_optimizer
 from qtune.model.load import load_model
-from qtune.study.report import FIGURES, pareto_front, write_report
-from qtune.study.sweep import best_run, expand, load_results, load_sweep, run_sweep
+from qtune.rundir import RunDir
+from qtune.study.evals import qtune_eval
+from qtune.study.figures import FIGURES
+from qtune.study.pareto import pareto_front
+from qtune.study.results import best_run, load_results
+from qtune.study.runner import run_sweep
+from qtune.study.spec import expand, load_sweep
 
 from conftest import CODEALPACA
 
@@ -30,24 +35,35 @@ def _write(path: Path, spec: dict) -> Path:
 
 
 def test_expand_names_overrides_variants_and_skips_loftq_on_int8(tmp_path):
-    spec_path = _write(tmp_path / "s.yaml", {"axes": {"quant": ["nf4", "int8"], "r": [4, 16],
-                                                      "variant": ["lora", "dora", "loftq"]}})
+    spec_path = _write(
+        tmp_path / "s.yaml", {"axes": {"quant": ["nf4", "int8"], "r": [4, 16], "variant": ["lora", "dora", "loftq"]}}
+    )
     runs, notes = expand(*load_sweep(spec_path))
     names = [r.name for r in runs]
     assert len(runs) == 2 * 2 * 3 - 2 and names[:3] == ["nf4-r4", "nf4-r4-dora", "nf4-r4-loftq"]
-    assert "int8-r16-loftq" not in names and notes == ["int8-r4-loftq: skipped (LoftQ needs a 4-bit base)",
-                                                        "int8-r16-loftq: skipped (LoftQ needs a 4-bit base)"]
+    assert "int8-r16-loftq" not in names and notes == [
+        "int8-r4-loftq: skipped (LoftQ needs a 4-bit base)",
+        "int8-r16-loftq: skipped (LoftQ needs a 4-bit base)",
+    ]
     dora = runs[1].overrides
     assert dora["lora.use_dora"] is True and dora["lora.r"] == 4 and dora["lora.lora_alpha"] == 8.0
 
 
 def test_named_runs_cross_the_axes_and_names_are_safe_file_names(tmp_path):
-    spec_path = _write(tmp_path / "s.yaml", {
-        "runs": {"fp32": {"quant.quant": "none"}, "nf4-skip": {"quant.skip_modules": ["down_proj"]}},
-        "axes": {"r": [4, 16], "data.path": ["org/dataset"]}})
+    spec_path = _write(
+        tmp_path / "s.yaml",
+        {
+            "runs": {"fp32": {"quant.quant": "none"}, "nf4-skip": {"quant.skip_modules": ["down_proj"]}},
+            "axes": {"r": [4, 16], "data.path": ["org/dataset"]},
+        },
+    )
     runs, _ = expand(*load_sweep(spec_path))
-    assert [r.name for r in runs] == ["fp32-r4-path=org_dataset", "fp32-r16-path=org_dataset",
-                                      "nf4-skip-r4-path=org_dataset", "nf4-skip-r16-path=org_dataset"]
+    assert [r.name for r in runs] == [
+        "fp32-r4-path=org_dataset",
+        "fp32-r16-path=org_dataset",
+        "nf4-skip-r4-path=org_dataset",
+        "nf4-skip-r16-path=org_dataset",
+    ]
     assert runs[0].overrides["quant.quant"] == "none" and runs[0].labels["run"] == "fp32"
     assert runs[3].overrides["quant.skip_modules"] == ["down_proj"] and runs[3].overrides["lora.r"] == 16
     dup = _write(tmp_path / "d.yaml", {"axes": {"model.revision": ["a/b", "a_b"]}})
@@ -55,15 +71,21 @@ def test_named_runs_cross_the_axes_and_names_are_safe_file_names(tmp_path):
         expand(*load_sweep(dup))
 
 
-@pytest.mark.parametrize("text, message", [
-    ("runs:\n  '..': {lora.r: 4}\n", "runs...: a run name starts with a letter or digit"),
-    ("runs:\n  a: {lora.r: 4}\n  a: {lora.r: 32}\n", ":3: invalid YAML: duplicate key 'a'"),
-    ("runs:\n  a: {lora.r: 4}\naxes:\n  r: [8]\n", "runs.a.lora.r: also an axis; the axis would override it"),
-    ("runs:\n  a: {quant: nf4}\n", "runs.a.quant: expected a dotted config key such as quant.quant"),
-    ("humaneval_limit: true\n", "humaneval_limit: Input should be a valid integer"),
-    ("", "no axes and no runs: nothing to sweep"),
-    ("runs:\n  a: {lora.init: loftq, quant.quant: int8}\n", "a: config: lora.init=loftq needs quant.quant nf4 or fp4 (got int8)"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("runs:\n  '..': {lora.r: 4}\n", "runs...: a run name starts with a letter or digit"),
+        ("runs:\n  a: {lora.r: 4}\n  a: {lora.r: 32}\n", ":3: invalid YAML: duplicate key 'a'"),
+        ("runs:\n  a: {lora.r: 4}\naxes:\n  r: [8]\n", "runs.a.lora.r: also an axis; the axis would override it"),
+        ("runs:\n  a: {quant: nf4}\n", "runs.a.quant: expected a dotted config key such as quant.quant"),
+        ("humaneval_limit: true\n", "humaneval_limit: Input should be a valid integer"),
+        ("", "no axes and no runs: nothing to sweep"),
+        (
+            "runs:\n  a: {lora.init: loftq, quant.quant: int8}\n",
+            "a: config: lora.init=loftq needs quant.quant nf4 or fp4 (got int8)",
+        ),
+    ],
+)
 def test_bad_named_runs_are_errors_not_skips(tmp_path, text, message):
     path = tmp_path / "s.yaml"
     path.write_text(text)
@@ -75,7 +97,7 @@ def test_bad_named_runs_are_errors_not_skips(tmp_path, text, message):
 
 
 def test_metrics_reader_skips_a_truncated_last_line(tmp_path):
-    from qtune.study.sweep import read_metrics
+    from qtune.rundir import read_metrics
 
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
@@ -111,12 +133,20 @@ def _result(run, val_loss, peak, status="ok"):
 
 
 def test_selection_by_val_loss_with_ties_to_less_memory():
-    results = [_result("a", 1.50001, 3.0), _result("b", 1.5, 2.0), _result("c", 1.6, 1.0),
-               _result("d", 0.1, 0.5, status="failed"), _result("e", None, 0.1)]
+    results = [
+        _result("a", 1.50001, 3.0),
+        _result("b", 1.5, 2.0),
+        _result("c", 1.6, 1.0),
+        _result("d", 0.1, 0.5, status="failed"),
+        _result("e", None, 0.1),
+    ]
     assert best_run(results)["run"] == "b"  # a and b tie to 4 decimals; b uses less memory
     assert best_run([_result("x", None, 1.0)]) is None
     assert pareto_front([(3.0, 1.5, "a"), (2.0, 1.5, "b"), (1.0, 1.6, "c"), (2.5, 1.4, "f")]) == [
-        (1.0, 1.6, "c"), (2.0, 1.5, "b"), (2.5, 1.4, "f")]
+        (1.0, 1.6, "c"),
+        (2.0, 1.5, "b"),
+        (2.5, 1.4, "f"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +155,23 @@ def sweep_dir(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     spec = {
         "output_dir": str(root / "out"),
-        "set": {"model.name": tiny_model_dir, "data.path": str(CODEALPACA), "data.max_rows": 120,
-                "data.max_length": 96, "train.max_steps": 4, "train.warmup_steps": 1, "train.batch_size": 4,
-                "train.learning_rate": 1e-2, "train.seed": 0},
+        "set": {
+            "model.name": tiny_model_dir,
+            "data.path": str(CODEALPACA),
+            "data.max_rows": 120,
+            "data.max_length": 96,
+            "train.max_steps": 4,
+            "train.warmup_steps": 1,
+            "train.batch_size": 4,
+            "train.learning_rate": 1e-2,
+            "train.seed": 0,
+        },
         "axes": {"r": [4], "lora.target_modules": ["all-linear", ["no_such_module"]]},
-        "humaneval_limit": 2, "humaneval_max_new_tokens": 8,
+        "humaneval_limit": 2,
+        "humaneval_max_new_tokens": 8,
     }
     path = _write(root / "sweep.yaml", spec)
-    out = run_sweep(path, echo=lambda s: None)
+    out = run_sweep(path, final=True, echo=lambda s: None)
     return Path(out["sweep_dir"]), path, out
 
 
@@ -141,8 +180,11 @@ def test_sweep_records_success_and_failure(sweep_dir):
     results = {r["run"]: r for r in load_results(d)}
     ok, bad = results["r4-target_modules=all-linear"], results["r4-target_modules=no_such_module"]
     assert ok["status"] == "ok" and ok["error"] is None and ok["steps"] == 4
-    assert ok["trainable_params"] > 0 and math.isfinite(ok["val_loss"]) and ok["val_perplexity"] == pytest.approx(
-        math.exp(ok["val_loss"]))
+    assert (
+        ok["trainable_params"] > 0
+        and math.isfinite(ok["val_loss"])
+        and ok["val_perplexity"] == pytest.approx(math.exp(ok["val_loss"]))
+    )
     assert ok["peak_gib"] > 0 and ok["memory_metric"] == "peak_rss" and ok["tokens_per_s"] > 0
     assert ok["versions"]["torch"] == version("torch") and ok["versions"]["peft"] == version("peft")
     assert ok["config"]["lora"]["r"] == 4 and ok["estimate_gib"] > 0
@@ -164,6 +206,38 @@ def test_sweep_records_success_and_failure(sweep_dir):
     table = (d / "results.md").read_text()
     assert "| r4-target_modules=all-linear | ok |" in table and "failed" in table and "HumanEval pass@1" in table
     assert (d / "results.csv").read_text().count("\n") == 4  # header, the nf4 base alone, two runs
+
+
+def test_final_run_keeps_the_grid_runs_log_and_reads_the_test_split_from_eval_json(sweep_dir):
+    d, _, out = sweep_dir
+    name = "r4-target_modules=all-linear"
+    final = json.loads((d / "final.json").read_text())
+    assert final == out["final"] and final["status"] == "ok" and final["run"] == name
+    written = json.loads(RunDir(d / "final" / name).eval.read_text())  # what the child `qtune eval` wrote
+    assert final["test"] == written and set(written["adapter"]) == {"test"}
+    grid_log = (d / "logs" / f"{name}.log").read_text()
+    commands = [ln.split(" -m qtune.cli ")[1].split(" --")[0] for ln in grid_log.splitlines() if ln.startswith("$ ")]
+    assert commands == ["train", "eval", "eval", "eval"]  # training, base val loss, HumanEval of run and base
+    final_log = (d / "logs" / "final" / f"{name}.log").read_text()
+    assert [ln.split(" -m qtune.cli ")[1].split(" --")[0] for ln in final_log.splitlines() if ln.startswith("$ ")] == [
+        "train",
+        "eval",
+    ]
+    assert f"--run {d / 'final' / name} --splits test" in final_log
+
+
+def test_an_evaluation_reads_only_the_file_its_own_child_wrote(tmp_path):
+    """A failed child leaves no figure behind: the file it was to write is removed before it starts, and its
+    error line (from the run's log) is the error."""
+    rd = RunDir(tmp_path / "run")
+    rd.root.mkdir()
+    rd.eval.write_text(json.dumps({"base": {"val": {"loss": 1.0, "perplexity": 2.7, "tokens": 5}}}))
+    log = tmp_path / "logs" / "run.log"
+    with pytest.raises(QtuneError) as e:
+        qtune_eval(rd, "val", log)
+    assert str(e.value) == f"error: {rd.root}: not a qtune run directory (no config.yaml)"
+    assert not rd.eval.exists()
+    assert log.read_text().splitlines()[0].endswith(f"-m qtune.cli eval --run {rd.root} --splits val")
 
 
 def test_rerun_skips_finished_runs(sweep_dir):
@@ -202,7 +276,11 @@ def test_report_writes_six_figures_and_markdown(sweep_dir):
         png = d / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     md = (d / "report.md").read_text()
-    assert "**r4-target_modules=all-linear**" in md and md.count("![") == 6 and "Failed runs: r4-target_modules=no_such_module" in md
+    assert (
+        "**r4-target_modules=all-linear**" in md
+        and md.count("![") == 6
+        and "Failed runs: r4-target_modules=no_such_module" in md
+    )
 
 
 def test_report_on_an_empty_directory_is_one_line(tmp_path):
@@ -211,6 +289,7 @@ def test_report_on_an_empty_directory_is_one_line(tmp_path):
 
 
 # --- LoRA variants, each through PEFT -------------------------------------------------------------------------
+
 
 def test_dora_and_rslora_reach_peft(tiny_model_dir):
     assert lora_config(LoraSettings(use_dora=True)).use_dora is True
@@ -257,7 +336,9 @@ def test_loftq_adapter_is_the_rank_r_svd_of_the_quantization_error(tiny_model_di
     weights = load_file(f"{tiny_model_dir}/model.safetensors")
     err = {}
     for init in ("default", "loftq"):
-        m = load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="nf4", compute_dtype="float32"))
+        m = load_model(
+            tiny_model_dir, ModelConfig(name=tiny_model_dir), QuantConfig(quant="nf4", compute_dtype="float32")
+        )
         m = attach_lora(m, LoraSettings(r=8, lora_alpha=16, init=init), True, False, model_path=tiny_model_dir).eval()
         if init == "loftq":
             layer = m.base_model.model.model.layers[1].mlp.down_proj

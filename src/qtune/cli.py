@@ -669,7 +669,9 @@ def sweep(
     """Grid of quantization x LoRA rank (x lr, batch, variant): one training process per run, resumable."""
     try:
         _quiet_libraries()
-        from qtune.study.sweep import format_plan, load_sweep, plan, run_sweep
+        from qtune.study.dryrun import format_plan, plan
+        from qtune.study.runner import run_sweep
+        from qtune.study.spec import load_sweep
 
         if dry_run:
             if final:

@@ -61,6 +61,7 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
+        """Trainer checkpoints (``checkpoint-N``) that ``qtune train --resume`` continues from."""
         return self.root / "checkpoints"
 
     @property
@@ -70,6 +71,8 @@ class RunDir:
 
     @property
     def versions(self) -> Path:
+        """Installed versions of the packages the run depended on, plus Python's
+        (:func:`qtune.train.trainer.library_versions`)."""
         return self.root / "versions.json"
 
     @property
@@ -79,12 +82,19 @@ class RunDir:
 
     @property
     def eval(self) -> Path:
+        """What ``qtune eval`` measured last: {"base": {split: {"loss", "perplexity", "tokens"}}, "adapter": ...}."""
         return self.root / "eval.json"
 
     @property
     def humaneval(self) -> Path:
         """HumanEval samples, per-sample results and summaries (:mod:`qtune.evaluate.humaneval`)."""
         return self.root / "humaneval"
+
+    @property
+    def val_halves(self) -> Path:
+        """The adapter's validation loss on each half of the val split, as a sweep measures it
+        (:func:`qtune.study.evals.write_val_halves`): a JSON list of two ``{"loss", "perplexity", "tokens"}``."""
+        return self.root / "val_halves.json"
 
     @property
     def tensorboard(self) -> Path:
@@ -95,6 +105,14 @@ class RunDir:
     def resumes(self) -> Path:
         """One JSON line per resume that changed a setting (:func:`qtune.train.checkpoints.record_resume`)."""
         return self.root / "resumes.jsonl"
+
+    def humaneval_summary(self, who: str) -> Path:
+        """The HumanEval summary (pass@k and settings) of ``who``: ``adapter`` (base + adapter) or ``base``."""
+        return self.humaneval / f"{who}.json"
+
+    def read_metrics(self) -> list[dict]:
+        """The records of :attr:`metrics` (:func:`read_metrics`)."""
+        return read_metrics(self.metrics)
 
     @classmethod
     def written_names(cls) -> frozenset[str]:
@@ -177,6 +195,102 @@ class RunDir:
                 entry.unlink()
 
 
+@dataclass(frozen=True)
+class SweepDir:
+    """Paths inside one sweep directory (``output_dir`` of a sweep file, :mod:`qtune.study`)."""
+
+    root: Path
+
+    @property
+    def spec(self) -> Path:
+        """The copy of the sweep file the sweep last ran (``reference_memory_gb`` is read back from it)."""
+        return self.root / "sweep.yaml"
+
+    @property
+    def results(self) -> Path:
+        """One ``<run>.json`` result record per run (:func:`qtune.study.results.collect_result`)."""
+        return self.root / "results"
+
+    def result(self, name: str) -> Path:
+        """The result record of run ``name``; its existence makes a rerun skip the run."""
+        return self.results / f"{name}.json"
+
+    def result_files(self) -> list[Path]:
+        """Every result record, sorted by file name."""
+        return sorted(self.results.glob("*.json"))
+
+    def run(self, name: str) -> RunDir:
+        """The run directory run ``name`` trains into."""
+        return RunDir(self.root / "runs" / name)
+
+    def final_run(self, name: str) -> RunDir:
+        """The run directory of the best configuration retrained by ``qtune sweep --final``."""
+        return RunDir(self.root / "final" / name)
+
+    def log(self, name: str) -> Path:
+        """Output of run ``name``'s processes: training, then its evaluations."""
+        return self.root / "logs" / f"{name}.log"
+
+    def final_log(self, name: str) -> Path:
+        """Output of the processes of :meth:`final_run` (retraining, test evaluation); the grid run's log stays."""
+        return self.root / "logs" / "final" / f"{name}.log"
+
+    @property
+    def table_csv(self) -> Path:
+        """The results table (:func:`qtune.study.tables.write_table`), one row per base evaluated alone and run."""
+        return self.root / "results.csv"
+
+    @property
+    def table_md(self) -> Path:
+        """The results table in Markdown, with the best run and the ranking check."""
+        return self.root / "results.md"
+
+    @property
+    def final(self) -> Path:
+        """Result record of the retrained best configuration, with its test-split evaluation."""
+        return self.root / "final.json"
+
+    @property
+    def figures(self) -> Path:
+        """The report's PNG figures (:mod:`qtune.study.figures`)."""
+        return self.root / "figures"
+
+    def figure(self, name: str) -> Path:
+        """The PNG of figure ``name`` (:data:`qtune.study.figures.FIGURES`)."""
+        return self.figures / f"{name}.png"
+
+    @property
+    def report(self) -> Path:
+        """``qtune report``'s Markdown (:func:`qtune.study.report.write_report`), embedding the figures."""
+        return self.root / "report.md"
+
+    def run_of(self, result: dict) -> RunDir:
+        """The run directory of a result record: the ``train.output_dir`` it trained into while that still holds
+        its metrics, else ``runs/<run>`` here (a sweep directory moved since)."""
+        recorded = ((result.get("config") or {}).get("train") or {}).get("output_dir")
+        if recorded and RunDir(Path(recorded)).metrics.is_file():
+            return RunDir(Path(recorded))
+        return self.run(result["run"])
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (one JSON object per line), in file order; [] without the file.
+
+    A line that is not a JSON object is skipped: a run killed mid-write leaves a truncated last line.
+    """
+    out = []
+    path = Path(path)
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
+
+
 def refuse_user_places(path: Path, refused: str, option: str) -> None:
     """Raises QtuneError(``refused`` + what + "choose another ``option``") when deleting ``path`` would delete
     the current directory or the home directory: it is one of them or a folder above one (``/`` included)."""
@@ -216,6 +330,7 @@ class RunLock:
 
     @property
     def held(self) -> bool:
+        """Whether this process holds the lock."""
         return self._fd is not None
 
     def acquire(self) -> None:

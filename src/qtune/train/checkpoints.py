@@ -38,7 +38,7 @@ from qtune.config import RESUME_SETTABLE, RunConfig, TrainConfig, load_config, s
 from qtune.errors import QtuneError, QtuneWarning
 from qtune.jsonio import dumps
 from qtune.model.adapters import finish_adapter, save_adapter
-from qtune.rundir import ADAPTER_WEIGHTS, TMP_PREFIX, RunDir, write_atomic
+from qtune.rundir import ADAPTER_WEIGHTS, TMP_PREFIX, RunDir, read_metrics, write_atomic
 
 KEEP_CHECKPOINTS = 2
 """Checkpoints kept on disk; older ones are deleted after a newer one is complete."""
@@ -136,20 +136,15 @@ def truncate_metrics(path: Path, state: dict) -> list[dict]:
     at_step = [r for r in state.get("log_history", []) if r.get("step") == step]
     room = {"loss": sum("loss" in r for r in at_step), "eval_loss": sum("eval_loss" in r for r in at_step)}
     kept: list[dict] = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
+    for rec in read_metrics(path):
+        if not isinstance(rec.get("step"), int) or rec["step"] > step:
+            continue
+        if rec["step"] == step:
+            kind = "loss" if "loss" in rec else "eval_loss"
+            if room[kind] == 0:
                 continue
-            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or rec["step"] > step:
-                continue
-            if rec["step"] == step:
-                kind = "loss" if "loss" in rec else "eval_loss"
-                if room[kind] == 0:
-                    continue
-                room[kind] -= 1
-            kept.append(rec)
+            room[kind] -= 1
+        kept.append(rec)
     path.write_text("".join(dumps(r) + "\n" for r in kept), encoding="utf-8")
     return kept
 
@@ -236,16 +231,8 @@ def last_good_checkpoint(
 
 def logged_losses(path: Path) -> dict[int, float | None]:
     """Optimizer step -> training loss from a ``metrics.jsonl`` (None where it was not finite); torn lines skipped."""
-    out: dict[int, float | None] = {}
-    if Path(path).is_file():
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and "loss" in rec and isinstance(rec.get("step"), int):
-                out[rec["step"]] = rec["loss"]
-    return out
+    records = read_metrics(path)
+    return {rec["step"]: rec["loss"] for rec in records if "loss" in rec and isinstance(rec.get("step"), int)}
 
 
 def resume_point(rd: RunDir) -> Path | None:
