@@ -31,12 +31,14 @@ def test_dumps_writes_null_for_non_finite_numbers():
 
 
 def test_summary_eval_json_and_printed_json_are_strict_with_a_nan_loss(tiny_model_dir, tmp_path, monkeypatch):
-    from transformers import Trainer
-
     import qtune.evaluate.perplexity as perplexity
+    import qtune.train.validation as validation
     from qtune.train.trainer import train
 
-    monkeypatch.setattr(Trainer, "evaluate", lambda self, *a, **k: {"eval_loss": math.nan})
+    # training's evaluation (ValidationTrainer.evaluate) computes its loss with validation.split_loss
+    monkeypatch.setattr(
+        validation, "split_loss", lambda *a, **k: {"loss": math.nan, "perplexity": math.inf, "tokens": 7}
+    )
     cfg = tiny_run_config(
         tiny_model_dir,
         tmp_path / "run",
