@@ -29,6 +29,7 @@ def test_lists_missing_keys_and_null_fields_are_counted(tmp_path):
         {"input": "", "output": "print()"},  # no instruction key
         {"instruction": "Print.", "input": "x"},  # no output key
         {"instruction": "Print.", "input": "", "output": None},  # null output
+        {"instruction": "Lone \ud800 surrogate.", "input": "", "output": "x"},  # not valid Unicode: not text
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     loaded, unit = load_rows(str(path))
@@ -36,14 +37,14 @@ def test_lists_missing_keys_and_null_fields_are_counted(tmp_path):
     kept = clean_rows(loaded, card)
     assert unit == "line" and [r["row"] for r in kept] == [1]
     assert card.dropped == {
-        "not_text": 3,
+        "not_text": 4,
         "empty_instruction": 1,
         "empty_output": 2,
         "duplicate": 0,
         "contaminated": 0,
         "over_token_budget": 0,
     }
-    assert card.examples["not_text"] == [2, 3, 4] and card.examples["empty_output"] == [6, 7]  # jsonl: line numbers
+    assert card.examples["not_text"] == [2, 3, 4, 8] and card.examples["empty_output"] == [6, 7]  # line numbers
 
 
 def test_json_array_with_bom_and_crlf_loads(tmp_path):
@@ -73,6 +74,12 @@ def test_json_array_with_bom_and_crlf_loads(tmp_path):
         ("rows.json", b'"just a string"', "rows.json: top level is str; expected a JSON array of rows"),
         ("rows.csv", b"instruction,output\na,b\n", "unsupported file type '.csv'"),
         ("rows.json", b" [ ] ", "rows.json: file is empty (an empty JSON array)"),
+        (
+            "rows.jsonl",
+            b'{"instruction": "a", "output": ' + b"9" * 5000 + b"}\n",
+            "rows.jsonl:1: invalid JSON: Exceeds the limit (4300 digits) for integer string conversion",
+        ),
+        ("rows.json", b'[{"instruction": "a", "output": ' + b"9" * 5000 + b"}]", "rows.json: invalid JSON: Exceeds"),
     ],
 )
 def test_more_malformed_files(tmp_path, name, content, expected):

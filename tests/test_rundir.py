@@ -64,7 +64,18 @@ def train_args(tiny_model_dir, output_dir, *extra):
 
 @pytest.mark.parametrize(
     "case",
-    ["config inside", "no marker", "old run", "cwd", "parent of cwd", "home", "data inside", "foreign file", "symlink"],
+    [
+        "config inside",
+        "no marker",
+        "old run",
+        "cwd",
+        "parent of cwd",
+        "home",
+        "data inside",
+        "foreign file",
+        "foreign file inside",
+        "symlink",
+    ],
 )
 def test_overwrite_refuses_what_qtune_did_not_write(case, tiny_model_dir, tmp_path, monkeypatch):
     folder = tmp_path / "project"
@@ -111,6 +122,12 @@ def test_overwrite_refuses_what_qtune_did_not_write(case, tiny_model_dir, tmp_pa
             "it holds notes.md, plots/, which qtune did not write; delete it yourself or choose another "
             "train.output_dir"
         )
+    elif case == "foreign file inside":  # the user's files inside qtune's own folders are theirs too
+        marked_run(folder)
+        (folder / "adapter" / "mynotes.txt").write_text("precious\n")
+        (folder / "data" / "mystuff").mkdir(parents=True)
+        (folder / "data" / "mystuff" / "x").write_text("p\n")
+        expected = "it holds adapter/mynotes.txt, data/mystuff/x, which qtune did not write"
     else:  # the run's data folder is a link to the user's own data
         marked_run(folder)
         user_folder(tmp_path / "mine")
@@ -156,7 +173,7 @@ def test_overwrite_replaces_a_run_qtune_wrote(tmp_path):
         rd.eval,
         rd.humaneval / "adapter.json",
         rd.adapter / "adapter_config.json",
-        rd.data / "splits" / "x",
+        rd.data / "splits" / "train" / "data-00000-of-00001.arrow",
         rd.checkpoints / "checkpoint-2" / "x",
         rd.root / ".tmp-adapter-abc" / "x",
         rd.root / ".tmp-train_summary.json",

@@ -9,6 +9,7 @@ once ``train_summary.json`` exists: the final save writes it last (:func:`qtune.
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import json
 import os
 import shutil
@@ -25,6 +26,36 @@ ADAPTER_CONFIG = "adapter_config.json"
 """PEFT's adapter config file (``peft.utils.CONFIG_NAME``), in the adapter folder of a run and of a checkpoint."""
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 """PEFT's adapter weights file (``peft.utils.SAFETENSORS_WEIGHTS_NAME``)."""
+
+
+WRITTEN_INSIDE = {
+    "adapter": tuple(
+        f"adapter/{name}"
+        for name in (
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "README.md",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "added_tokens.json",
+            "chat_template.jinja",
+            "vocab.json",
+            "merges.txt",
+            "vocab.txt",
+            "tokenizer.model",
+            "spiece.model",
+        )
+    ),
+    "data": ("data/data_card.json", "data/splits/*.json", "data/splits/*/*.arrow", "data/splits/*/*.json"),
+    "checkpoints": ("checkpoints/*",),
+    "humaneval": ("humaneval/*.json", "humaneval/*.jsonl"),
+    "tensorboard": ("tensorboard/events.out.tfevents.*",),
+}
+"""What qtune writes inside the folders of a run (fnmatch patterns of paths relative to the run, ``*`` spanning
+``/``): PEFT's adapter files and the tokenizer's, the data card and ``datasets``' Arrow splits, Trainer's
+checkpoints, HumanEval's samples/results/summaries, TensorBoard's event files. ``--overwrite`` refuses a run whose
+folders hold anything else (a user's notes put inside ``adapter/`` are kept)."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +184,22 @@ class RunDir:
             json.dumps({"version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n", encoding="utf-8"
         )
 
+    def _foreign_inside(self) -> list[str]:
+        """Paths (relative, ``/`` after a folder) inside qtune's folders of this run that qtune does not write:
+        a symlink, or a name outside :data:`WRITTEN_INSIDE` (checkpoints and temporary folders are qtune's own)."""
+        foreign = []
+        for top in sorted(WRITTEN_INSIDE):
+            base = self.root / top
+            if not base.is_dir() or base.is_symlink():
+                continue
+            for path in sorted(base.rglob("*")):
+                rel = path.relative_to(self.root).as_posix()
+                if path.is_symlink() or not (
+                    path.is_dir() or any(fnmatch.fnmatchcase(rel, pattern) for pattern in WRITTEN_INSIDE[top])
+                ):
+                    foreign.append(rel + ("/" if path.is_dir() else ""))
+        return foreign
+
     def check_replaceable(self, inputs: Iterable[str | Path] = ()) -> None:
         """Raises QtuneError (one line) unless ``--overwrite`` may delete this existing directory's contents.
 
@@ -180,6 +227,7 @@ class RunDir:
             for e in self.root.iterdir()
             if e.is_symlink() or not (e.name in known or e.name.startswith(TMP_PREFIX))
         )
+        foreign += self._foreign_inside()
         if foreign:
             more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
             raise QtuneError(f"{refused} it holds {', '.join(foreign[:5])}{more}, which qtune did not write; {way_out}")

@@ -21,7 +21,7 @@ from qtune.data.load import FIELDS
 from qtune.jsonio import dumps
 
 REASONS = {
-    "not_text": "a field is not text (number, list or object)",
+    "not_text": "a field is not text (number, list or object) or not valid Unicode (a lone surrogate escape)",
     "empty_instruction": "instruction empty, whitespace only, null or missing",
     "empty_output": "output empty, whitespace only, null or missing",
     "duplicate": "duplicate of an earlier row (line endings, trailing spaces and blank edge lines ignored)",
@@ -101,6 +101,16 @@ def dedup_key(row: dict) -> tuple[str, ...]:
     return tuple(text_key(row[f]) for f in FIELDS)
 
 
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode: JSON's ``\\ud800`` escapes decode to lone surrogates, which no tokenizer
+    (nor UTF-8) can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def clean_rows(rows: list[dict], card: DataCard, max_chars: int | None = None) -> list[dict]:
     """Drop bad rows, counting each in ``card``; return the kept rows with their text unchanged.
 
@@ -121,7 +131,7 @@ def clean_rows(rows: list[dict], card: DataCard, max_chars: int | None = None) -
             v = row.get(f)
             if v is None:
                 v = ""
-            if not isinstance(v, str):
+            if not isinstance(v, str) or not _encodable(v):
                 break
             values[f] = v
         else:

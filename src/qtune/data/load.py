@@ -42,6 +42,8 @@ def _read_json(path: Path) -> list[tuple[int, object]]:
         raise QtuneError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
     except RecursionError:
         raise QtuneError(f"{path}: JSON nested too deeply; expected an array of flat objects") from None
+    except ValueError as e:  # an integer literal over Python's digit limit (sys.get_int_max_str_digits)
+        raise QtuneError(f"{path}: invalid JSON: {str(e).split(';')[0]}") from None
     if isinstance(data, dict):
         raise QtuneError(
             f"{path}: top level is an object; expected a JSON array of rows (use .jsonl for one object per line)"
@@ -73,6 +75,8 @@ def read_jsonl(path: Path) -> list[tuple[int, object]]:
             raise QtuneError(f"{path}:{lineno}:{e.colno}: invalid JSON: {e.msg}") from None
         except RecursionError:
             raise QtuneError(f"{path}:{lineno}: invalid JSON: nested too deeply") from None
+        except ValueError as e:  # an integer literal over Python's digit limit (sys.get_int_max_str_digits)
+            raise QtuneError(f"{path}:{lineno}: invalid JSON: {str(e).split(';')[0]}") from None
     return items
 
 
