@@ -218,3 +218,17 @@ def test_byte_units():
     from qtune.units import GIB, MIB
 
     assert (MIB, GIB) == (2**20, 2**30)
+
+
+def test_a_bad_set_value_over_a_config_file_names_the_set_not_the_file(tmp_path):
+    from qtune.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  max_steps: 10\n")
+    with pytest.raises(QtuneError) as err:
+        load_config(path, ["train.learning_rate=.inf"])
+    assert str(err.value) == "--set train.learning_rate: Input should be a finite number (got inf)"
+    path.write_text("train:\n  learning_rate: .inf\n")
+    with pytest.raises(QtuneError) as err:
+        load_config(path, ["train.max_steps=5"])
+    assert str(err.value) == f"{path}: train.learning_rate: Input should be a finite number (got inf)"

@@ -8,6 +8,7 @@ against the context window) run in :mod:`qtune.model.load` before any weights lo
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -372,9 +373,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per problem: ``source: section.field: message (got value)``."""
+def format_validation_error(err: ValidationError, source: str, from_set: Iterable[str] = ()) -> str:
+    """One line per problem: ``source: section.field: message (got value)``; a field given by ``--set`` (its
+    dotted key in ``from_set``) over a config file is named ``--set section.field``, not blamed on the file."""
     lines = []
+    given = set(from_set)
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
@@ -382,7 +385,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         got = "" if e["type"] in ("missing",) or not e["loc"] else f" (got {e.get('input')!r})"
         if e["type"] == "extra_forbidden":
             msg, got = "unknown key", ""
-        lines.append(f"{source}: {loc}: {msg}{got}" if e["loc"] else f"{source}: {msg}")
+        where = f"--set {loc}" if loc in given and source != "config" else f"{source}: {loc}"
+        lines.append(f"{where}: {msg}{got}" if e["loc"] else f"{source}: {msg}")
     return "\n".join(lines)
 
 
@@ -447,7 +451,8 @@ def load_config(
     try:
         return RunConfig.model_validate(data, context={"saved_run": saved_run})
     except ValidationError as e:
-        raise QtuneError(format_validation_error(e, source)) from None
+        given = [o.split("=", 1)[0].strip() for o in overrides or []]
+        raise QtuneError(format_validation_error(e, source, given)) from None
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
