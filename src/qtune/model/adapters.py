@@ -242,6 +242,7 @@ def finish_adapter(adapter_dir: str | Path, cfg, summary: dict, data_card: dict 
     conf_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     q, lo, t, d = cfg.quant, cfg.lora, cfg.train, cfg.data
+    data_name = Path(d.path).name if Path(d.path).is_absolute() else d.path  # a file of this machine: by its name
     quant = q.quant + (f", double quantization {'on' if q.double_quant else 'off'}" if q.quant in FOUR_BIT else "")
     lines = [
         "---",
@@ -263,7 +264,7 @@ def finish_adapter(adapter_dir: str | Path, cfg, summary: dict, data_card: dict 
         f"{lo.target_modules}, init {lo.init} |",
         f"| training | {t.max_steps} steps, batch {t.batch_size} x accumulation {t.gradient_accumulation_steps}, "
         f"lr {t.learning_rate} ({t.lr_scheduler}, {t.warmup_steps} warmup steps), seed {t.seed} |",
-        f"| data | `{d.path}`, template {d.template}, max_length {d.max_length} tokens |",
+        f"| data | `{data_name}`, template {d.template}, max_length {d.max_length} tokens |",
     ]
     if data_card:
         dropped = ", ".join(f"{k} {v}" for k, v in data_card.get("dropped", {}).items() if v)
