@@ -12,6 +12,7 @@ from qtune.data.prepare import load_splits
 from qtune.data.tokenize import padding_collator
 from qtune.evaluate.perplexity import evaluate_run, split_loss
 from qtune.model.adapters import load_trained
+from qtune.model.quantize import compute_autocast
 from qtune.rundir import RunDir
 from qtune.train.trainer import train
 
@@ -38,10 +39,11 @@ def test_val_loss_is_the_same_for_every_batch_size_and_equals_qtune_eval(run):
     summary, rd = run
     val = _val(rd)
     supervised = sum(sum(1 for x in lab[1:] if x != -100) for lab in val["labels"])
-    model, tokenizer, _ = load_trained(rd.root)
+    model, tokenizer, cfg = load_trained(rd.root)
     collate = padding_collator(tokenizer)
-    one, eight = split_loss(model, val, collate, batch_size=1), split_loss(model, val, collate, batch_size=8)
-    reordered = split_loss(model, val.select(range(len(val) - 1, -1, -1)), collate)
+    with compute_autocast(cfg.quant, "cpu"):  # bf16 matmuls on a CPU with AMX/AVX512-BF16, as training ran
+        one, eight = split_loss(model, val, collate, batch_size=1), split_loss(model, val, collate, batch_size=8)
+        reordered = split_loss(model, val.select(range(len(val) - 1, -1, -1)), collate)
     assert one == eight == reordered  # exact: no tolerance
     assert one["tokens"] == supervised > 0
 

@@ -101,8 +101,9 @@ class QuantConfig(_Strict):
     )
     compute_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto",
-        description="dtype of the matmuls against dequantized 4-bit weights. auto: bfloat16 on a GPU that "
-        "supports it, else float32.",
+        description="dtype of the matmuls (training runs under autocast to it; LoRA weights and optimizer "
+        "states stay float32) and of a quantized base's non-quantized weights. auto: bfloat16 on a GPU that "
+        "supports it and on a CPU with native bf16 matmuls (AMX-BF16, AVX512-BF16, ARM BF16), else float32.",
     )
 
 

@@ -14,6 +14,8 @@ from qtune.data.prepare import load_splits
 from qtune.data.tokenize import padding_collator
 from qtune.jsonio import dumps
 from qtune.model.adapters import load_trained
+from qtune.model.load import device
+from qtune.model.quantize import compute_autocast
 from qtune.rundir import RunDir
 from qtune.train.validation import split_loss
 
@@ -37,15 +39,16 @@ def evaluate_run(
     """
     rd = RunDir(Path(run_dir)).require_adapter()
     data = load_splits(rd.data)
-    model, tokenizer, _ = load_trained(rd.root, trust_remote_code)
+    model, tokenizer, cfg = load_trained(rd.root, trust_remote_code)
     collate = padding_collator(tokenizer)
     result: dict[str, dict] = {"base": {}, "adapter": {}}
     for name in splits:
         if name not in data:
             continue
         ds = data[name].remove_columns([c for c in data[name].column_names if c == "row"])
-        with model.disable_adapter():
-            result["base"][name] = split_loss(model, ds, collate)
-        result["adapter"][name] = split_loss(model, ds, collate)
+        with compute_autocast(cfg.quant, device()):  # the matmul precision training's evaluation had
+            with model.disable_adapter():
+                result["base"][name] = split_loss(model, ds, collate)
+            result["adapter"][name] = split_loss(model, ds, collate)
     rd.eval.write_text(dumps(result, indent=2), encoding="utf-8")
     return result

@@ -91,6 +91,8 @@ def val_halves(run_dir: str | Path) -> list[dict]:
     from qtune.data.prepare import load_splits
     from qtune.data.tokenize import padding_collator
     from qtune.model.adapters import load_trained
+    from qtune.model.load import device
+    from qtune.model.quantize import compute_autocast
     from qtune.train.validation import split_loss
 
     rd = RunDir(Path(run_dir)).require_adapter()
@@ -98,13 +100,14 @@ def val_halves(run_dir: str | Path) -> list[dict]:
     if "val" not in splits or len(splits["val"]) < 2:
         raise QtuneError(f"{run_dir}: no validation split of at least 2 rows to halve")
     val = splits["val"].remove_columns([c for c in splits["val"].column_names if c == "row"])
-    model, tokenizer, _ = load_trained(rd.root)
+    model, tokenizer, cfg = load_trained(rd.root)
     collate = padding_collator(tokenizer)
     cut = (len(val) + 1) // 2
-    return [
-        split_loss(model, val.select(range(cut)), collate),
-        split_loss(model, val.select(range(cut, len(val))), collate),
-    ]
+    with compute_autocast(cfg.quant, device()):
+        return [
+            split_loss(model, val.select(range(cut)), collate),
+            split_loss(model, val.select(range(cut, len(val))), collate),
+        ]
 
 
 def write_val_halves(run_dir: str | Path) -> Path:

@@ -155,7 +155,7 @@ def training_arguments(cfg: RunConfig, output_dir: Path) -> TrainingArguments:
         seed=t.seed,
         data_seed=t.seed,
         use_cpu=not cuda,
-        bf16=cuda and dtype == torch.bfloat16,
+        bf16=dtype == torch.bfloat16,  # CPU too: torch.autocast("cpu", bfloat16) where compute_dtype says so
         fp16=cuda and dtype == torch.float16,
         report_to=[],
         disable_tqdm=True,
