@@ -102,8 +102,8 @@ ROWS = {
         Row("nf4-r16-codealpaca-b4", "nf4", 16, 128, 4, real_data=True, warmup=1, steps=2),
     ],
     "cpu-real": [
-        # "qtune" here turns gradient checkpointing off (fastest; peak RSS 3.9 GiB over 60 steps), the variant
-        # "checkpointing" is qtune's defaults (peak RSS 2.5 GiB): bench/RESULTS.md has both
+        # "qtune" here turns gradient checkpointing off (fastest; peak RSS 3.9 GiB over 60 steps); bench/RESULTS.md
+        # has the rows
         Row(
             "nf4-r16-codealpaca-b4",
             "nf4",
@@ -115,7 +115,13 @@ ROWS = {
             steps=58,
             lr_warmup=6,
             qtune=with_train({}, gradient_checkpointing=False),
-            variants={"checkpointing": {}},
+            # "checkpointing": qtune's defaults as they are (compute_dtype auto: bf16 on a CPU with AMX/AVX512-BF16);
+            # "fp32" and "bf16" pin the compute dtype (issue 16's side-by-side rows)
+            variants={
+                "checkpointing": {},
+                "fp32": {"quant": {"compute_dtype": "float32"}},
+                "bf16": {"quant": {"compute_dtype": "bfloat16"}},
+            },
         ),
     ],
 }
@@ -351,7 +357,7 @@ def qtune_trainer(row: Row, model_dir: str, tokenizer, samples, args):
     cfg = RunConfig.model_validate(
         {
             "model": {"name": model_dir},
-            "quant": {"quant": row.quant},
+            "quant": {"quant": row.quant, **overrides.get("quant", {})},
             "lora": {"r": row.r, "lora_alpha": 2 * row.r, **overrides.get("lora", {})},  # qtune's default dropout
             "data": {"max_length": row.seq},
             "train": {

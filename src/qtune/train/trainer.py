@@ -23,6 +23,7 @@ from qtune.data.tokenize import padding_collator, training_collator
 from qtune.errors import QtuneError
 from qtune.jsonio import dumps
 from qtune.model.adapters import attach_lora, loraplus_optimizer
+from qtune.model.attention import use_packed_attention
 from qtune.model.load import check_max_length, device, load_model, load_tokenizer, resolve_model
 from qtune.model.quantize import compute_dtype, is_quantized
 from qtune.rundir import RunDir, RunLock
@@ -185,6 +186,8 @@ def build_trainer(
     check_device_switches(cfg)
     set_seed(cfg.train.seed)
     base = load_model(model_path, cfg.model, cfg.quant)
+    if cfg.train.packing and not device().startswith("cuda"):
+        use_packed_attention(base)  # each packed sample's causal block only (qtune.model.attention)
     loaded_dtypes = [(p, p.dtype) for p in base.parameters()]  # evaluation uses them as `qtune eval` loads them
     model = attach_lora(
         base,
