@@ -1,9 +1,10 @@
 """Run untrusted Python programs (model-written code plus its tests), one separate process each.
 
-What passes: the evaluator's own boot code (``_BOOT``) runs the program body, then the caller's ``check``
-expression (HumanEval: ``check(entry_point)``); only when both returned does the boot report success, over a
-pipe that is neither stdout nor stderr, as a line that starts with a random nonce made for that run, and then it
-ends the process with ``os._exit(0)`` at once (no atexit handler, finalizer or buffered output runs after it).
+What passes: the evaluator's own boot code (:data:`qtune.evaluate.sandbox_boot.BOOT`) runs the program body,
+then the caller's ``check`` expression (HumanEval: ``check(entry_point)``); only when both returned does the boot
+report success, over a pipe that is neither stdout nor stderr, as a line that starts with a random nonce made
+for that run, and then it ends the process with ``os._exit(0)`` at once (no atexit handler, finalizer or buffered
+output runs after it).
 The evaluator counts a run as passed only when that line arrives and the process exits with status 0. So exit
 statuses and output count for nothing: ``sys.exit(0)``, ``raise SystemExit``, ``os._exit(0)``, an atexit handler,
 a signal the program sends itself, ``unittest.main()`` or any ``if __name__ == "__main__": sys.exit(...)`` block,
@@ -12,7 +13,7 @@ read by the boot only once the program and its check are over, so it is in no va
 written to attack this evaluator from inside its own interpreter (reading its descriptors or memory) is not
 what this defends against (the reference HumanEval harness runs candidates in-process as well).
 
-Containment of one program, in the order the child sets it up (see ``_BOOT``):
+Containment of one program, in the order the child sets it up (see :mod:`qtune.evaluate.sandbox_boot`):
 
 - as root (the full sandbox): new mount, IPC (its SysV and POSIX message queues, semaphores and shared memory
   vanish with it) and (``network="namespace"``) network namespaces, the network holding only a loopback that is
@@ -60,163 +61,27 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import IO, Any
 
 from qtune.errors import QtuneError
+from qtune.evaluate.sandbox_boot import BOOT
+from qtune.evaluate.sandbox_host import SANDBOX_UID_BASE, _kill_uid, _pids_of_uid, _uid_for, sandbox_python
 from qtune.units import MIB
 
-# The child: set up namespaces, mounts, user id and rlimits; run program.py as __main__, then the check expression;
-# report over the pipe (argv[1] is a JSON config). Everything stays in _boot's locals, not in module globals.
-_BOOT = r"""
-def _boot():
-    import ctypes, json, os, re, resource, sys, traceback, types
-    cfg = json.loads(sys.argv[1])
-    sys.argv = ["program.py"]
-    read, write, exit_now = os.read, os.write, os._exit
-    Base, Exc, Assertion = BaseException, Exception, AssertionError
-    run, evaluate, compile_ = exec, eval, compile  # as they are before the program can replace builtins
-    nonce_fd, report_fd, check = cfg["nonce_fd"], cfg["report_fd"], cfg["check"]
-    ended = "program ended before check() completed" if check else "program ended early"
-
-    def report(status, error=""):  # then end at once: no atexit handler or finalizer runs after it
-        code = 0 if status == "passed" else 1
-        try:  # the nonce is read only now: while the program ran it was in no variable
-            line = status + " " + " ".join(str(error).split())[:500]
-            write(report_fd, read(nonce_fd, 64) + b" " + line.encode("utf-8", "replace") + b"\n")
-        except Base:  # the program closed or replaced the descriptors: no report
-            code = 1
-        exit_now(code)
-
-    def describe(e):
-        try:
-            return traceback.format_exception_only(type(e), e)[-1].strip()
-        except Base:
-            return type(e).__name__
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-    libc.syscall.restype = ctypes.c_long
-    NEWNS, NEWIPC, NEWUSER, NEWNET = 0x00020000, 0x08000000, 0x10000000, 0x40000000
-    RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
-    PER_MOUNT = {"nosuid": NOSUID, "nodev": NODEV, "noexec": NOEXEC, "noatime": 1024, "nodiratime": 2048,
-                 "relatime": 1 << 21, "nosymfollow": 256}
-
-    def ok(rc, what):
-        if rc != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"{what}: {os.strerror(err)}")
-
-    def mount(source, target, fstype, flags, data=None):
-        enc = lambda s: None if s is None else s.encode()
-        ok(libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
-
-    def read_only():  # every mount of this (private) namespace read-only
-        class MountAttr(ctypes.Structure):
-            _fields_ = [(n, ctypes.c_uint64) for n in ("attr_set", "attr_clr", "propagation", "userns_fd")]
-        attr = MountAttr(1, 0, 0, 0)  # MOUNT_ATTR_RDONLY; 442 = mount_setattr, AT_FDCWD, AT_RECURSIVE
-        if not cfg["remount_each"]:
-            if libc.syscall(ctypes.c_long(442), ctypes.c_int(-100), b"/", ctypes.c_uint(0x8000),
-                            ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))) == 0:
-                return
-            if ctypes.get_errno() != 38:  # ENOSYS: a kernel before 5.12
-                ok(-1, "mount_setattr /")
-        with open("/proc/self/mountinfo") as f:
-            rows = [line.split() for line in f]
-        points = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), r[4]) for r in rows]
-        for i, (row, point) in enumerate(zip(rows, points)):
-            if point in points[i + 1:]:
-                continue  # covered by a later mount at the same place
-            keep = sum(PER_MOUNT.get(o, 0) for o in row[5].split(","))
-            mount(None, point, None, BIND | REMOUNT | RDONLY | keep)
-
-    def private_filesystem(owner):  # after unshare(CLONE_NEWNS): read-only, but for one tmpfs on /tmp
-        mount(None, "/", None, REC | PRIVATE)
-        read_only()
-        mount("tmpfs", "/tmp", "tmpfs", NOSUID | NODEV, f"size={cfg['disk_mb']}m,nr_inodes=16k,mode=1777")
-        work = "/tmp/" + cfg["workname"]
-        os.mkdir(work, 0o700)
-        for name, target in (("var-tmp", "/var/tmp"), ("dev-shm", "/dev/shm")):
-            target = os.path.realpath(target)
-            if os.path.isdir(target) and target != "/tmp":
-                os.mkdir("/tmp/." + name)
-                os.chmod("/tmp/." + name, 0o1777)
-                mount("/tmp/." + name, target, None, BIND)
-        if owner is not None:
-            os.chown(work, owner, owner)
-        os.chdir(work)
-        os.environ["HOME"] = os.environ["TMPDIR"] = work
-
-    try:
-        with open("program.py", encoding="utf-8", errors="surrogatepass") as f:
-            source = f.read()
-        uid, net = cfg["uid"], NEWNET if cfg["network"] == "namespace" else 0
-        contained = False
-        if uid is not None:  # root: namespaces, then an unprivileged user id of its own
-            if libc.unshare(NEWNS | NEWIPC | net) == 0:
-                private_filesystem(uid)
-                if tuple(map(int, re.findall(r"\d+", os.uname().release)[:2])) >= (5, 8):
-                    mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC | RDONLY, "hidepid=invisible")
-                contained = True
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-        if not contained:  # a user namespace as this user, where the kernel allows it
-            me, group = os.getuid(), os.getgid()
-            if libc.unshare(NEWUSER | NEWNS | NEWIPC | net) == 0:
-                maps = (("setgroups", "deny"), ("uid_map", f"{me} {me} 1"), ("gid_map", f"{group} {group} 1"))
-                for name, text in maps:
-                    with open(f"/proc/self/{name}", "w") as f:
-                        f.write(text)
-                private_filesystem(None)
-                ok(libc.prctl(38, 1, 0, 0, 0), "prctl no_new_privs")  # then drop every capability
-                header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
-                ok(libc.capset(header, data), "capset")
-                contained = True
-        with open("program.py", "w", encoding="utf-8", errors="surrogatepass") as f:  # for tracebacks
-            f.write(source)
-
-        def limit(which, value):
-            try:
-                resource.setrlimit(which, (value, value))
-            except (ValueError, OSError):
-                resource.setrlimit(which, (min(value, resource.getrlimit(which)[1]),) * 2)
-        limit(resource.RLIMIT_CORE, 0)
-        resource.setrlimit(resource.RLIMIT_CPU, (cfg["cpu_s"], cfg["cpu_s"] + 1))  # SIGXCPU, SIGKILL a second later
-        limit(resource.RLIMIT_FSIZE, cfg["fsize"])
-        limit(resource.RLIMIT_NPROC, cfg["nproc"])
-        limit(resource.RLIMIT_AS, cfg["memory"])
-        if not (contained and net):
-            import socket, _socket
-            class _Refused(_socket.socket):
-                def __init__(self, *a, **k):
-                    raise PermissionError("network access is disabled in the qtune sandbox")
-            socket.socket = socket.SocketType = _socket.socket = _Refused
-            socket.socketpair = socket.create_connection = socket.create_server = _Refused
-            del socket, _socket
-        main = types.ModuleType("__main__")
-        main.__builtins__ = __builtins__
-        sys.modules["__main__"] = main
-    except Base as e:
-        report("error", "sandbox setup failed: " + describe(e))
-    try:
-        run(compile_(source, "program.py", "exec"), main.__dict__)
-        if check:
-            evaluate(compile_(check, "<check>", "eval"), main.__dict__)
-    except Base as e:
-        line = describe(e)
-        if isinstance(e, Assertion):
-            report("failed", line)
-        report("error", line if isinstance(e, Exc) else f"{ended} ({line})")
-    report("passed")
-_boot()
-"""
+__all__ = [
+    "SANDBOX_UID_BASE",
+    "RunResult",
+    "SandboxLimits",
+    "run_program",
+    "run_programs",
+    "sandbox_python",
+]
 
 
 @dataclass
@@ -267,102 +132,6 @@ class RunResult:
 
 _REMOUNT_EACH = False
 """Make the mounts read-only one by one (the path for kernels before 5.12) even where mount_setattr exists."""
-
-SANDBOX_UID_BASE = 200_000
-"""First user id the sandbox uses when it runs as root; each evaluator takes 64 ids from its process id."""
-
-
-def _uid_for(slot: int) -> int:
-    return SANDBOX_UID_BASE + (os.getpid() % 100_000) * 64 + slot
-
-
-def _pids_of_uid(uid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/status") as f:
-                    for line in f:
-                        if line.startswith("State:") and line.split()[1] in ("Z", "X"):
-                            break  # a zombie holds nothing but its exit status
-                        if line.startswith("Uid:"):
-                            if int(line.split()[1]) == uid:
-                                pids.append(int(entry))
-                            break
-            except (OSError, ValueError):
-                continue
-    return pids
-
-
-def _kill_uid(uid: int) -> None:
-    """SIGKILL every process of ``uid``: ``kill(-1)`` sent by a helper running as that uid (the kernel takes the
-    process list lock, so nothing forks past it); repeated until /proc shows none."""
-    code = (
-        f"import os\nos.setgroups([]); os.setgid({uid}); os.setuid({uid})\n"
-        "try: os.kill(-1, 9)\nexcept ProcessLookupError: pass"
-    )
-    for _ in range(50):
-        if not _pids_of_uid(uid):
-            return
-        subprocess.run([sandbox_python(True), "-I", "-S", "-c", code], check=False, timeout=30)
-        time.sleep(0.02)
-
-
-def _world_readable(path: str) -> bool:
-    """Every directory from / down to ``path`` is searchable by others, and ``path`` readable by others."""
-    import stat
-
-    path = os.path.realpath(path)
-    parts = path.split(os.sep)
-    for i in range(2, len(parts) + 1):
-        mode = os.stat(os.sep.join(parts[:i]) or os.sep).st_mode
-        if stat.S_ISDIR(mode) and not mode & stat.S_IXOTH:
-            return False
-    return bool(os.stat(path).st_mode & stat.S_IROTH)
-
-
-_PYTHON: dict[bool, str] = {}
-
-
-def sandbox_python(unprivileged: bool) -> str:
-    """The interpreter that runs programs: ``$QTUNE_SANDBOX_PYTHON``, else this one, else ``python3`` on the
-    system path. When programs run as an unprivileged user it must be able to read the interpreter and its
-    standard library (a pyenv Python under a private /root is not).
-
-    Raises:
-        QtuneError: no such interpreter.
-    """
-    if unprivileged in _PYTHON:
-        return _PYTHON[unprivileged]
-    candidates = [
-        os.environ.get("QTUNE_SANDBOX_PYTHON") or sys.executable,
-        "/usr/bin/python3",
-        "/usr/local/bin/python3",
-    ]
-    for exe in candidates:
-        if not os.path.isfile(exe):
-            continue
-        if not unprivileged:
-            _PYTHON[unprivileged] = exe
-            return exe
-        try:
-            lib = subprocess.run(
-                [exe, "-I", "-S", "-c", "import os; print(os.path.dirname(os.__file__))"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=True,
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if _world_readable(exe) and _world_readable(lib) and _world_readable(os.path.join(lib, "os.py")):
-            _PYTHON[unprivileged] = exe
-            return exe
-    raise QtuneError(
-        "no Python interpreter an unprivileged user can read (tried "
-        + ", ".join(candidates)
-        + "); set QTUNE_SANDBOX_PYTHON to one"
-    )
 
 
 def _last_line(text: str) -> str:
@@ -416,6 +185,94 @@ def _read_available(fd: int, most: int = 1 << 16) -> bytes:
     return b"".join(chunks)
 
 
+def _write_program(work: str, source: str, uid: int | None) -> None:
+    """``source`` as ``program.py`` in the working directory ``work``; as root, both owned by ``uid``."""
+    with open(os.path.join(work, "program.py"), "w", encoding="utf-8", errors="surrogatepass") as f:
+        f.write(source)
+    if uid is not None:  # root: the working directory when no namespace can be made
+        os.chown(work, uid, uid)
+        os.chown(os.path.join(work, "program.py"), uid, uid)
+
+
+def _boot_config(
+    lim: SandboxLimits, uid: int | None, work: str, check: str | None, nonce_fd: int, report_fd: int
+) -> dict[str, Any]:
+    """The JSON config the child's boot code (:data:`qtune.evaluate.sandbox_boot.BOOT`) reads from ``argv[1]``:
+    limits in bytes and seconds, the user id (None: not root), the descriptors of the nonce and report pipes."""
+    cfg: dict[str, Any] = {
+        "uid": uid,
+        "network": lim.network,
+        "cpu_s": int(lim.cpu_s or -(-lim.timeout_s // 1)),
+        "memory": lim.memory_mb * MIB,
+        "nproc": lim.nproc,
+        "fsize": lim.fsize_mb * MIB,
+        "disk_mb": lim.disk_mb,
+        "workname": os.path.basename(work),
+        "check": check,
+        "nonce_fd": nonce_fd,
+        "report_fd": report_fd,
+        "remount_each": _REMOUNT_EACH,
+    }
+    if uid is None:  # not root: RLIMIT_NPROC counts every process of this user; allow ``nproc`` more than it has now
+        cfg["nproc"] += len(_pids_of_uid(os.getuid()))
+    return cfg
+
+
+def _start(cfg: dict[str, Any], work: str, out: IO[bytes], err: IO[bytes], parent_ends: list[int]) -> subprocess.Popen:
+    """Start the child (its own session) on the boot code, with a minimal environment; the child's ends of the
+    two pipes (``cfg``'s descriptors) are closed here, and taken out of ``parent_ends``, as soon as it has them."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": work,
+        "TMPDIR": work,
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONHASHSEED": "0",
+    }
+    child_fds = (cfg["nonce_fd"], cfg["report_fd"])
+    try:
+        return subprocess.Popen(
+            [sandbox_python(cfg["uid"] is not None), "-I", "-S", "-c", BOOT, json.dumps(cfg)],
+            cwd=work,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+            pass_fds=child_fds,
+        )
+    finally:
+        for fd in (cfg["report_fd"], cfg["nonce_fd"]):
+            os.close(fd)
+            parent_ends.remove(fd)
+
+
+def _wait_then_kill(proc: subprocess.Popen, timeout_s: float, uid: int | None) -> bool:
+    """Wait up to ``timeout_s`` seconds for the child, then kill its process group and (as root) every process of
+    ``uid``; whether the wall clock ran out."""
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        if uid is not None:
+            _kill_uid(uid)
+    return timed_out
+
+
+def _tail(path: str, most: int = 8192) -> str:
+    """The last ``most`` bytes of the file at ``path``, decoded (UTF-8, bad bytes replaced)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(f.name) - most))
+        return f.read().decode("utf-8", "replace")
+
+
 def run_program(source: str, limits: SandboxLimits | None = None, slot: int = 0, check: str | None = None) -> RunResult:
     """Run ``source`` as ``program.py`` (``__name__ == "__main__"``) in a fresh sandboxed process, then evaluate
     the expression ``check`` (e.g. ``"check(add)"``) in the program's namespace, and report how it ended.
@@ -432,8 +289,7 @@ def run_program(source: str, limits: SandboxLimits | None = None, slot: int = 0,
         code reports it over a private pipe; see the module docstring for every status.
     """
     lim = limits or SandboxLimits()
-    root = os.geteuid() == 0
-    uid = _uid_for(slot) if root else None
+    uid = _uid_for(slot) if os.geteuid() == 0 else None
     work = tempfile.mkdtemp(prefix="qtune-sandbox-")
     logs = tempfile.mkdtemp(prefix="qtune-sandbox-logs-")
     nonce = secrets.token_hex(16).encode()
@@ -443,73 +299,19 @@ def run_program(source: str, limits: SandboxLimits | None = None, slot: int = 0,
     try:
         os.write(nonce_w, nonce)
         os.close(nonce_w)
-        with open(os.path.join(work, "program.py"), "w", encoding="utf-8", errors="surrogatepass") as f:
-            f.write(source)
-        if uid is not None:  # root: the working directory when no namespace can be made
-            os.chown(work, uid, uid)
-            os.chown(os.path.join(work, "program.py"), uid, uid)
-        cfg: dict[str, Any] = {
-            "uid": uid,
-            "network": lim.network,
-            "cpu_s": int(lim.cpu_s or -(-lim.timeout_s // 1)),
-            "memory": lim.memory_mb * MIB,
-            "nproc": lim.nproc,
-            "fsize": lim.fsize_mb * MIB,
-            "disk_mb": lim.disk_mb,
-            "workname": os.path.basename(work),
-            "check": check,
-            "nonce_fd": nonce_r,
-            "report_fd": report_w,
-            "remount_each": _REMOUNT_EACH,
-        }
-        if not root:  # RLIMIT_NPROC counts every process of this user; allow ``nproc`` more than it has now
-            cfg["nproc"] += len(_pids_of_uid(os.getuid()))
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "HOME": work,
-            "TMPDIR": work,
-            "LANG": "C.UTF-8",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONHASHSEED": "0",
-        }
+        _write_program(work, source, uid)
+        cfg = _boot_config(lim, uid, work, check, nonce_r, report_w)
         start = time.monotonic()
         with open(os.path.join(logs, "out"), "wb") as out, open(os.path.join(logs, "err"), "wb") as err:
-            try:
-                proc = subprocess.Popen(
-                    [sandbox_python(root), "-I", "-S", "-c", _BOOT, json.dumps(cfg)],
-                    cwd=work,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    start_new_session=True,
-                    pass_fds=(nonce_r, report_w),
-                )
-            finally:
-                for fd in (report_w, nonce_r):
-                    os.close(fd)
-                    parent_ends.remove(fd)
-            timed_out = False
-            try:
-                proc.wait(timeout=lim.timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                proc.wait()
-                if uid is not None:
-                    _kill_uid(uid)
+            proc = _start(cfg, work, out, err, parent_ends)
+            timed_out = _wait_then_kill(proc, lim.timeout_s, uid)
         seconds = time.monotonic() - start
         report = _boot_report(_read_available(report_r), nonce)
-        with open(os.path.join(logs, "err"), "rb") as f:
-            f.seek(max(0, os.path.getsize(f.name) - 8192))
-            stderr = f.read().decode("utf-8", "replace")
+        stderr = _tail(os.path.join(logs, "err"))
         ended = "program ended before check() completed" if check else "program ended early"
-        status, error = _classify(None if timed_out else proc.returncode, report, stderr, timed_out, ended)
-        return RunResult(status, error, round(seconds, 3), None if timed_out else proc.returncode)
+        returncode = None if timed_out else proc.returncode
+        status, error = _classify(returncode, report, stderr, timed_out, ended)
+        return RunResult(status, error, round(seconds, 3), returncode)
     finally:
         for fd in parent_ends:
             os.close(fd)

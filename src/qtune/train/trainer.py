@@ -7,21 +7,18 @@ adds the data stage, the quantized model, the per-step record and the run direct
 from __future__ import annotations
 
 import json
-import platform
-import shutil
 import time
-from importlib.metadata import PackageNotFoundError, version
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
-from qtune.config import RunConfig, check_require_cuda, save_config
-from qtune.data.prepare import CARD_FILE, load_splits, prepare_dataset
+from qtune.config import RunConfig, check_require_cuda
+from qtune.data.prepare import CARD_FILE, load_splits
 from qtune.data.tokenize import padding_collator, training_collator
 from qtune.errors import QtuneError
-from qtune.jsonio import dumps
 from qtune.model.adapters import attach_lora, loraplus_optimizer
 from qtune.model.attention import use_packed_attention
 from qtune.model.load import check_max_length, device, load_model, load_tokenizer, resolve_model
@@ -41,68 +38,24 @@ from qtune.train.checkpoints import (
     truncate_metrics,
 )
 from qtune.train.guards import NonFiniteLossGuard, explain_out_of_memory
+from qtune.train.start import discard_run, library_versions, make_run_dir, start_run
+from qtune.train.summary import TrainSummary
 from qtune.train.tensorboard import tensorboard_callback
 from qtune.train.validation import ValidationTrainer
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
-PACKAGES = ("qtune", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "gguf")
-
-
-def library_versions() -> dict[str, str | None]:
-    """Installed versions of the packages a run depends on, plus Python's."""
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in PACKAGES:
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def make_run_dir(path: str | Path, overwrite: bool, lock: RunLock, inputs: tuple = ()) -> tuple[RunDir, bool]:
-    """Create an empty, marked run directory (:meth:`RunDir.write_marker`) holding ``lock`` (a :class:`RunLock`
-    on ``path``).
-
-    An existing directory with entries is replaced only with ``overwrite`` and when
-    :meth:`RunDir.check_replaceable` allows it (``inputs``: paths the run reads); its entries are deleted while
-    the lock is held. Returns the run directory and whether qtune created the folder itself (False: it existed).
-
-    Raises:
-        QtuneError: another process writes the run (the lock is held); the path is a file; the directory is not
-            empty and ``overwrite`` is False, or it may not be replaced.
-    """
-    rd = RunDir(Path(path))
-    if rd.root.exists() and not rd.root.is_dir():
-        raise QtuneError(f"{rd.root}: exists and is not a directory; choose another train.output_dir")
-    if rd.lock.exists():
-        lock.acquire()  # a live writer is named before anything else is said or done
-    existed = rd.root.is_dir()
-    if existed and any(e != rd.lock for e in rd.root.iterdir()):
-        if not overwrite:
-            raise QtuneError(
-                f"{rd.root}: run directory exists and is not empty; pass --overwrite or choose another train.output_dir"
-            )
-        rd.check_replaceable(inputs)
-        lock.acquire()
-        rd.clear()
-        existed = False  # a run qtune wrote: it goes as a whole if this one fails early
-    else:
-        rd.root.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-    rd.write_marker()
-    return rd, not existed
-
-
-def discard_run(rd: RunDir, created: bool) -> None:
-    """Remove what a run that failed before training wrote: the whole folder if qtune created it, else (a folder
-    that was empty) its entries."""
-    if created:
-        shutil.rmtree(rd.root, ignore_errors=True)
-    else:
-        rd.clear()
-        rd.lock.unlink(missing_ok=True)
+__all__ = [  # make_run_dir, discard_run and library_versions live in qtune.train.start; importable here as before
+    "build_trainer",
+    "check_device_switches",
+    "discard_run",
+    "library_versions",
+    "make_run_dir",
+    "train",
+    "training_arguments",
+    "use_liger",
+]
 
 
 def use_liger(cfg: RunConfig) -> bool:
@@ -230,8 +183,14 @@ def train(
         protect: more paths ``overwrite`` must never delete (the CLI passes the config file); the data file and
             the model are always protected.
 
+    Returns:
+        the :class:`qtune.train.summary.TrainSummary` as its JSON object (:meth:`TrainSummary.to_json`, what
+        ``train_summary.json`` holds); on the other processes of a distributed run, only ``run_dir`` and
+        ``process_index`` (the main process reports).
+
     The main process holds the run directory's :class:`qtune.rundir.RunLock` from before it writes anything
-    until it returns: one writer per run directory.
+    until it returns: one writer per run directory. The steps: :func:`_setup` (run directory, data, arguments),
+    :func:`_fit` (model, LoRA, training, validation), :func:`_save` (summary, adapter, model card).
 
     Raises:
         QtuneError: the run directory in use by another process, an existing run directory without ``overwrite``
@@ -242,18 +201,48 @@ def train(
     """
     lock = RunLock(cfg.train.output_dir)
     try:
-        return _train(cfg, overwrite, callbacks, resume, protect, lock)
+        setup = _setup(cfg, overwrite, resume, protect, lock)
+        fit = _fit(cfg, setup, callbacks)
+        if not fit.trainer.is_world_process_zero():
+            return {"run_dir": str(setup.rd.root), "process_index": setup.args.process_index}
+        return _save(cfg, setup, fit).to_json()
     finally:
         lock.release()
 
 
-def _train(cfg: RunConfig, overwrite: bool, callbacks: tuple, resume: bool, protect: tuple, lock: RunLock) -> dict:
+@dataclass
+class _Setup:
+    """What the setup step leaves for fitting and saving."""
+
+    rd: RunDir
+    args: TrainingArguments
+    model_path: str
+    tokenizer: Any
+    splits: Any  # datasets.DatasetDict: train and, where configured, val
+    checkpoint: Path | None  # the checkpoint a resumed run continues from; None: step 0
+    resumed_state: dict  # its trainer state ({} without one)
+    records: list[dict]  # the metrics.jsonl records the checkpoint had logged
+
+    @property
+    def main(self) -> bool:
+        return self.args.process_index == 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+
+
+def _setup(cfg: RunConfig, overwrite: bool, resume: bool, protect: tuple, lock: RunLock) -> _Setup:
+    """Check the switches, build the training arguments, then (main process first) resolve the model, load the
+    tokenizer and make the run directory with its prepared data, or, with ``resume``, take up the existing one."""
     check_device_switches(cfg)
     use_liger(cfg)
     rd = RunDir(Path(cfg.train.output_dir))
     args = training_arguments(cfg, rd.checkpoints)  # under torchrun/accelerate this joins the process group
     main = args.process_index == 0
-    checkpoint, resumed_state, done = None, {}, []
+    checkpoint: Path | None = None
+    resumed_state: dict = {}
+    done: list[dict] = []
     # The main process resolves the model, writes the run directory and prepares the data; the other ranks wait,
     # then read what it wrote (a launcher stops them all if the main process fails here).
     with args.main_process_first(local=False, desc="data preparation"):
@@ -261,50 +250,68 @@ def _train(cfg: RunConfig, overwrite: bool, callbacks: tuple, resume: bool, prot
         check_max_length(model_path, cfg.model, cfg.data.max_length)
         tokenizer = load_tokenizer(model_path, cfg.model)
         if resume:
-            if main:
-                lock.acquire()
-            checkpoint = resume_point(rd)
-            resumed_state = checkpoint_state(checkpoint)
-            if main:
-                changes = record_resume(rd, cfg, resumed_state.get("global_step", 0))
-                done = truncate_metrics(rd.metrics, resumed_state)
-                print(f"resuming {rd.root} from {checkpoint or 'step 0 (no good checkpoint)'}")
-                for key, (old, new) in changes.items():
-                    print(f"resume changes {key}: {old} -> {new} (saved in config.yaml and resumes.jsonl)")
+            checkpoint, resumed_state, done = _take_up(rd, cfg, lock, main)
             splits = load_splits(rd.data)
         elif main:
-            rd, created = make_run_dir(cfg.train.output_dir, overwrite, lock, (cfg.data.path, model_path, *protect))
-            save_config(cfg, rd.config)
-            rd.versions.write_text(dumps(library_versions(), indent=2), encoding="utf-8")
-            try:
-                splits, card = prepare_dataset(cfg.data, tokenizer, rd.data)
-            except QtuneError:
-                discard_run(rd, created)  # nothing trained: leave no run directory behind
-                raise
-            print(card.table())
+            rd, splits = start_run(cfg, overwrite, lock, tokenizer, (cfg.data.path, model_path, *protect))
         else:
             splits = load_splits(rd.data)
-    splits = splits.remove_columns("row")
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    setup = _Setup(rd, args, model_path, tokenizer, splits.remove_columns("row"), checkpoint, resumed_state, done)
     if main and args.world_size > 1:
         print(
             f"distributed: {args.world_size} processes x batch {args.per_device_train_batch_size} x "
-            f"accumulation {args.gradient_accumulation_steps} = global batch {global_batch}"
+            f"accumulation {args.gradient_accumulation_steps} = global batch {setup.global_batch}"
         )
+    return setup
 
-    recorder = MetricsRecorder(rd.metrics)
-    recorder.records = done
+
+def _take_up(rd: RunDir, cfg: RunConfig, lock: RunLock, main: bool) -> tuple[Path | None, dict, list[dict]]:
+    """(checkpoint, its trainer state, the metrics records it had logged) of the run in ``rd`` to resume; the
+    main process takes the lock, records what ``cfg`` changes and cuts ``metrics.jsonl`` back to the checkpoint."""
+    if main:
+        lock.acquire()
+    checkpoint = resume_point(rd)
+    resumed_state = checkpoint_state(checkpoint)
+    done: list[dict] = []
+    if main:
+        changes = record_resume(rd, cfg, resumed_state.get("global_step", 0))
+        done = truncate_metrics(rd.metrics, resumed_state)
+        print(f"resuming {rd.root} from {checkpoint or 'step 0 (no good checkpoint)'}")
+        for key, (old, new) in changes.items():
+            print(f"resume changes {key}: {old} -> {new} (saved in config.yaml and resumes.jsonl)")
+    return checkpoint, resumed_state, done
+
+
+@dataclass
+class _Fit:
+    """What the fitting step leaves for saving."""
+
+    trainer: Trainer
+    model: PeftModel
+    records: list[dict]  # every metrics.jsonl record of the run, the resumed ones first
+    steps: int
+    wall_s: float  # seconds of training, this session
+    val: dict  # the final evaluation's metrics (eval_loss, eval_perplexity, eval_tokens); {} without one
+    trainable_params: int
+    total_params: int
+
+
+def _fit(cfg: RunConfig, s: _Setup, callbacks: tuple) -> _Fit:
+    """Build the trainer (base, LoRA, qtune's callbacks), train from ``s.checkpoint`` (or step 0) and evaluate
+    the validation split at the end when configured."""
+    recorder = MetricsRecorder(s.rd.metrics)
+    recorder.records = s.records
     bar = ProgressBar(recorder)
-    board = tensorboard_callback(cfg.train.report_to, rd.tensorboard) if main else None
+    board = tensorboard_callback(cfg.train.report_to, s.rd.tensorboard) if s.main else None
     trainer = build_trainer(
         cfg,
-        model_path,
-        tokenizer,
-        splits["train"],
-        splits.get("val"),
-        rd.checkpoints,
+        s.model_path,
+        s.tokenizer,
+        s.splits["train"],
+        s.splits.get("val"),
+        s.rd.checkpoints,
         callbacks=(recorder, bar, NonFiniteLossGuard(), *callbacks, *([board] if board else [])),
-        args=args,
+        args=s.args,
     )
     make_checkpoints_atomic(trainer)
     keep_configured_learning_rate(trainer)
@@ -313,37 +320,39 @@ def _train(cfg: RunConfig, overwrite: bool, callbacks: tuple, resume: bool, prot
     start = time.perf_counter()
     try:
         with explain_out_of_memory(model, cfg):
-            result = train_from(trainer, checkpoint)
+            result = train_from(trainer, s.checkpoint)
     finally:
         bar.close()  # a stopped run (NaN guard, out of memory) ends the bar's line before the error line
     wall = time.perf_counter() - start
-    val = trainer.evaluate() if "val" in splits and cfg.train.eval_at_end else {}
+    val = trainer.evaluate() if "val" in s.splits and cfg.train.eval_at_end else {}
+    return _Fit(trainer, model, recorder.records, result.global_step, wall, val, trainable, total)
 
-    if not trainer.is_world_process_zero():
-        return {"run_dir": str(rd.root), "process_index": args.process_index}
 
-    train_recs = [r for r in recorder.records if "loss" in r]
-    summary = {
-        "run_dir": str(rd.root),
-        "steps": result.global_step,
-        "world_size": args.world_size,
-        "global_batch_size": global_batch,
-        "wall_time_s": round(wall, 2),
-        "train_tokens": trainer.state.num_input_tokens_seen,
-        "tokens_per_s": round(trainer.state.num_input_tokens_seen / wall, 2),
-        "first_train_loss": train_recs[0]["loss"] if train_recs else None,
-        "final_train_loss": train_recs[-1]["loss"] if train_recs else None,
-        "val_loss": val.get("eval_loss"),  # token-weighted, as `qtune eval` (qtune.train.validation.split_loss)
-        "val_perplexity": val.get("eval_perplexity"),
-        "val_tokens": val.get("eval_tokens"),
-        "trainable_params": trainable,
-        "total_params": total,
-        **peak_memory(),
-    }
-    if checkpoint:  # tokens/s of this session only; the checkpoint brought the earlier tokens along
-        summary |= resumed_summary(resumed_state, trainer.state.num_input_tokens_seen, wall)
-    card_fields = (
-        json.loads((rd.data / CARD_FILE).read_text(encoding="utf-8")) if (rd.data / CARD_FILE).is_file() else None
+def _save(cfg: RunConfig, s: _Setup, f: _Fit) -> TrainSummary:
+    """The run's :class:`TrainSummary`, saved with the adapter, tokenizer and model card (:func:`save_final`)."""
+    train_recs = [r for r in f.records if "loss" in r]
+    tokens = f.trainer.state.num_input_tokens_seen
+    memory: dict[str, Any] = peak_memory()
+    summary = TrainSummary(
+        run_dir=str(s.rd.root),
+        steps=f.steps,
+        world_size=s.args.world_size,
+        global_batch_size=s.global_batch,
+        wall_time_s=round(f.wall_s, 2),
+        train_tokens=tokens,
+        tokens_per_s=round(tokens / f.wall_s, 2),
+        first_train_loss=train_recs[0]["loss"] if train_recs else None,
+        final_train_loss=train_recs[-1]["loss"] if train_recs else None,
+        val_loss=f.val.get("eval_loss"),  # token-weighted, as `qtune eval` (qtune.train.validation.split_loss)
+        val_perplexity=f.val.get("eval_perplexity"),
+        val_tokens=f.val.get("eval_tokens"),
+        trainable_params=f.trainable_params,
+        total_params=f.total_params,
+        **memory,
     )
-    save_final(rd, model, tokenizer, summary, cfg, card_fields)  # the summary, written last, marks the run finished
+    if s.checkpoint:  # tokens/s of this session only; the checkpoint brought the earlier tokens along
+        summary = replace(summary, **resumed_summary(s.resumed_state, tokens, f.wall_s))
+    card = s.rd.data / CARD_FILE
+    card_fields = json.loads(card.read_text(encoding="utf-8")) if card.is_file() else None
+    save_final(s.rd, f.model, s.tokenizer, summary.to_json(), cfg, card_fields)  # written last: the run finished
     return summary
