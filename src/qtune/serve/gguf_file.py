@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from qtune.config import ModelConfig, RunConfig
+    from qtune.data.templates import Template
 
 GGUF_KEYS_THAT_DIFFER = ("general.file_type", "general.quantization_version")
 """``general.*`` keys of the source GGUF that are not carried over: the export holds fp16 weights
@@ -148,7 +149,7 @@ def add_model_metadata(writer: Any, layout: GgufLayout, name: str) -> None:
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
 
 
-def add_tokenizer(writer: Any, layout: GgufLayout, tokenizer: PreTrainedTokenizerBase, template: str) -> None:
+def add_tokenizer(writer: Any, layout: GgufLayout, tokenizer: PreTrainedTokenizerBase, template: Template) -> None:
     """The byte-level BPE tokenizer as ``tokenizer.ggml.*`` metadata: tokens (padded to the model's vocabulary
     with unused ``[PADi]`` entries), token types, merges, special ids, the source's pre-tokenizer name (a warning
     and ``default`` when unknown) and the chat template of ``template``."""
