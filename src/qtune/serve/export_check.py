@@ -18,8 +18,10 @@ Row 1 differs from row 2 by the quantization gap itself (the merged model runs o
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qtune.errors import QtuneError
 
@@ -86,13 +88,8 @@ def check_export(
     Raises:
         QtuneError: ``rows`` below 1, or ``max_drift`` negative.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from qtune.data.prepare import load_splits
     from qtune.data.tokenize import padding_collator
     from qtune.model.adapters import load_trained
-    from qtune.model.load import device
     from qtune.rundir import RunDir
 
     if rows < 1:
@@ -100,16 +97,9 @@ def check_export(
     if not max_drift >= 0:
         raise QtuneError(f"--max-drift {max_drift}: expected a number >= 0")
     rd = RunDir(Path(run_dir)).require_adapter()
-    try:
-        splits = load_splits(rd.data)
-    except QtuneError:
+    data = _validation_rows(rd.data, rows)
+    if data is None:
         return None
-    if "val" not in splits:
-        return None
-    val = splits["val"]
-    val = val.remove_columns([c for c in val.column_names if c == "row"]).select(range(min(rows, len(val))))
-    data = [val[i] for i in range(len(val))]
-
     model, tokenizer, cfg = load_trained(rd.root)
     collate = padding_collator(tokenizer)
     bs = cfg.train.eval_batch_size
@@ -126,7 +116,39 @@ def check_export(
     del model
     gc.collect()
     reference = check.losses[REFERENCE]
-    exports = []
+    for name, load in _export_loaders(merged, gguf_file):
+        exported = load()
+        check.losses[name] = _score(exported, data, collate, bs)[0]
+        check.drift[name] = check.losses[name] - reference
+        del exported
+        gc.collect()
+    return check
+
+
+def _validation_rows(data_dir: Path, rows: int) -> list[dict] | None:
+    """The first ``rows`` rows of the run's prepared validation split (without the ``row`` index column), or None
+    when the run holds no validation split."""
+    from qtune.data.prepare import load_splits
+
+    try:
+        splits = load_splits(data_dir)
+    except QtuneError:
+        return None
+    if "val" not in splits:
+        return None
+    val = splits["val"]
+    val = val.remove_columns([c for c in val.column_names if c == "row"]).select(range(min(rows, len(val))))
+    return [val[i] for i in range(len(val))]
+
+
+def _export_loaders(merged: str | Path | None, gguf_file: str | Path | None) -> list[tuple[str, Callable[[], Any]]]:
+    """(name in the table, loader) of each export to score, each read back by transformers in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qtune.model.load import device
+
+    exports: list[tuple[str, Callable[[], Any]]] = []
     if merged is not None:
         exports.append(
             (
@@ -146,10 +168,4 @@ def check_export(
                 ),
             )
         )
-    for name, load in exports:
-        exported = load()
-        check.losses[name] = _score(exported, data, collate, bs)[0]
-        check.drift[name] = check.losses[name] - reference
-        del exported
-        gc.collect()
-    return check
+    return exports

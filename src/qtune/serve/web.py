@@ -19,7 +19,7 @@ import re
 import shutil
 import tempfile
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -152,9 +152,105 @@ def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.B
     Args:
         defaults: initial slider values (greedy, 256 new tokens when None).
     """
-    d = defaults or GenerationSettings()
     sessions = _Sessions()
-    max_new_cap = max(1, min(4096, engine.context_length - 1))
+    respond = _responder(engine, sessions)
+
+    def stop(request: gr.Request):
+        sessions.stop(request.session_hash)
+
+    def end_session(request: gr.Request):
+        sessions.end(request.session_hash)
+
+    with gr.Blocks(title=f"qtune · {engine.name}") as demo:
+        page = _Page.build(engine, defaults or GenerationSettings())
+        inputs = [
+            page.message,
+            page.turns,
+            page.chat,
+            page.system,
+            page.temperature,
+            page.top_p,
+            page.max_new,
+            page.rep,
+        ]
+        outputs = [page.message, page.turns, page.chat, page.download, page.send, page.stop]
+        page.message.submit(respond, inputs, outputs)
+        page.send.click(respond, inputs, outputs)
+        # not queued: runs at once, also while this session's answer holds the queue's only slot
+        page.stop.click(stop, None, None, queue=False)
+        page.clear.click(_new_conversation, None, outputs, queue=False)
+        page.chat.clear(_new_conversation, None, outputs, queue=False)  # the chat box's own trash button
+        demo.unload(end_session)
+    return demo
+
+
+@dataclass
+class _Page:
+    """The components of the chat page (built inside a ``gr.Blocks`` context, in page order)."""
+
+    turns: gr.State
+    chat: gr.Chatbot
+    message: gr.Textbox
+    send: gr.Button
+    stop: gr.Button
+    clear: gr.Button
+    download: gr.DownloadButton
+    system: gr.Textbox
+    temperature: gr.Slider
+    top_p: gr.Slider
+    max_new: gr.Slider
+    rep: gr.Slider
+
+    @classmethod
+    def build(cls, engine: Engine, d: GenerationSettings) -> _Page:
+        """Lay out the page: header, conversation, message row, buttons, and the settings (sliders at ``d``)."""
+        max_new_cap = max(1, min(4096, engine.context_length - 1))
+        gr.Markdown(
+            f"### qtune chat · `{engine.name}`  \ntemplate `{engine.template}`, context "
+            f"{engine.context_length} tokens; oldest turns leave the prompt first when it is full."
+        )
+        turns = gr.State([])
+        # Markdown with highlighted code (see display()); no LaTeX, so that "$$" in code and prose stays text
+        chat = gr.Chatbot(label="Conversation", height=720, elem_id="chat", render_markdown=True, latex_delimiters=[])
+        with gr.Row():
+            message = gr.Textbox(
+                placeholder="Ask a coding question and press Enter",
+                show_label=False,
+                scale=5,
+                elem_id="message",
+                autofocus=True,
+            )
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            stop_button = gr.Button("Stop", variant="stop", scale=1, elem_id="stop", interactive=False)
+        with gr.Row():
+            clear = gr.Button("New conversation", elem_id="new")
+            download = gr.DownloadButton("Download transcript", interactive=False, elem_id="download")
+        with gr.Accordion("System prompt and generation settings", open=False):
+            system = gr.Textbox(value=default_system_prompt(engine), label="System prompt", lines=2)
+            temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top-p")
+            max_new = gr.Slider(
+                1, max_new_cap, value=min(d.max_new_tokens, max_new_cap), step=1, label="Max new tokens"
+            )
+            rep = gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.05, label="Repetition penalty")
+        return cls(turns, chat, message, send, stop_button, clear, download, system, temperature, top_p, max_new, rep)
+
+
+def _new_conversation():
+    """Outputs that start a new conversation: empty message, turns and chat, no transcript, Send on, Stop off."""
+    return (
+        "",
+        [],
+        [],
+        gr.DownloadButton(value=None, interactive=False),
+        gr.Button(interactive=True),
+        gr.Button(interactive=False),
+    )
+
+
+def _responder(engine: Engine, sessions: _Sessions):
+    """The Send handler: streams the answer to a message into the chat (outputs: message box, turns, chat,
+    transcript button, Send, Stop), and writes the session's transcript once the answer has ended."""
 
     def respond(
         message, turns, chat, system, temperature, top_p, max_new_tokens, repetition_penalty, request: gr.Request
@@ -203,58 +299,4 @@ def build_ui(engine: Engine, defaults: GenerationSettings | None = None) -> gr.B
             gr.Button(interactive=False),
         )
 
-    def stop(request: gr.Request):
-        sessions.stop(request.session_hash)
-
-    def end_session(request: gr.Request):
-        sessions.end(request.session_hash)
-
-    def new_conversation():
-        return (
-            "",
-            [],
-            [],
-            gr.DownloadButton(value=None, interactive=False),
-            gr.Button(interactive=True),
-            gr.Button(interactive=False),
-        )
-
-    with gr.Blocks(title=f"qtune · {engine.name}") as demo:
-        gr.Markdown(
-            f"### qtune chat · `{engine.name}`  \ntemplate `{engine.template}`, context "
-            f"{engine.context_length} tokens; oldest turns leave the prompt first when it is full."
-        )
-        turns = gr.State([])
-        # Markdown with highlighted code (see display()); no LaTeX, so that "$$" in code and prose stays text
-        chat = gr.Chatbot(label="Conversation", height=720, elem_id="chat", render_markdown=True, latex_delimiters=[])
-        with gr.Row():
-            message = gr.Textbox(
-                placeholder="Ask a coding question and press Enter",
-                show_label=False,
-                scale=5,
-                elem_id="message",
-                autofocus=True,
-            )
-            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-            stop_button = gr.Button("Stop", variant="stop", scale=1, elem_id="stop", interactive=False)
-        with gr.Row():
-            clear = gr.Button("New conversation", elem_id="new")
-            download = gr.DownloadButton("Download transcript", interactive=False, elem_id="download")
-        with gr.Accordion("System prompt and generation settings", open=False):
-            system = gr.Textbox(value=default_system_prompt(engine), label="System prompt", lines=2)
-            temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature (0 = greedy)")
-            top_p = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top-p")
-            max_new = gr.Slider(
-                1, max_new_cap, value=min(d.max_new_tokens, max_new_cap), step=1, label="Max new tokens"
-            )
-            rep = gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.05, label="Repetition penalty")
-        inputs = [message, turns, chat, system, temperature, top_p, max_new, rep]
-        outputs = [message, turns, chat, download, send, stop_button]
-        message.submit(respond, inputs, outputs)
-        send.click(respond, inputs, outputs)
-        # not queued: runs at once, also while this session's answer holds the queue's only slot
-        stop_button.click(stop, None, None, queue=False)
-        clear.click(new_conversation, None, outputs, queue=False)
-        chat.clear(new_conversation, None, outputs, queue=False)  # the chat box's own trash button
-        demo.unload(end_session)
-    return demo
+    return respond
