@@ -93,4 +93,5 @@ def test_a_bf16_run_keeps_lora_weights_and_adamw_states_in_float32(tiny_model_di
     assert probe.weights == {torch.float32}
     assert probe.states == {torch.float32}
     assert probe.outputs == {matmul}  # the dtype the projections computed in
+    assert summary["compute_dtype"] == str(matmul).removeprefix("torch.")  # recorded in train_summary.json
     assert math.isfinite(summary["first_train_loss"]) and summary["first_train_loss"] > 0

@@ -2,7 +2,8 @@
 
 The final save writes it last, so its presence marks a run finished (:meth:`qtune.rundir.RunDir.is_finished`).
 Its keys and values are the fields below, in this order; ``peak_allocated_gib`` and ``peak_reserved_gib`` (CUDA
-only) and ``resumed_from_step`` (a resumed run only) are written only when set.
+only), ``resumed_from_step`` (a resumed run only) and ``compute_dtype`` (absent from summaries written before
+it was recorded) are written only when set.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 
 from qtune.errors import QtuneError
 
-_ONLY_WHEN_SET = ("peak_allocated_gib", "peak_reserved_gib", "resumed_from_step")
-"""Fields left out of the JSON when they are None (a CPU run, a run not resumed)."""
+_ONLY_WHEN_SET = ("peak_allocated_gib", "peak_reserved_gib", "resumed_from_step", "compute_dtype")
+"""Fields left out of the JSON when they are None (a CPU run, a run not resumed, a summary written before
+compute_dtype was recorded)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class TrainSummary:
         peak_rss_gib, peak_allocated_gib, peak_reserved_gib: peak memory, GiB
             (:func:`qtune.train.callbacks.peak_memory`; the last two on CUDA only).
         resumed_from_step: the checkpoint's step a resumed run continued from (None: not resumed).
+        compute_dtype: the dtype the matmuls ran in ("float32", "bfloat16", "float16"): ``quant.compute_dtype``
+            resolved on the machine that trained (``auto`` depends on it, :func:`qtune.model.quantize.compute_dtype`).
     """
 
     run_dir: str
@@ -59,9 +63,10 @@ class TrainSummary:
     peak_allocated_gib: float | None = None
     peak_reserved_gib: float | None = None
     resumed_from_step: int | None = None
+    compute_dtype: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object of ``train_summary.json``: every field in order, but the three written only when set."""
+        """The JSON object of ``train_summary.json``: every field in order, but the three written only when set; so is ``compute_dtype`` (absent from summaries written before it was recorded)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         return {k: v for k, v in out.items() if not (k in _ONLY_WHEN_SET and v is None)}
 

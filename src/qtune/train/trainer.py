@@ -349,6 +349,7 @@ def _save(cfg: RunConfig, s: _Setup, f: _Fit) -> TrainSummary:
         trainable_params=f.trainable_params,
         total_params=f.total_params,
         **memory,
+        compute_dtype=str(compute_dtype(cfg.quant)).removeprefix("torch."),
     )
     if s.checkpoint:  # tokens/s of this session only; the checkpoint brought the earlier tokens along
         summary = replace(summary, **resumed_summary(s.resumed_state, tokens, f.wall_s))
