@@ -222,7 +222,6 @@ def test_fast_path_matches_the_stock_recipe(tiny_model_dir, tmp_path):
 
 def test_packed_and_padded_batches_give_the_same_loss(tiny_model_dir, tokenizer):
     from qtune.data.tokenize import training_collator
-
     from qtune.model.attention import use_packed_attention
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

@@ -66,7 +66,8 @@ class TrainSummary:
     compute_dtype: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object of ``train_summary.json``: every field in order, but the three written only when set; so is ``compute_dtype`` (absent from summaries written before it was recorded)."""
+        """The JSON object of ``train_summary.json``: every field in order, but those of ``_ONLY_WHEN_SET`` only
+        when set."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         return {k: v for k, v in out.items() if not (k in _ONLY_WHEN_SET and v is None)}
 
