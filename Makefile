@@ -23,7 +23,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/qtune train --config configs/demo.yaml --set train.output_dir=$(RUN) --set train.eval_at_end=false --overwrite
-	$(VENV)/bin/qtune eval --run $(RUN) --splits val
+	$(VENV)/bin/qtune eval loss --run $(RUN) --splits val
 	$(VENV)/bin/qtune generate --run $(RUN) --max-new-tokens 200 \
 		"Write a Python function that checks whether a string is a palindrome."
 	@echo "run directory: $(RUN)"

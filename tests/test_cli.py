@@ -23,7 +23,7 @@ def run(*args):
         (["train", "--set", "quant.quant=int2"], "error: config: quant.quant: Input should be"),
         (["train", "--set", "data.path=missing.json"], "error: config: data.path: data file not found: missing.json"),
         (["train", "--config", "nope.yaml"], "error: nope.yaml: config file not found"),
-        (["eval", "--run", "no/such/run"], "error: no/such/run: not a qtune run directory (no config.yaml)"),
+        (["eval", "loss", "--run", "no/such/run"], "error: no/such/run: not a qtune run directory (no config.yaml)"),
         (["generate", "--run", "no/such/run", "hi"], "error: no/such/run: not a qtune run directory (no config.yaml)"),
         (["data", "prepare", "--data", "missing.jsonl", "--out", "x"], "error: config: data.path: data file not found"),
     ],

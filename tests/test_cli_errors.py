@@ -175,21 +175,32 @@ COMMANDS = {
         ],
         lambda t, out: out / "data",
     ),
-    "eval": (
+    "eval loss": (
         "run",
-        lambda t, out: ["eval", "--run", out / "run", "--splits", "val", "--json"],
+        lambda t, out: ["eval", "loss", "--run", out / "run", "--splits", "val", "--json"],
         lambda t, out: out / "run" / "eval.json",
     ),
-    "eval --humaneval": (
+    "eval humaneval": (
         "run",
-        lambda t, out: ["eval", "--run", out / "run", "--humaneval", t["problems"], "--max-new-tokens", 4, "--json"],
+        lambda t, out: [
+            "eval",
+            "humaneval",
+            "--run",
+            out / "run",
+            "--problems",
+            t["problems"],
+            "--max-new-tokens",
+            4,
+            "--json",
+        ],
         lambda t, out: out / "run" / "humaneval",
     ),
-    "eval --humaneval-samples": (
+    "eval humaneval --samples-file": (
         None,
         lambda t, out: [
             "eval",
-            "--humaneval-samples",
+            "humaneval",
+            "--samples-file",
             t["samples"],
             "--problems",
             t["problems"],
@@ -214,7 +225,11 @@ COMMANDS = {
 }
 
 
-SCORE_KEPT = {("eval --humaneval-samples", "ro"), ("eval --humaneval-samples", "full"), ("eval --humaneval", "full")}
+SCORE_KEPT = {
+    ("eval humaneval --samples-file", "ro"),
+    ("eval humaneval --samples-file", "full"),
+    ("eval humaneval", "full"),
+}
 """HumanEval never loses a score for its files: per-sample results that cannot be written are a warning, the score is
 printed (a run directory that is read-only is refused before generating, as an error)."""
 

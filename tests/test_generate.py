@@ -323,13 +323,13 @@ def test_cli_humaneval_settings_out_of_range_are_one_line_before_loading(
     problems = tmp_path / "toy.jsonl"
     problems.write_text("".join(json.dumps({**p, "test": "def check(c):\n    pass\n"}) + "\n" for p in TOY))
     monkeypatch.setattr(qtune.model.adapters, "load_trained", lambda *a, **k: pytest.fail("the model was loaded"))
-    result = CliRunner().invoke(app, ["eval", "--run", str(rd.root), "--humaneval", str(problems), *option])
+    result = CliRunner().invoke(app, ["eval", "humaneval", "--run", str(rd.root), "--problems", str(problems), *option])
     assert result.exit_code == 2 and result.output == message + "\n", result.output
 
 
 @pytest.mark.slow
 def test_smollm2_humaneval_answers_equal_its_former_loop(smol_dir, tmp_path):
-    """The real model (NF4, dequantized for CPU as ``qtune eval --humaneval`` does) on the first HumanEval
+    """The real model (NF4, dequantized for CPU as ``qtune eval humaneval`` does) on the first HumanEval
     problems: the one path gives exactly the answers of HumanEval's former loop."""
     from qtune.evaluate.humaneval import default_humaneval_path, load_problems
     from qtune.model.quantize import dequantize_for_inference

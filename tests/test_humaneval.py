@@ -175,7 +175,7 @@ needs_case = pytest.mark.skipif(not EXIT_STATUS_CASE.is_file(), reason="shared c
 @needs_case
 def test_cli_exit_status_case_scores_zero_and_writes_results_to_the_current_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the samples sit in a read-only folder; results go to the current directory
-    code, output = run("eval", "--humaneval-samples", EXIT_STATUS_CASE, "--json")
+    code, output = run("eval", "humaneval", "--samples-file", EXIT_STATUS_CASE, "--json")
     assert code == 0, output
     summary = json.loads(output)
     assert summary["pass@1"] == 0.0 and summary["counts"] == {"passed": 0, "failed": 1, "timed out": 0, "error": 1}
@@ -185,7 +185,7 @@ def test_cli_exit_status_case_scores_zero_and_writes_results_to_the_current_dire
         ("HumanEval/0", "error", "program ended before check() completed (SystemExit: 0)"),
         ("HumanEval/2", "failed", "AssertionError"),
     ]
-    code, output = run("eval", "--humaneval-samples", EXIT_STATUS_CASE, "--out", tmp_path / "sub")
+    code, output = run("eval", "humaneval", "--samples-file", EXIT_STATUS_CASE, "--out", tmp_path / "sub")
     assert code == 0 and re.search(r"^pass@1 +0\.0000$", output, re.M), output
     assert f"results: {tmp_path / 'sub' / 'samples_results.jsonl'}" in output
     assert len((tmp_path / "sub" / "samples_results.jsonl").read_text().splitlines()) == 2
@@ -198,7 +198,7 @@ def test_cli_unwritable_out_still_prints_the_score(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     result = runner.invoke(
-        app, ["eval", "--humaneval-samples", str(EXIT_STATUS_CASE), "--out", str(blocker / "x"), "--json"]
+        app, ["eval", "humaneval", "--samples-file", str(EXIT_STATUS_CASE), "--out", str(blocker / "x"), "--json"]
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -206,7 +206,7 @@ def test_cli_unwritable_out_still_prints_the_score(tmp_path, monkeypatch):
     warning = f"{blocker / 'x' / 'samples_results.jsonl'}: cannot write (Not a directory)"
     assert summary["warning"] == warning
     assert result.stderr == f"warning: {warning}\n"
-    result = runner.invoke(app, ["eval", "--humaneval-samples", str(EXIT_STATUS_CASE), "--out", str(blocker)])
+    result = runner.invoke(app, ["eval", "humaneval", "--samples-file", str(EXIT_STATUS_CASE), "--out", str(blocker)])
     assert result.exit_code == 0, result.output
     assert re.search(r"^pass@1 +0\.0000$", result.stdout, re.M) and "results:" not in result.stdout
     assert result.stderr.startswith("warning: ") and len(result.stderr.splitlines()) == 1
@@ -224,12 +224,12 @@ def test_cli_canonical_solutions_score_one_and_wrong_answers_zero(tmp_path, monk
     bad.write_text(
         "".join(json.dumps({"task_id": r["task_id"], "completion": "    return None\n"}) + "\n" for r in rows[:12])
     )
-    code, output = run("eval", "--humaneval-samples", good, "--json")
+    code, output = run("eval", "humaneval", "--samples-file", good, "--json")
     assert code == 0, output
     summary = json.loads(output)
     assert summary["pass@1"] == 1.0 and summary["counts"]["passed"] == 164
     assert len((tmp_path / "good_results.jsonl").read_text().splitlines()) == 164
-    code, output = run("eval", "--humaneval-samples", bad)
+    code, output = run("eval", "humaneval", "--samples-file", bad)
     assert code == 0, output
     assert re.search(r"^pass@1 +0\.0000$", output, re.M) and re.search(r"^passed +0$", output, re.M), output
     statuses = {json.loads(line)["status"] for line in (tmp_path / "bad_results.jsonl").read_text().splitlines()}
@@ -260,7 +260,7 @@ def test_cli_canonical_solutions_score_one_and_wrong_answers_zero(tmp_path, monk
 def test_cli_bad_samples_are_one_line_and_exit_2(tmp_path, lines, extra, message):
     f = tmp_path / "s.jsonl"
     f.write_text("\n".join(lines))
-    code, output = run("eval", "--humaneval-samples", f, *extra)
+    code, output = run("eval", "humaneval", "--samples-file", f, *extra)
     assert code == 2
     assert len(output.strip().splitlines()) == 1 and output.startswith(message.format(f=f)), output
 
@@ -269,12 +269,20 @@ def test_cli_bad_samples_are_one_line_and_exit_2(tmp_path, lines, extra, message
     "args, message",
     [
         pytest.param(
-            ["eval", "--humaneval-samples", "missing.jsonl"], "error: missing.jsonl: file not found", marks=needs_data
+            ["eval", "humaneval", "--samples-file", "missing.jsonl"],
+            "error: missing.jsonl: file not found",
+            marks=needs_data,
         ),  # the problems are read first
-        (["eval", "--humaneval", "--limit", "2"], "error: --humaneval: pass --run DIR"),
-        (["eval", "--run", "no/such/run", "--humaneval"], "error: no/such/run: not a qtune run directory"),
-        (["eval", "--run", "no/such/run", "--humaneval", "x.jsonl"], "error: no/such/run: not a qtune run directory"),
-        (["eval"], "error: eval: pass --run DIR"),
+        (["eval", "humaneval", "--limit", "2"], "error: eval humaneval: pass --run DIR"),
+        (["eval", "humaneval", "--run", "no/such/run"], "error: no/such/run: not a qtune run directory"),
+        (
+            ["eval", "humaneval", "--run", "no/such/run", "--problems", "x.jsonl"],
+            "error: no/such/run: not a qtune run directory",
+        ),
+        (
+            ["eval", "humaneval", "--run", "r", "--samples-file", "s.jsonl"],
+            "error: eval humaneval: --run generates, --samples-file scores a file: pass one of them",
+        ),
     ],
 )
 def test_cli_humaneval_usage_errors(args, message):

@@ -392,5 +392,5 @@ def test_not_a_run_directory_is_one_message_wherever_it_is_found(tmp_path):
     assert str(e.value) == f"{expected}; nothing to resume"
     result = CliRunner().invoke(app, ["train", "--resume", str(rd.root)])
     assert (result.exit_code, result.output) == (2, f"error: {expected}; nothing to resume\n")
-    result = CliRunner().invoke(app, ["eval", "--run", str(rd.root)])
+    result = CliRunner().invoke(app, ["eval", "loss", "--run", str(rd.root)])
     assert (result.exit_code, result.output) == (2, f"error: {expected}\n")

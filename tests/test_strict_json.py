@@ -56,7 +56,7 @@ def test_summary_eval_json_and_printed_json_are_strict_with_a_nan_loss(tiny_mode
     monkeypatch.setattr(
         perplexity, "split_loss", lambda *a, **k: {"loss": math.nan, "perplexity": math.inf, "tokens": 7}
     )
-    result = CliRunner().invoke(app, ["eval", "--run", str(rd.root), "--splits", "val", "--json"])
+    result = CliRunner().invoke(app, ["eval", "loss", "--run", str(rd.root), "--splits", "val", "--json"])
     assert result.exit_code == 0, result.output
     expected = {who: {"val": {"loss": None, "perplexity": None, "tokens": 7}} for who in ("base", "adapter")}
     assert strict_json(result.output.strip().splitlines()[-1]) == expected

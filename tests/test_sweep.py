@@ -217,11 +217,16 @@ def test_final_run_keeps_the_grid_runs_log_and_reads_the_test_split_from_eval_js
     assert final["test"] == written and set(written["adapter"]) == {"test"}
     grid_log = (d / "logs" / f"{name}.log").read_text()
     commands = [ln.split(" -m qtune.cli ")[1].split(" --")[0] for ln in grid_log.splitlines() if ln.startswith("$ ")]
-    assert commands == ["train", "eval", "eval", "eval"]  # training, base val loss, HumanEval of run and base
+    assert commands == [
+        "train",
+        "eval loss",
+        "eval humaneval",
+        "eval humaneval",
+    ]  # training, base val loss, HumanEval of run and base
     final_log = (d / "logs" / "final" / f"{name}.log").read_text()
     assert [ln.split(" -m qtune.cli ")[1].split(" --")[0] for ln in final_log.splitlines() if ln.startswith("$ ")] == [
         "train",
-        "eval",
+        "eval loss",
     ]
     assert f"--run {d / 'final' / name} --splits test" in final_log
 
@@ -237,7 +242,7 @@ def test_an_evaluation_reads_only_the_file_its_own_child_wrote(tmp_path):
         qtune_eval(rd, "val", log)
     assert str(e.value) == f"error: {rd.root}: not a qtune run directory (no config.yaml)"
     assert not rd.eval.exists()
-    assert log.read_text().splitlines()[0].endswith(f"-m qtune.cli eval --run {rd.root} --splits val")
+    assert log.read_text().splitlines()[0].endswith(f"-m qtune.cli eval loss --run {rd.root} --splits val")
 
 
 def test_rerun_skips_finished_runs(sweep_dir):

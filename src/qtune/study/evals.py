@@ -1,9 +1,9 @@
 """The evaluations a sweep adds to a finished run's record, each in its own process (its model's memory freed
 with it) that writes its figures to the run directory, where they are read back (:class:`qtune.rundir.RunDir`):
 
-- ``qtune eval --run RUN --splits val`` writes ``RUN/eval.json``: the base's validation loss (adapter disabled),
+- ``qtune eval loss --run RUN --splits val`` writes ``RUN/eval.json``: the base's validation loss (adapter disabled),
 - :func:`write_val_halves` writes ``RUN/val_halves.json``: the adapter's loss on each half of the val split,
-- ``qtune eval --run RUN --humaneval [--base]`` writes ``RUN/humaneval/{adapter,base}.json``: HumanEval pass@1.
+- ``qtune eval humaneval --run RUN [--base]`` writes ``RUN/humaneval/{adapter,base}.json``: HumanEval pass@1.
 
 The file a child is to write is removed before it starts, so a figure read back is always that child's.
 """
@@ -48,24 +48,24 @@ def _child(cmd: list[str], expected: Path, log: Path, timeout_s: float | None, w
 
 
 def qtune_eval(rd: RunDir, splits: str, log: Path, timeout_s: float | None = None) -> dict:
-    """``qtune eval --run RD --splits SPLITS`` in a fresh process; returns the ``eval.json`` it writes:
+    """``qtune eval loss --run RD --splits SPLITS`` in a fresh process; returns the ``eval.json`` it writes:
     {"base": {split: {"loss", "perplexity", "tokens"}}, "adapter": {...}}.
 
     Raises:
         QtuneError: the evaluation failed or timed out (its last error line).
     """
-    args = ["eval", "--run", str(rd.root), "--splits", splits]
+    args = ["eval", "loss", "--run", str(rd.root), "--splits", splits]
     return _child(qtune_command(*args), rd.eval, log, timeout_s, f"qtune {' '.join(args)}")
 
 
 def humaneval_pass1(rd: RunDir, spec: SweepSpec, log: Path, base: bool = False) -> float:
     """Greedy HumanEval pass@1 of base + adapter (of the base alone with ``base``) on the first
-    ``spec.humaneval_limit`` problems, by ``qtune eval --humaneval`` in a fresh process (its summary file).
+    ``spec.humaneval_limit`` problems, by ``qtune eval humaneval`` in a fresh process (its summary file).
 
     Raises:
         QtuneError: the evaluation failed or timed out (its last error line).
     """
-    args = ["eval", "--run", str(rd.root), "--humaneval", "--limit", str(spec.humaneval_limit)]
+    args = ["eval", "humaneval", "--run", str(rd.root), "--limit", str(spec.humaneval_limit)]
     args += ["--max-new-tokens", str(spec.humaneval_max_new_tokens)] + (["--base"] if base else [])
     summary = _child(
         qtune_command(*args),

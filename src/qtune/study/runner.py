@@ -128,7 +128,7 @@ def _run_or_skip(sweep: SweepDir, spec: SweepSpec, base: Path | None, run: Run, 
 
 def run_final(sweep_dir: Path, run: Run, base: Path | None, timeout_s: float | None, echo: Echo = print) -> dict:
     """Retrain the best configuration into ``final/<run>`` and evaluate it once on the test split
-    (``qtune eval --splits test``); writes and returns ``final.json``."""
+    (``qtune eval loss --splits test``); writes and returns ``final.json``."""
     sweep = SweepDir(Path(sweep_dir))
     echo(f"final: retraining {run.name} ...")
     res = run_one(run, sweep.root, base, timeout_s, run_root="final")
