@@ -79,7 +79,7 @@ NOT_IN_PEAK = {
 
 
 def term(name: str, nbytes: int, source: str | None = None, in_peak: bool = True) -> Term:
-    """The term ``name`` of ``nbytes`` bytes, its source ``source`` or else :data:`SOURCES` [name].
+    """The term ``name`` of ``nbytes`` bytes; its source is ``source``, else the one :data:`SOURCES` gives ``name``.
 
     A term :data:`NOT_IN_PEAK` names is left out of the peak for the reason given there; ``in_peak`` False
     leaves any other out as not concurrent with the larger phase (logits/loss against a layer's backward)."""
