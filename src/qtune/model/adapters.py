@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-from qtune.config import FOUR_BIT, LoraSettings, RunConfig
+from qtune.config import LoraSettings, RunConfig
 from qtune.errors import QtuneError
 
 if TYPE_CHECKING:
@@ -221,7 +221,7 @@ def finish_adapter(adapter_dir: str | Path, cfg, summary: dict, data_card: dict 
     Rewrites ``adapter_config.json``'s ``base_model_name_or_path`` (PEFT records the path the base was loaded
     from, here a cache directory of this machine) to :func:`public_base`, and replaces PEFT's boilerplate
     ``README.md`` with a model card: base and its quantization, LoRA hyper-parameters, the training recipe, the
-    data card's counts, the run's metrics and the prompt template.
+    data card's counts, the run's metrics and the prompt template (:mod:`qtune.model.model_card`).
 
     Args:
         cfg: the run's ``RunConfig``.
@@ -230,7 +230,7 @@ def finish_adapter(adapter_dir: str | Path, cfg, summary: dict, data_card: dict 
     """
     import json
 
-    from qtune.data.templates import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+    from qtune.model.model_card import write_model_card
     from qtune.rundir import ADAPTER_CONFIG
 
     adapter_dir = Path(adapter_dir)
@@ -241,81 +241,4 @@ def finish_adapter(adapter_dir: str | Path, cfg, summary: dict, data_card: dict 
     conf["revision"] = cfg.model.revision
     conf_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    q, lo, t, d = cfg.quant, cfg.lora, cfg.train, cfg.data
-    data_name = Path(d.path).name if Path(d.path).is_absolute() else d.path  # a file of this machine: by its name
-    quant = q.quant + (f", double quantization {'on' if q.double_quant else 'off'}" if q.quant in FOUR_BIT else "")
-    lines = [
-        "---",
-        f"base_model: {base}",
-        "library_name: peft",
-        "tags: [qtune, lora]",
-        "---",
-        "",
-        f"# LoRA adapter for {base}",
-        "",
-        "Trained with qtune: a frozen, quantized base and a LoRA adapter "
-        "(Hu et al. 2021; QLoRA, Dettmers et al. 2023).",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| base | `{base}`{' (' + note + ')' if note else ''} |",
-        f"| base weights while training | {quant}, compute dtype {q.compute_dtype} |",
-        f"| LoRA | r {lo.r}, lora_alpha {lo.lora_alpha}, lora_dropout {lo.lora_dropout}, target_modules "
-        f"{lo.target_modules}, init {lo.init} |",
-        f"| training | {t.max_steps} steps, batch {t.batch_size} x accumulation {t.gradient_accumulation_steps}, "
-        f"lr {t.learning_rate} ({t.lr_scheduler}, {t.warmup_steps} warmup steps), seed {t.seed} |",
-        f"| data | `{data_name}`, template {d.template}, max_length {d.max_length} tokens |",
-    ]
-    if data_card:
-        dropped = ", ".join(f"{k} {v}" for k, v in data_card.get("dropped", {}).items() if v)
-        lines.append(
-            f"| data card | {data_card.get('rows_in')} rows in, {data_card.get('rows_kept')} kept"
-            f"{' (dropped: ' + dropped + ')' if dropped else ''}; splits {data_card.get('splits')} |"
-        )
-    for key, label in (
-        ("steps", "steps trained"),
-        ("trainable_params", "trainable parameters"),
-        ("final_train_loss", "final training loss"),
-        ("val_loss", "validation loss (token-weighted)"),
-        ("val_perplexity", "validation perplexity"),
-        ("wall_time_s", "training time, s"),
-    ):
-        if summary.get(key) is not None:
-            lines.append(f"| {label} | {summary[key]} |")
-    lines += ["", "## Prompt template", ""]
-    if d.template == "alpaca":
-        lines += [
-            "Alpaca (CodeAlpaca's format); the answer follows `### Response:` and ends with EOS.",
-            "",
-            "Without an input:",
-            "",
-            "```",
-            ALPACA_NO_INPUT.rstrip("\n"),
-            "```",
-            "",
-            "With an input:",
-            "",
-            "```",
-            ALPACA_WITH_INPUT.rstrip("\n"),
-            "```",
-        ]
-    else:
-        lines += [
-            "The base tokenizer's own chat template (`tokenizer.apply_chat_template`, with a generation "
-            "prompt); the user message is the instruction, then the input after a blank line."
-        ]
-    lines += [
-        "",
-        "## Loading",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'base = AutoModelForCausalLM.from_pretrained("{base}")',
-        'model = PeftModel.from_pretrained(base, "PATH/TO/THIS/DIRECTORY")',
-        'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/DIRECTORY")',
-        "```",
-        "",
-    ]
-    (adapter_dir / "README.md").write_text("\n".join(lines), encoding="utf-8")
+    write_model_card(adapter_dir, cfg, base, note, summary, data_card)

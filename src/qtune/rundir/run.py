@@ -1,17 +1,10 @@
-"""Layout of a run directory, written by training and read by evaluation, generation and serving.
-
-A run directory is qtune's own: :func:`qtune.train.trainer.make_run_dir` marks it (``.qtune-run``) when it
-creates it, and ``--overwrite`` replaces only such a directory, holding nothing but names qtune writes
-(:meth:`RunDir.check_replaceable`). One process writes a run at a time (:class:`RunLock`). A run is finished
-once ``train_summary.json`` exists: the final save writes it last (:func:`qtune.train.checkpoints.save_final`).
-"""
+"""The paths inside one run directory (:class:`RunDir`), what qtune writes there, and the checks before
+``--overwrite`` replaces one."""
 
 from __future__ import annotations
 
-import fcntl
 import fnmatch
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterable
@@ -19,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qtune.errors import QtuneError
+from qtune.rundir.files import TMP_PREFIX, read_metrics, refuse_user_places
 
-TMP_PREFIX = ".tmp-"
-"""Prefix of the temporary files and folders qtune writes before renaming them into place."""
 ADAPTER_CONFIG = "adapter_config.json"
 """PEFT's adapter config file (``peft.utils.CONFIG_NAME``), in the adapter folder of a run and of a checkpoint."""
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -241,182 +233,3 @@ class RunDir:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-
-
-@dataclass(frozen=True)
-class SweepDir:
-    """Paths inside one sweep directory (``output_dir`` of a sweep file, :mod:`qtune.study`)."""
-
-    root: Path
-
-    @property
-    def spec(self) -> Path:
-        """The copy of the sweep file the sweep last ran (``reference_memory_gb`` is read back from it)."""
-        return self.root / "sweep.yaml"
-
-    @property
-    def results(self) -> Path:
-        """One ``<run>.json`` result record per run (:func:`qtune.study.results.collect_result`)."""
-        return self.root / "results"
-
-    def result(self, name: str) -> Path:
-        """The result record of run ``name``; its existence makes a rerun skip the run."""
-        return self.results / f"{name}.json"
-
-    def result_files(self) -> list[Path]:
-        """Every result record, sorted by file name."""
-        return sorted(self.results.glob("*.json"))
-
-    def run(self, name: str) -> RunDir:
-        """The run directory run ``name`` trains into."""
-        return RunDir(self.root / "runs" / name)
-
-    def final_run(self, name: str) -> RunDir:
-        """The run directory of the best configuration retrained by ``qtune sweep --final``."""
-        return RunDir(self.root / "final" / name)
-
-    def log(self, name: str) -> Path:
-        """Output of run ``name``'s processes: training, then its evaluations."""
-        return self.root / "logs" / f"{name}.log"
-
-    def final_log(self, name: str) -> Path:
-        """Output of the processes of :meth:`final_run` (retraining, test evaluation); the grid run's log stays."""
-        return self.root / "logs" / "final" / f"{name}.log"
-
-    @property
-    def table_csv(self) -> Path:
-        """The results table (:func:`qtune.study.tables.write_table`), one row per base evaluated alone and run."""
-        return self.root / "results.csv"
-
-    @property
-    def table_md(self) -> Path:
-        """The results table in Markdown, with the best run and the ranking check."""
-        return self.root / "results.md"
-
-    @property
-    def final(self) -> Path:
-        """Result record of the retrained best configuration, with its test-split evaluation."""
-        return self.root / "final.json"
-
-    @property
-    def figures(self) -> Path:
-        """The report's PNG figures (:mod:`qtune.study.figures`)."""
-        return self.root / "figures"
-
-    def figure(self, name: str) -> Path:
-        """The PNG of figure ``name`` (:data:`qtune.study.figures.FIGURES`)."""
-        return self.figures / f"{name}.png"
-
-    @property
-    def report(self) -> Path:
-        """``qtune report``'s Markdown (:func:`qtune.study.report.write_report`), embedding the figures."""
-        return self.root / "report.md"
-
-    def run_of(self, result: dict) -> RunDir:
-        """The run directory of a result record: the ``train.output_dir`` it trained into while that still holds
-        its metrics, else ``runs/<run>`` here (a sweep directory moved since)."""
-        recorded = ((result.get("config") or {}).get("train") or {}).get("output_dir")
-        if recorded and RunDir(Path(recorded)).metrics.is_file():
-            return RunDir(Path(recorded))
-        return self.run(result["run"])
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` (one JSON object per line), in file order; [] without the file.
-
-    A line that is not a JSON object is skipped: a run killed mid-write leaves a truncated last line.
-    """
-    out = []
-    path = Path(path)
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
-
-
-def refuse_user_places(path: Path, refused: str, option: str) -> None:
-    """Raises QtuneError(``refused`` + what + "choose another ``option``") when deleting ``path`` would delete
-    the current directory or the home directory: it is one of them or a folder above one (``/`` included)."""
-    root = path.resolve()
-    places = [("the current directory", Path.cwd())]
-    try:
-        places.append(("the home directory", Path.home()))
-    except RuntimeError:  # no home directory known: nothing to protect
-        pass
-    for what, place in places:
-        place = place.resolve()
-        if place == root:
-            raise QtuneError(f"{refused} it is {what}; choose another {option}")
-        if place.is_relative_to(root):
-            raise QtuneError(f"{refused} it holds {what} ({place}); choose another {option}")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a process killed at any
-    moment leaves either no ``path`` or the whole of it."""
-    tmp = path.with_name(TMP_PREFIX + path.name)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-class RunLock:
-    """One writer per run directory: an exclusive ``flock`` on its :attr:`RunDir.lock` file.
-
-    Held from :meth:`acquire` until :meth:`release` or the end of the process; the OS drops it when the
-    process dies in any way (kill -9 included), so a lock is never stale. The file holds the holder's pid and
-    start time, for the message that refuses a second writer.
-    """
-
-    def __init__(self, root: str | Path):
-        self.path = RunDir(Path(root)).lock
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        """Whether this process holds the lock."""
-        return self._fd is not None
-
-    def acquire(self) -> None:
-        """Take the lock (again: no-op), creating the lock file; the run directory must exist.
-
-        Raises:
-            QtuneError: another process holds it (the message names its pid and start time), or the file
-                system cannot lock the file.
-        """
-        if self._fd is not None:
-            return
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise QtuneError(f"{self.path}: cannot create the run directory's lock file ({e.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._holder(fd)
-            os.close(fd)
-            raise QtuneError(f"{self.path.parent}: in use by {holder}; wait for it to finish or stop it") from None
-        except OSError as e:
-            os.close(fd)
-            raise QtuneError(f"{self.path}: cannot lock the run directory ({e.strerror})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        """Drop the lock (closing the file); the file itself stays."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    @staticmethod
-    def _holder(fd: int) -> str:
-        try:
-            info = json.loads(os.pread(fd, 4096, 0))
-            return f"qtune process {int(info['pid'])} (started {info['started']})"
-        except (ValueError, KeyError, TypeError):  # the holder has not written its pid yet
-            return "another qtune process"

@@ -1,0 +1,56 @@
+"""File operations on a run's files: reading ``metrics.jsonl``, atomic writes, and refusing to delete the places
+a user works in."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from qtune.errors import QtuneError
+
+TMP_PREFIX = ".tmp-"
+"""Prefix of the temporary files and folders qtune writes before renaming them into place."""
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (one JSON object per line), in file order; [] without the file.
+
+    A line that is not a JSON object is skipped: a run killed mid-write leaves a truncated last line.
+    """
+    out = []
+    path = Path(path)
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
+
+
+def refuse_user_places(path: Path, refused: str, option: str) -> None:
+    """Raises QtuneError(``refused`` + what + "choose another ``option``") when deleting ``path`` would delete
+    the current directory or the home directory: it is one of them or a folder above one (``/`` included)."""
+    root = path.resolve()
+    places = [("the current directory", Path.cwd())]
+    try:
+        places.append(("the home directory", Path.home()))
+    except RuntimeError:  # no home directory known: nothing to protect
+        pass
+    for what, place in places:
+        place = place.resolve()
+        if place == root:
+            raise QtuneError(f"{refused} it is {what}; choose another {option}")
+        if place.is_relative_to(root):
+            raise QtuneError(f"{refused} it holds {what} ({place}); choose another {option}")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a process killed at any
+    moment leaves either no ``path`` or the whole of it."""
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
