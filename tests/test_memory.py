@@ -355,6 +355,7 @@ PINNED = [
             double_quant=False,
             use_dora=True,
             device="cpu",
+            compute_dtype="float32",  # pinned: auto on a CPU depends on its bf16 instructions (test below)
         ),
         19675873054,
         41336832,
@@ -366,6 +367,17 @@ PINNED = [
 def test_pinned_peaks(llama7b, shape, peak, trainable):
     est = estimate(llama7b, TrainShape(**shape))
     assert (est.peak_bytes, est.trainable_params) == (peak, trainable)
+
+
+def test_auto_compute_dtype_on_a_cpu_is_estimated_as_this_cpu_runs_it(llama7b):
+    from qtune.model.quantize import cpu_bf16_fast
+
+    shape = dict(quant="nf4", r=16, batch_size=4, seq_len=128, device="cpu")
+    native = "bfloat16" if cpu_bf16_fast() else "float32"
+    auto = estimate(llama7b, TrainShape(**shape)).peak_bytes
+    assert auto == estimate(llama7b, TrainShape(**shape, compute_dtype=native)).peak_bytes
+    fp32, bf16 = (estimate(llama7b, TrainShape(**shape, compute_dtype=d)).peak_bytes for d in ("float32", "bfloat16"))
+    assert bf16 < fp32  # 16-bit activations and non-quantized weights
 
 
 @pytest.mark.parametrize("r", [8, 64])
