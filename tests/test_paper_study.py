@@ -23,7 +23,7 @@ from qtune.study.runner import run_sweep
 from qtune.study.spec import expand, load_sweep
 from qtune.study.tables import base_rows, md_table, ranking_stability, stability_line, study_rows
 
-from conftest import CODEALPACA
+from conftest import CODEALPACA, RUN_NAME_RULE, SHORT_KEY_HINT, sweep_error
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOL = ROOT / "configs" / "sweeps" / "paper-smollm2.yaml"
@@ -171,23 +171,27 @@ def test_7b_config_refuses_on_cpu_before_anything_loads(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("extra_runs:\n  a/b: {quant.quant: none}\n", "extra_runs.a/b: a run name starts with a letter or digit"),
-        ("extra_runs:\n  x: {r: 4}\n", "extra_runs.x.r: expected a dotted config key such as lora.r"),
-        ("extra_runs:\n  x: 3\n", "extra_runs.x: Input should be a valid dictionary"),
+        ("extra_runs:\n  a/b: {quant.quant: none}\n", f"$SWEEP: extra_runs.a/b: {RUN_NAME_RULE}"),
+        (
+            "extra_runs:\n  x: {r: 4}\n",
+            f"$SWEEP: extra_runs.x.r: expected a dotted config key such as lora.r {SHORT_KEY_HINT}",
+        ),
+        ("extra_runs:\n  x: 3\n", "$SWEEP: extra_runs.x: Input should be a valid dictionary (got 3)"),
         (
             "axes: {r: [4]}\nreference_memory_gb: {paper: -1}\n",
-            "reference_memory_gb.paper: expected a positive number of GB",
+            "$SWEEP: reference_memory_gb.paper: expected a positive number of GB (got -1.0)",
         ),
-        ("axes: {r: [4]}\nextra_runs:\n  r4: {lora.r: 8}\n", "run name 'r4' occurs twice"),
-        ("extra_runs:\n  x: {lora.r: 0}\n", "x: config: lora.r: Input should be greater than 0"),
+        ("axes: {r: [4]}\nextra_runs:\n  r4: {lora.r: 8}\n", "run name 'r4' occurs twice (rename a runs: entry)"),
+        (  # lora_alpha follows the rank (2r), so it is 0 too
+            "extra_runs:\n  x: {lora.r: 0}\n",
+            "x: config: lora.r: Input should be greater than 0 (got 0)\n"
+            "x: config: lora.lora_alpha: Input should be greater than 0 (got 0.0)",
+        ),
     ],
 )
 def test_bad_extra_runs_and_references(tmp_path, text, message):
     path = tmp_path / "s.yaml"
-    path.write_text(text)
-    with pytest.raises(QtuneError) as e:
-        expand(*load_sweep(path))
-    assert message in str(e.value)
+    assert sweep_error(path, text) == message.replace("$SWEEP", str(path))
 
 
 def test_extra_runs_alone_make_a_sweep(tmp_path):

@@ -668,13 +668,16 @@ def test_chat_cli_keeps_the_conversation(tiny_run):
     assert "(empty message ignored" in result.output and "(new conversation)" in result.output
 
 
+NO_RUN = "error: no/such/run: not a qtune run directory (no config.yaml)"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["chat", "--run", "no/such/run"], "error: no/such/run: not a qtune run directory (no config.yaml)"),
+        (["chat", "--run", "no/such/run"], NO_RUN),
         (["serve", "--run", "no/such/run", "--auth", "nopass"], "error: --auth 'nopass': expected USER:PASS"),
-        (["serve", "--run", "no/such/run", "--port", "7861"], "error: no/such/run: not a qtune run directory"),
-        (["export", "--run", "no/such/run", "--merged", "out"], "error: no/such/run: not a qtune run directory"),
+        (["serve", "--run", "no/such/run", "--port", "7861"], NO_RUN),
+        (["export", "--run", "no/such/run", "--merged", "out"], NO_RUN),
         (["export", "--run", "no/such/run"], "error: nothing to export: pass --merged OUT and/or --gguf OUT.gguf"),
         (["chat", "--run", "x", "--temperature", "-1"], "error: temperature must be in [0, 5], got -1.0"),
     ],
@@ -682,8 +685,7 @@ def test_chat_cli_keeps_the_conversation(tiny_run):
 def test_serving_cli_bad_input_is_one_line_and_exit_2(args, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [message] or result.output.startswith(message)
-    assert len(result.output.strip().splitlines()) == 1
+    assert result.output == message + "\n"
 
 
 def test_chat_cli_run_without_adapter(tmp_path):
@@ -766,7 +768,7 @@ def test_smollm2_batched_equals_single_and_a_two_turn_session(smol_dir, tmp_path
     prompts = ["Write a Python function that returns the sum of a list.", "Print hello world in C."]
     singles = [smol.answer(p, settings=settings) for p in prompts]
     assert smol.generate_batch(prompts, settings) == singles
-    assert "def " in singles[0] and "#include" in singles[1]
+    assert singles == ["```python\ndef sum_list(lst):\n    return", "```c\n#include <stdio.h\n#"]  # 12 greedy tokens
 
     session = ChatSession(smol)
     first = session.ask(prompts[0], settings).text()
