@@ -212,6 +212,7 @@ def test_cli_unwritable_out_still_prints_the_score(tmp_path, monkeypatch):
     assert result.stderr.startswith("warning: ") and len(result.stderr.splitlines()) == 1
 
 
+@pytest.mark.slow
 @needs_data
 def test_cli_canonical_solutions_score_one_and_wrong_answers_zero(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where the per-sample results go

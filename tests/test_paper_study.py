@@ -95,6 +95,7 @@ def _dry_run(monkeypatch, path: Path, *extra: str):
     return res
 
 
+@pytest.mark.slow
 def test_dry_run_of_the_7b_grid_on_cpu_lists_every_run_with_its_estimate(monkeypatch):
     from qtune.model.memory import estimate_run_config
 
@@ -120,6 +121,7 @@ def test_dry_run_of_the_7b_grid_on_cpu_lists_every_run_with_its_estimate(monkeyp
     assert lines[-1] == "dry run: nothing was trained"
 
 
+@pytest.mark.slow
 def test_dry_run_of_the_smollm2_grid_estimates_for_cpu(monkeypatch):
     res = _dry_run(monkeypatch, SMOL)
     assert res.exit_code == 0, res.output
@@ -288,6 +290,7 @@ def test_ranking_stability_of_the_halves():
 # --- resuming a killed sweep, on the tiny model, with validation halves -----------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_sweep_reruns_only_the_missing_runs(tiny_model_dir, tmp_path, monkeypatch):
     spec = {
         "output_dir": str(tmp_path / "out"),

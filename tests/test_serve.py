@@ -401,6 +401,7 @@ def test_api_bad_requests_get_400_with_an_error_body(server):
     assert r.status_code == 400 and "expected role 'user'" in r.json()["error"]["message"]
 
 
+@pytest.mark.slow
 def test_api_bounds_every_request_with_a_clear_4xx(server, engine):
     import httpx
 
@@ -505,6 +506,7 @@ def test_thousands_of_messages_or_stop_strings_do_not_hold_the_server(server, en
     assert took < 2 and slowest < 1, (took, slowest)
 
 
+@pytest.mark.slow
 def test_requests_waiting_for_the_engine_leave_threads_for_everything_else(server, engine):
     """Clients waiting behind a long answer wait in threads of their own (at most MAX_WAITING_THREADS), so a new
     request is still parsed and answered at once (its 400 comes before the engine is free)."""
@@ -548,6 +550,7 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_a_client_that_goes_away_frees_the_engine(server, engine):
     """After a client closes a long stream, or gives up waiting for a long answer, the next short request does
     not wait for the abandoned generation."""
@@ -582,6 +585,7 @@ def test_a_client_that_goes_away_frees_the_engine(server, engine):
         assert timed(short_request) < bound
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_server_within_seconds_during_long_answers(tiny_run):
     """`qtune serve` with a streamed answer generating and a non-streamed one waiting for the engine: SIGTERM
     cancels both and the process is gone within seconds (the answers would take 20 s each)."""
@@ -716,6 +720,7 @@ def test_loftq_run_is_not_merged_into_a_16_bit_base(tiny_run, tmp_path):
         Engine(str(run), quant="fp16")
 
 
+@pytest.mark.slow
 def test_merged_export_matches_base_plus_adapter(tiny_run, tiny_model_dir, tmp_path):
     from peft import PeftModel
     from safetensors import safe_open
@@ -778,6 +783,7 @@ def test_smollm2_batched_equals_single_and_a_two_turn_session(smol_dir, tmp_path
     assert second.text() and session.turns[1].assistant
 
 
+@pytest.mark.slow
 def test_gguf_export_reads_back_with_every_tensor_and_the_same_logits(tiny_run, tmp_path):
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -178,6 +178,7 @@ def sweep_dir(tiny_model_dir, tmp_path_factory):
     return Path(out["sweep_dir"]), path, out
 
 
+@pytest.mark.slow
 def test_sweep_records_success_and_failure(sweep_dir):
     d, _, out = sweep_dir
     results = {r["run"]: r for r in load_results(d)}
@@ -211,6 +212,7 @@ def test_sweep_records_success_and_failure(sweep_dir):
     assert (d / "results.csv").read_text().count("\n") == 4  # header, the nf4 base alone, two runs
 
 
+@pytest.mark.slow
 def test_final_run_keeps_the_grid_runs_log_and_reads_the_test_split_from_eval_json(sweep_dir):
     d, _, out = sweep_dir
     name = "r4-target_modules=all-linear"
@@ -229,6 +231,7 @@ def test_final_run_keeps_the_grid_runs_log_and_reads_the_test_split_from_eval_js
     assert f"--run {d / 'final' / name} --splits test" in final_log
 
 
+@pytest.mark.slow
 def test_an_evaluation_reads_only_the_file_its_own_child_wrote(tmp_path):
     """A failed child leaves no figure behind: the file it was to write is removed before it starts, and its
     error line (from the run's log) is the error."""
@@ -243,6 +246,7 @@ def test_an_evaluation_reads_only_the_file_its_own_child_wrote(tmp_path):
     assert log.read_text().splitlines()[0].endswith(f"-m qtune.cli eval --run {rd.root} --splits val")
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_runs(sweep_dir):
     d, path, _ = sweep_dir
     before = {p.name: p.stat().st_mtime_ns for p in (d / "results").glob("*.json")}
@@ -252,6 +256,7 @@ def test_rerun_skips_finished_runs(sweep_dir):
     assert sum("earlier, skipped" in ln for ln in lines) == 2 and not any("training" in ln for ln in lines)
 
 
+@pytest.mark.slow
 def test_a_val_loss_from_an_older_qtune_is_measured_again(sweep_dir, tmp_path):
     """A result without val_tokens holds an older qtune's val loss (a mean of per-batch means); a rerun replaces
     it with `qtune eval`'s figure, so the sweep ranks one quantity."""
@@ -271,6 +276,7 @@ def test_a_val_loss_from_an_older_qtune_is_measured_again(sweep_dir, tmp_path):
         assert again[key] == good[key], key
 
 
+@pytest.mark.slow
 def test_report_writes_six_figures_and_markdown(sweep_dir):
     d, _, _ = sweep_dir
     res = runner.invoke(app, ["report", str(d)])

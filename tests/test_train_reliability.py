@@ -92,6 +92,7 @@ def accumulation_runs(tiny_model_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_accumulation_gives_the_gradients_of_one_big_batch(accumulation_runs):
     (small, _), (big, _) = accumulation_runs[(1, 2)], accumulation_runs[(2, 1)]
     assert small.micro == 2 and big.micro == 1  # two micro-batches vs one, one optimizer step each
@@ -107,6 +108,7 @@ def test_accumulation_gives_the_gradients_of_one_big_batch(accumulation_runs):
         torch.testing.assert_close(g_small[k], g_big[k], rtol=1e-4, atol=1e-6 * flat_big.abs().max().item())
 
 
+@pytest.mark.slow
 def test_logged_loss_is_the_token_weighted_mean(accumulation_runs, tiny_model_dir):
     _, rd = accumulation_runs[(1, 2)]
     ds = load_splits(rd.data)["train"].remove_columns("row")
@@ -122,6 +124,7 @@ def test_logged_loss_is_the_token_weighted_mean(accumulation_runs, tiny_model_di
         assert rec["loss"] == pytest.approx(weighted, rel=1e-5), key
 
 
+@pytest.mark.slow
 def test_cosine_schedule_counts_warmup_in_optimizer_steps(tiny_model_dir, tmp_path):
     peak, warmup, steps, accum = 1e-2, 4, 12, 3
     probe = Grads()
@@ -168,6 +171,7 @@ class PoisonAfter(TrainerCallback):
                 next(p for n, p in model.named_parameters() if "lora_A" in n).view(-1)[0] = float("nan")
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, capsys):
     cfg = tiny_run_config(
         tiny_model_dir, tmp_path / "run", quant={"quant": "none"}, train={**FAST, "max_steps": 10, "save_steps": 2}
@@ -207,6 +211,7 @@ def _finite_count(path):
     return sum(bool(torch.isfinite(t).all()) for t in saved.values()), len(saved)
 
 
+@pytest.mark.slow
 def test_nan_guard_names_only_a_checkpoint_with_finite_weights(tiny_model_dir, tmp_path):
     """Checkpoint every step: the one of step 5 holds the poisoned weight, so step 4's is the last good one."""
     cfg = tiny_run_config(
@@ -236,6 +241,7 @@ def test_nan_guard_names_only_a_checkpoint_with_finite_weights(tiny_model_dir, t
     assert records[-1]["loss"] is None and all(math.isfinite(r["loss"]) for r in records[:-1])
 
 
+@pytest.mark.slow
 def test_diverged_run_names_no_checkpoint_then_resumes_at_a_lower_rate(tiny_model_dir, tmp_path):
     """A huge learning rate: step 1's update leaves finite but enormous weights in checkpoint-1, which give a NaN
     loss at step 2; so checkpoint-1 is not good, and the resume with a sane rate starts over from step 0."""
@@ -292,6 +298,7 @@ def test_diverged_run_names_no_checkpoint_then_resumes_at_a_lower_rate(tiny_mode
     strict_json(rd.summary.read_text())
 
 
+@pytest.mark.slow
 def test_resume_with_a_new_learning_rate_runs_the_rest_of_the_schedule_at_it(tiny_model_dir, tmp_path):
     """The checkpoint's optimizer and scheduler state carry the old rate; the resumed steps use the new one."""
     from qtune.config import load_config
