@@ -104,6 +104,7 @@ def test_extraction_of_a_wrong_answer_still_fails():
     assert not passes(extract_code("", ADD))
 
 
+@pytest.mark.slow
 def test_score_samples_reports_each_status(tmp_path):
     problems = {"Toy/0": ADD}
     samples = [

@@ -422,6 +422,7 @@ def paper_report(tmp_path_factory):
     return d, report.write_report(d)
 
 
+@pytest.mark.slow
 def test_report_names_its_figures_after_what_they_show(paper_report):
     d, md_path = paper_report
     assert figures.FIGURES == (
@@ -442,6 +443,7 @@ def test_report_names_its_figures_after_what_they_show(paper_report):
     assert "| int8-base | ok | quantization only | int8 |" in md and "Ranking check:" in md
 
 
+@pytest.mark.slow
 def test_full_vs_best_bars_carry_the_estimates_and_the_papers_figures(paper_report):
     d, _ = paper_report
     best = next(r for r in load_results(d) if r["run"] == "bf16-r64")
@@ -484,6 +486,7 @@ def _overlaps(boxes) -> list:
     return [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
 
 
+@pytest.mark.slow
 def test_quality_vs_memory_of_a_grid_names_points_by_colour_and_marker(paper_report, monkeypatch, tmp_path):
     d, _ = paper_report
     results = load_results(d)
@@ -531,6 +534,7 @@ def test_quality_vs_memory_labels_never_overlap_when_runs_share_format_and_rank(
     assert best.get_fontweight() == "bold"
 
 
+@pytest.mark.slow
 def test_memory_per_configuration_is_readable_at_16_runs(paper_report, monkeypatch, tmp_path):
     d, _ = paper_report
     results = load_results(d)
@@ -550,6 +554,7 @@ def test_memory_per_configuration_is_readable_at_16_runs(paper_report, monkeypat
     assert ax.get_xlabel() == "peak allocated (GiB)"
 
 
+@pytest.mark.slow
 def test_learning_rate_figure_draws_one_schedule_for_identical_runs(paper_report, monkeypatch, tmp_path):
     d, _ = paper_report
     results = load_results(d)

@@ -319,6 +319,7 @@ def finished_run(tiny_model_dir, tmp_path_factory):
     return make_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("export") / "run")
 
 
+@pytest.mark.slow
 def test_export_overwrite_replaces_only_its_own_output(finished_run, tmp_path, monkeypatch):
     runner = CliRunner()
     merged = tmp_path / "merged"

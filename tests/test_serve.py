@@ -163,6 +163,7 @@ def test_an_indented_answer_is_kept_exactly_by_every_engine_call(engine):
         assert json.loads(session.transcript())["turns"] == [{"user": "Sort xs.", "assistant": INDENTED}]
 
 
+@pytest.mark.slow
 def test_generate_and_chat_commands_print_an_indented_answer_exactly(tiny_run, monkeypatch):
     scripted_engines(monkeypatch, INDENTED)
     result = runner.invoke(app, ["generate", "--run", str(tiny_run.root), "Sort xs."])
