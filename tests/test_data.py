@@ -12,7 +12,7 @@ from qtune.data.templates import format_prompt
 from qtune.data.tokenize import IGNORE_INDEX, encode_example, encode_prompt, padding_collator
 from qtune.errors import QtuneError
 
-from conftest import CODEALPACA
+from conftest import CODEALPACA, write_rows
 
 FAULTY_ROWS = [
     {
@@ -30,14 +30,8 @@ FAULTY_ROWS = [
 ]
 
 
-def _write(tmp_path, rows, name="rows.json"):
-    path = tmp_path / name
-    path.write_text(json.dumps(rows), encoding="utf-8")
-    return path
-
-
 def test_cleaning_counts_each_fault_kind(tmp_path, tokenizer):
-    path = _write(tmp_path, FAULTY_ROWS)
+    path = write_rows(tmp_path / "rows.json", FAULTY_ROWS)
     cfg = DataConfig(path=str(path), max_length=256, split=(1.0, 0.0, 0.0))
     splits, card = prepare_dataset(cfg, tokenizer, tmp_path / "out")
     assert card.rows_in == 8 and card.rows_kept == 3
@@ -68,7 +62,7 @@ def test_huge_row_dropped_without_tokenizing(tmp_path, tokenizer, monkeypatch):
         {"instruction": "big", "input": "", "output": "x" * 5_000_000},
         {"instruction": "small", "input": "", "output": "y"},
     ]
-    path = _write(tmp_path, rows)
+    path = write_rows(tmp_path / "rows.json", rows)
     seen = []
     original = tokenizer.__class__.__call__
     monkeypatch.setattr(
@@ -125,7 +119,7 @@ def test_non_utf8_bytes_name_the_line(tmp_path):
 
 
 def test_column_mapping(tmp_path):
-    path = _write(tmp_path, [{"prompt": "a", "completion": "b"}])
+    path = write_rows(tmp_path / "rows.json", [{"prompt": "a", "completion": "b"}])
     rows, _ = load_rows(str(path), {"instruction": "prompt", "output": "completion"})
     assert rows == [{"row": 0, "instruction": "a", "input": None, "output": "b"}]
 
@@ -200,6 +194,6 @@ def test_split_is_seeded_disjoint_and_sized():
 
 
 def test_no_rows_left_is_an_error(tmp_path, tokenizer):
-    path = _write(tmp_path, [{"instruction": "a", "input": "", "output": ""}])
+    path = write_rows(tmp_path / "rows.json", [{"instruction": "a", "input": "", "output": ""}])
     with pytest.raises(QtuneError, match="no usable rows left after cleaning"):
         prepare_dataset(DataConfig(path=str(path)), tokenizer, tmp_path / "o")

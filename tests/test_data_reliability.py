@@ -16,6 +16,8 @@ from qtune.data.templates import format_prompt
 from qtune.data.tokenize import IGNORE_INDEX, encode_example, encode_prompt
 from qtune.errors import QtuneError
 
+from conftest import prepare_cli, write_rows
+
 runner = CliRunner()
 
 
@@ -109,8 +111,7 @@ def test_unreadable_file_is_one_line(tmp_path, monkeypatch):
 
 
 def test_bad_columns_option_is_one_line(tmp_path):
-    src = tmp_path / "rows.json"
-    src.write_text(json.dumps([{"prompt": "a", "completion": "b"}]))
+    src = write_rows(tmp_path / "rows.json", [{"prompt": "a", "completion": "b"}])
     code = runner.invoke(
         app, ["data", "prepare", "--data", str(src), "--out", str(tmp_path / "o"), "--columns", "instr=prompt"]
     )
@@ -122,7 +123,8 @@ def test_bad_columns_option_is_one_line(tmp_path):
     code = runner.invoke(
         app, ["data", "prepare", "--data", str(src), "--out", str(tmp_path / "o"), "--columns", "instruction"]
     )
-    assert code.exit_code == 2 and "expected field=column pairs separated by commas" in code.output
+    assert code.exit_code == 2
+    assert code.output == "error: --columns 'instruction': expected field=column pairs separated by commas\n"
     # mapped to a column the file does not have: the error lists the expected and the found columns
     code = runner.invoke(
         app,
@@ -138,19 +140,15 @@ def test_bad_columns_option_is_one_line(tmp_path):
         ],
     )
     assert code.exit_code == 2
-    assert (
-        "no column for instruction (column 'question'); "
-        "expected columns ['completion', 'input', 'question'], found ['completion', 'prompt']" in code.output
+    assert code.output == (
+        f"error: {src}: no column for instruction (column 'question'); expected columns ['completion', 'input', "
+        "'question'], found ['completion', 'prompt']; map them with --columns instruction=NAME,output=NAME\n"
     )
 
 
 def test_no_usable_rows_stops_train_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch):
-    src = tmp_path / "rows.json"
-    src.write_text(
-        json.dumps(
-            [{"instruction": "a", "output": " "}, {"instruction": "", "output": "b"}, {"instruction": 1, "output": "c"}]
-        )
-    )
+    rows = [{"instruction": "a", "output": " "}, {"instruction": "", "output": "b"}, {"instruction": 1, "output": "c"}]
+    src = write_rows(tmp_path / "rows.json", rows)
 
     def must_not_load(*a, **k):
         raise AssertionError("the model was loaded")
@@ -286,40 +284,15 @@ def test_every_row_becomes_a_sample_or_a_counted_rejection(tokenizer, tmp_path_f
 
 
 def test_rows_too_few_for_a_training_split_and_zero_budget_are_one_line(tmp_path, tiny_model_dir):
-    src = tmp_path / "rows.json"
-    src.write_text(json.dumps([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(2)]))
+    src = write_rows(tmp_path / "rows.json", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(2)])
     out = tmp_path / "d"
-    result = runner.invoke(
-        app,
-        [
-            "data",
-            "prepare",
-            "--data",
-            str(src),
-            "--out",
-            str(out),
-            "--set",
-            f"model.name={tiny_model_dir}",
-            "--set",
-            "data.split=[0.2, 0.4, 0.4]",
-        ],
-    )
+    result = prepare_cli(src, out, tiny_model_dir, "--set", "data.split=[0.2, 0.4, 0.4]")
     assert result.exit_code == 2, result.output
-    assert result.output.startswith(f"error: {src}: 2 usable rows leave no training rows")
-    assert not (out / "splits").exists()
-    result = runner.invoke(
-        app,
-        [
-            "data",
-            "prepare",
-            "--data",
-            str(src),
-            "--out",
-            str(out),
-            "--set",
-            f"model.name={tiny_model_dir}",
-            "--max-length",
-            "0",
-        ],
+    assert result.output == (
+        f"error: {src}: 2 usable rows leave no training rows after the validation and test splits "
+        "(data.split=[0.2, 0.4, 0.4]); use more rows or smaller val/test fractions\n"
     )
-    assert result.exit_code == 2 and result.output.startswith("error:") and "data.max_length" in result.output
+    assert not (out / "splits").exists()
+    result = prepare_cli(src, out, tiny_model_dir, "--max-length", "0")
+    assert result.exit_code == 2
+    assert result.output == "error: config: data.max_length: Input should be greater than 8 (got 0)\n"

@@ -14,6 +14,8 @@ from qtune.data.prepare import prepare_dataset
 from qtune.data.templates import format_conversation, format_prompt
 from qtune.data.tokenize import IGNORE_INDEX, encode_example, encode_prompt
 
+from conftest import write_rows
+
 CASES = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
 
 
@@ -142,13 +144,12 @@ def test_rows_that_differ_in_indentation_are_never_merged(lines, a, b, k):
 
 
 def test_whitespace_only_fields_are_empty_and_real_text_is_unchanged(tmp_path):
-    path = tmp_path / "rows.json"
     rows = [
         {"instruction": "\u3000\n", "output": "x"},
         {"instruction": "a", "output": " \t\r\n"},
         {"instruction": "\ta\n", "input": " ", "output": "  x\n"},
     ]
-    path.write_text(json.dumps(rows), encoding="utf-8")
+    path = write_rows(tmp_path / "rows.json", rows)
     loaded, _ = load_rows(str(path))
     card = DataCard(source=str(path), rows_in=3)
     kept = clean_rows(loaded, card)

@@ -13,6 +13,8 @@ from qtune.data.decontaminate import decontaminate, default_benchmark_path, find
 from qtune.data.prepare import prepare_dataset
 from qtune.errors import QtuneError
 
+from conftest import prepare_cli, write_rows
+
 runner = CliRunner()
 
 # 13 consecutive words of HumanEval/0's docstring, re-cased, re-punctuated and re-indented; and the first 12 of them
@@ -49,12 +51,6 @@ def _toy_benchmark(tmp_path, monkeypatch):
     return folder / "HumanEval.jsonl.gz"
 
 
-def _rows_file(tmp_path, rows):
-    path = tmp_path / "rows.json"
-    path.write_text(json.dumps(rows), encoding="utf-8")
-    return path
-
-
 def test_words_are_lowercased_word_runs_and_ngrams_join_them():
     assert words("def Has_Close(x):\n    return  X[0]!= 1.5") == ["def", "has_close", "x", "return", "x", "0", "1", "5"]
     assert ngrams("Def  F(x):\n    return X", n=3) == {"def f x", "f x return", "x return x"}
@@ -78,7 +74,9 @@ def test_a_copied_humaneval_fragment_is_dropped_and_counted(tmp_path, tokenizer)
             "output": "def f(numbers, t):\n    return True",
         },  # 12 words: kept
     ]
-    cfg = DataConfig(path=str(_rows_file(tmp_path, rows)), split=(1.0, 0.0, 0.0), decontaminate=["humaneval"])
+    cfg = DataConfig(
+        path=str(write_rows(tmp_path / "rows.json", rows)), split=(1.0, 0.0, 0.0), decontaminate=["humaneval"]
+    )
     splits, card = prepare_dataset(cfg, tokenizer, tmp_path / "out")
     assert card.dropped["contaminated"] == 1 and card.examples["contaminated"] == [1]
     assert card.decontaminated == ["humaneval"] and card.contamination == {"humaneval": {"HumanEval/0": [1]}}
@@ -127,8 +125,8 @@ def test_not_checked_shows_a_dash():
 
 def test_overlap_and_prepare_commands(tmp_path, monkeypatch, tiny_model_dir):
     _toy_benchmark(tmp_path, monkeypatch)
-    src = _rows_file(
-        tmp_path,
+    src = write_rows(
+        tmp_path / "rows.json",
         [
             {"instruction": "Reverse s.", "output": TOY_COPY},
             {"instruction": "Add.", "output": "a + b"},
@@ -142,22 +140,8 @@ def test_overlap_and_prepare_commands(tmp_path, monkeypatch, tiny_model_dir):
         "  Toy/1 (5 13-grams): rows 0 (2)\n"
     )
     out = tmp_path / "prepared"
-    result = runner.invoke(
-        app,
-        [
-            "data",
-            "prepare",
-            "--data",
-            str(src),
-            "--out",
-            str(out),
-            "--decontaminate",
-            "humaneval",
-            "--set",
-            f"model.name={tiny_model_dir}",
-            "--set",
-            "data.split=[1.0, 0.0, 0.0]",
-        ],
+    result = prepare_cli(
+        src, out, tiny_model_dir, "--decontaminate", "humaneval", "--set", "data.split=[1.0, 0.0, 0.0]"
     )
     assert result.exit_code == 0, result.output
     assert f"  {'dropped: contaminated':<32}{1:>8}\n" in result.output
@@ -167,7 +151,7 @@ def test_overlap_and_prepare_commands(tmp_path, monkeypatch, tiny_model_dir):
 
 def test_missing_or_unknown_benchmark_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("QTUNE_DATA_DIR", str(tmp_path / "nowhere"))
-    src = _rows_file(tmp_path, [{"instruction": "Add.", "output": "a + b"}])
+    src = write_rows(tmp_path / "rows.json", [{"instruction": "Add.", "output": "a + b"}])
     result = runner.invoke(app, ["data", "overlap", "--data", str(src)])
     assert result.exit_code == 2
     assert result.output == (

@@ -15,11 +15,14 @@ import yaml
 
 from conftest import CODEALPACA
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
-    reason="torchrun not installed beside this Python",
-)
-TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+pytestmark = [
+    pytest.mark.slow,  # each test launches training processes
+    pytest.mark.skipif(
+        shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+        reason="torchrun not installed beside this Python",
+    ),
+]
+TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2"]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
@@ -47,47 +50,24 @@ def _env():
     return {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
 
 
+def _train(launcher: list[str], config: Path, out: Path) -> list[str]:
+    """The command line of ``qtune train --config CONFIG`` into ``out``, started by ``launcher``."""
+    return [*launcher, "-m", "qtune.cli", "train", "--config", str(config), "--set", f"train.output_dir={out}"]
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+
+
 def _losses(run: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
 
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    one = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qtune.cli",
-            "train",
-            "--config",
-            _config(tmp_path, tiny_model_dir, 10, 4),
-            "--set",
-            f"train.output_dir={single}",
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    one = _run(_train([sys.executable], _config(tmp_path, tiny_model_dir, 10, 4), single))
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(
-        [
-            TORCHRUN,
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "qtune.cli",
-            "train",
-            "--config",
-            _config(tmp_path, tiny_model_dir, 10, 2),
-            "--set",
-            f"train.output_dir={ddp}",
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    two = _run(_train(TORCHRUN, _config(tmp_path, tiny_model_dir, 10, 2), ddp))
     assert two.returncode == 0, two.stderr[-2000:]
     assert "global batch 4" in two.stdout and two.stdout.count("run directory:") == 1
     a, b = _losses(single), _losses(ddp)
@@ -101,18 +81,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
 def test_killed_rank_fails_the_launch_without_hanging(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [
-            TORCHRUN,
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "qtune.cli",
-            "train",
-            "--config",
-            _config(tmp_path, tiny_model_dir, 2000, 2),
-            "--set",
-            f"train.output_dir={run}",
-        ],
+        _train(TORCHRUN, _config(tmp_path, tiny_model_dir, 2000, 2), run),
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -128,4 +97,7 @@ def test_killed_rank_fails_the_launch_without_hanging(tmp_path, tiny_model_dir):
     victim.kill()
     out, _ = proc.communicate(timeout=180)  # raises TimeoutExpired if the launch hangs
     assert proc.returncode != 0
-    assert "FAILED" in out and "exitcode" in out and "-9" in out
+    assert "\nqtune.cli FAILED\n" in out
+    root_cause = out[out.index("Root Cause (first observed failure):") :]
+    assert f"  exitcode  : -9 (pid: {victim.pid})" in root_cause  # the killed rank, not the one torchrun stopped
+    assert f"  traceback : Signal 9 (SIGKILL) received by PID {victim.pid}" in root_cause

@@ -152,6 +152,7 @@ CONVERSATIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", ["alpaca", "chat"])
 def test_prompt_token_ids_agree_across_training_merged_tokenizer_gguf_template_and_api(
     template, tiny_model_dir, tmp_path
@@ -209,6 +210,7 @@ def _table_losses(output: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r"^  (\S.*?)\s{2,}(\d+\.\d+)", output, re.M)}
 
 
+@pytest.mark.slow
 def test_export_prints_the_parity_table_and_passes(run_with_data, tmp_path):
     result = runner.invoke(
         app,
@@ -239,6 +241,7 @@ def test_export_prints_the_parity_table_and_passes(run_with_data, tmp_path):
     assert ref != losses["adapter on the nf4 base (as trained)"]  # the quantization gap is real and shown
 
 
+@pytest.mark.slow
 def test_export_fails_when_the_merged_model_drifts(run_with_data, tmp_path, monkeypatch):
     import torch
 

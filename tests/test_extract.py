@@ -67,6 +67,7 @@ def restated(problem: dict) -> tuple[str, str]:
     return "".join(lines[d.lineno - 1 : d.body[0].lineno - 1]), "".join(lines[d.body[0].lineno - 1 : doc.lineno - 1])
 
 
+@pytest.mark.slow
 @needs_data
 def test_canonical_solutions_in_any_indentation_extract_to_passing_code(tmp_path):
     """All 164 canonical bodies, written with 2, 3, 8 spaces or tabs a level (raw, fenced, with the first line's

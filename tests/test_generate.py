@@ -141,6 +141,7 @@ class Passes:
         self.n += 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "script, answer, stop_mark",
     [
@@ -248,6 +249,7 @@ def reference_generate_answers(
     return answers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("samples, temperature, batch_size", [(1, 0.0, 3), (1, 0.0, 8), (2, 0.8, 3)])
 def test_humaneval_answers_equal_its_former_loop_token_for_token(engine, samples, temperature, batch_size):
     prompts = [problem_prompt(p, engine.template, engine.tokenizer) for p in TOY]

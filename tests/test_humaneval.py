@@ -104,6 +104,7 @@ def test_extraction_of_a_wrong_answer_still_fails():
     assert not passes(extract_code("", ADD))
 
 
+@pytest.mark.slow
 def test_score_samples_reports_each_status(tmp_path):
     problems = {"Toy/0": ADD}
     samples = [
@@ -212,6 +213,7 @@ def test_cli_unwritable_out_still_prints_the_score(tmp_path, monkeypatch):
     assert result.stderr.startswith("warning: ") and len(result.stderr.splitlines()) == 1
 
 
+@pytest.mark.slow
 @needs_data
 def test_cli_canonical_solutions_score_one_and_wrong_answers_zero(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where the per-sample results go

@@ -189,6 +189,7 @@ def test_full_fine_tuning_of_a_quantized_base_is_refused(llama7b):
         estimate(llama7b, TrainShape(quant="nf4", r=0))
 
 
+@pytest.mark.slow
 def test_estimate_cli_json_and_errors(tmp_path):
     runner = CliRunner()
     res = runner.invoke(
@@ -318,6 +319,7 @@ def test_from_config_carries_every_input():
     assert TrainShape.from_config(cfg, device="cuda").optim == "adamw_torch"
 
 
+@pytest.mark.slow
 def test_run_config_inputs_count_the_skip_modules(llama7b):
     cfg = _config(model={"name": str(LLAMA2_7B)}, quant={"skip_modules": ["down_proj"]})
     counts, shape = run_config_inputs(cfg, device="cuda", world_size=2)
@@ -448,6 +450,7 @@ def test_offloaded_activations_leave_the_gpu(llama7b):
         assert [(t.name, t.bytes) for t in a.terms] == [(t.name, t.bytes) for t in b.terms]
 
 
+@pytest.mark.slow
 def test_estimate_of_a_config_is_what_the_sweep_records(tmp_path, tokenizer):
     from qtune.config import save_config
     from qtune.data.prepare import load_splits, prepare_dataset
@@ -473,6 +476,7 @@ def test_estimate_of_a_config_is_what_the_sweep_records(tmp_path, tokenizer):
     assert text.exit_code == 0 and text.stdout.startswith(recorded.table() + "\n")
 
 
+@pytest.mark.slow
 def test_estimate_flags_are_config_fields(tmp_path):
     runner = CliRunner()
     base = ["estimate", "--model", str(LLAMA2_7B), "--device", "cuda", "--json"]

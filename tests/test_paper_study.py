@@ -23,7 +23,7 @@ from qtune.study.runner import run_sweep
 from qtune.study.spec import expand, load_sweep
 from qtune.study.tables import base_rows, md_table, ranking_stability, stability_line, study_rows
 
-from conftest import CODEALPACA
+from conftest import CODEALPACA, RUN_NAME_RULE, SHORT_KEY_HINT, sweep_error
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOL = ROOT / "configs" / "sweeps" / "paper-smollm2.yaml"
@@ -95,6 +95,7 @@ def _dry_run(monkeypatch, path: Path, *extra: str):
     return res
 
 
+@pytest.mark.slow
 def test_dry_run_of_the_7b_grid_on_cpu_lists_every_run_with_its_estimate(monkeypatch):
     from qtune.model.memory import estimate_run_config
 
@@ -120,6 +121,7 @@ def test_dry_run_of_the_7b_grid_on_cpu_lists_every_run_with_its_estimate(monkeyp
     assert lines[-1] == "dry run: nothing was trained"
 
 
+@pytest.mark.slow
 def test_dry_run_of_the_smollm2_grid_estimates_for_cpu(monkeypatch):
     res = _dry_run(monkeypatch, SMOL)
     assert res.exit_code == 0, res.output
@@ -171,23 +173,27 @@ def test_7b_config_refuses_on_cpu_before_anything_loads(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("extra_runs:\n  a/b: {quant.quant: none}\n", "extra_runs.a/b: a run name starts with a letter or digit"),
-        ("extra_runs:\n  x: {r: 4}\n", "extra_runs.x.r: expected a dotted config key such as lora.r"),
-        ("extra_runs:\n  x: 3\n", "extra_runs.x: Input should be a valid dictionary"),
+        ("extra_runs:\n  a/b: {quant.quant: none}\n", f"$SWEEP: extra_runs.a/b: {RUN_NAME_RULE}"),
+        (
+            "extra_runs:\n  x: {r: 4}\n",
+            f"$SWEEP: extra_runs.x.r: expected a dotted config key such as lora.r {SHORT_KEY_HINT}",
+        ),
+        ("extra_runs:\n  x: 3\n", "$SWEEP: extra_runs.x: Input should be a valid dictionary (got 3)"),
         (
             "axes: {r: [4]}\nreference_memory_gb: {paper: -1}\n",
-            "reference_memory_gb.paper: expected a positive number of GB",
+            "$SWEEP: reference_memory_gb.paper: expected a positive number of GB (got -1.0)",
         ),
-        ("axes: {r: [4]}\nextra_runs:\n  r4: {lora.r: 8}\n", "run name 'r4' occurs twice"),
-        ("extra_runs:\n  x: {lora.r: 0}\n", "x: config: lora.r: Input should be greater than 0"),
+        ("axes: {r: [4]}\nextra_runs:\n  r4: {lora.r: 8}\n", "run name 'r4' occurs twice (rename a runs: entry)"),
+        (  # lora_alpha follows the rank (2r), so it is 0 too
+            "extra_runs:\n  x: {lora.r: 0}\n",
+            "x: config: lora.r: Input should be greater than 0 (got 0)\n"
+            "x: config: lora.lora_alpha: Input should be greater than 0 (got 0.0)",
+        ),
     ],
 )
 def test_bad_extra_runs_and_references(tmp_path, text, message):
     path = tmp_path / "s.yaml"
-    path.write_text(text)
-    with pytest.raises(QtuneError) as e:
-        expand(*load_sweep(path))
-    assert message in str(e.value)
+    assert sweep_error(path, text) == message.replace("$SWEEP", str(path))
 
 
 def test_extra_runs_alone_make_a_sweep(tmp_path):
@@ -284,6 +290,7 @@ def test_ranking_stability_of_the_halves():
 # --- resuming a killed sweep, on the tiny model, with validation halves -----------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_sweep_reruns_only_the_missing_runs(tiny_model_dir, tmp_path, monkeypatch):
     spec = {
         "output_dir": str(tmp_path / "out"),
@@ -415,6 +422,7 @@ def paper_report(tmp_path_factory):
     return d, report.write_report(d)
 
 
+@pytest.mark.slow
 def test_report_names_its_figures_after_what_they_show(paper_report):
     d, md_path = paper_report
     assert figures.FIGURES == (
@@ -435,6 +443,7 @@ def test_report_names_its_figures_after_what_they_show(paper_report):
     assert "| int8-base | ok | quantization only | int8 |" in md and "Ranking check:" in md
 
 
+@pytest.mark.slow
 def test_full_vs_best_bars_carry_the_estimates_and_the_papers_figures(paper_report):
     d, _ = paper_report
     best = next(r for r in load_results(d) if r["run"] == "bf16-r64")
@@ -477,6 +486,7 @@ def _overlaps(boxes) -> list:
     return [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
 
 
+@pytest.mark.slow
 def test_quality_vs_memory_of_a_grid_names_points_by_colour_and_marker(paper_report, monkeypatch, tmp_path):
     d, _ = paper_report
     results = load_results(d)
@@ -524,6 +534,7 @@ def test_quality_vs_memory_labels_never_overlap_when_runs_share_format_and_rank(
     assert best.get_fontweight() == "bold"
 
 
+@pytest.mark.slow
 def test_memory_per_configuration_is_readable_at_16_runs(paper_report, monkeypatch, tmp_path):
     d, _ = paper_report
     results = load_results(d)
@@ -543,6 +554,7 @@ def test_memory_per_configuration_is_readable_at_16_runs(paper_report, monkeypat
     assert ax.get_xlabel() == "peak allocated (GiB)"
 
 
+@pytest.mark.slow
 def test_learning_rate_figure_draws_one_schedule_for_identical_runs(paper_report, monkeypatch, tmp_path):
     d, _ = paper_report
     results = load_results(d)

@@ -254,6 +254,7 @@ train(load_config(sys.argv[1]), callbacks=(Gate(),))
 """
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_while_the_first_trains(tiny_model_dir, tmp_path):
     run, steps = tmp_path / "run", 6
     cfg_file = tmp_path / "run.yaml"
@@ -318,6 +319,7 @@ def finished_run(tiny_model_dir, tmp_path_factory):
     return make_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("export") / "run")
 
 
+@pytest.mark.slow
 def test_export_overwrite_replaces_only_its_own_output(finished_run, tmp_path, monkeypatch):
     runner = CliRunner()
     merged = tmp_path / "merged"
@@ -357,6 +359,7 @@ def test_export_into_the_empty_current_directory_keeps_it(finished_run, tmp_path
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_gguf_overwrite_replaces_only_a_gguf_file(finished_run, tmp_path):
     runner = CliRunner()
     notes = tmp_path / "notes.gguf"

@@ -135,6 +135,7 @@ def test_plain_outcomes():
     assert (r.status, r.error) == ("error", "SyntaxError: '(' was never closed")
 
 
+@pytest.mark.slow
 def test_infinite_loop_times_out():
     start = time.monotonic()
     r = run_program("while True:\n    pass", SMALL)
@@ -338,6 +339,7 @@ def test_working_directory_is_removed():
     assert "qtune-sandbox-" in workdir and not os.path.exists(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ROOT, reason="a fork bomb is contained by a user id of its own only when run as root")
 def test_fork_bomb_is_contained_and_reaped():
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
@@ -356,6 +358,7 @@ def test_killing_the_parent_is_refused():
     assert os.getpid() > 0  # still here
 
 
+@pytest.mark.slow
 def test_parallel_workers_keep_order_and_overlap():
     programs = [f"import time\ntime.sleep(1)\nassert {i} % 2 == 0" for i in range(4)]
     start = time.monotonic()

@@ -163,6 +163,7 @@ def test_an_indented_answer_is_kept_exactly_by_every_engine_call(engine):
         assert json.loads(session.transcript())["turns"] == [{"user": "Sort xs.", "assistant": INDENTED}]
 
 
+@pytest.mark.slow
 def test_generate_and_chat_commands_print_an_indented_answer_exactly(tiny_run, monkeypatch):
     scripted_engines(monkeypatch, INDENTED)
     result = runner.invoke(app, ["generate", "--run", str(tiny_run.root), "Sort xs."])
@@ -401,6 +402,7 @@ def test_api_bad_requests_get_400_with_an_error_body(server):
     assert r.status_code == 400 and "expected role 'user'" in r.json()["error"]["message"]
 
 
+@pytest.mark.slow
 def test_api_bounds_every_request_with_a_clear_4xx(server, engine):
     import httpx
 
@@ -505,6 +507,7 @@ def test_thousands_of_messages_or_stop_strings_do_not_hold_the_server(server, en
     assert took < 2 and slowest < 1, (took, slowest)
 
 
+@pytest.mark.slow
 def test_requests_waiting_for_the_engine_leave_threads_for_everything_else(server, engine):
     """Clients waiting behind a long answer wait in threads of their own (at most MAX_WAITING_THREADS), so a new
     request is still parsed and answered at once (its 400 comes before the engine is free)."""
@@ -548,6 +551,7 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_a_client_that_goes_away_frees_the_engine(server, engine):
     """After a client closes a long stream, or gives up waiting for a long answer, the next short request does
     not wait for the abandoned generation."""
@@ -582,6 +586,7 @@ def test_a_client_that_goes_away_frees_the_engine(server, engine):
         assert timed(short_request) < bound
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_server_within_seconds_during_long_answers(tiny_run):
     """`qtune serve` with a streamed answer generating and a non-streamed one waiting for the engine: SIGTERM
     cancels both and the process is gone within seconds (the answers would take 20 s each)."""
@@ -668,13 +673,16 @@ def test_chat_cli_keeps_the_conversation(tiny_run):
     assert "(empty message ignored" in result.output and "(new conversation)" in result.output
 
 
+NO_RUN = "error: no/such/run: not a qtune run directory (no config.yaml)"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["chat", "--run", "no/such/run"], "error: no/such/run: not a qtune run directory (no config.yaml)"),
+        (["chat", "--run", "no/such/run"], NO_RUN),
         (["serve", "--run", "no/such/run", "--auth", "nopass"], "error: --auth 'nopass': expected USER:PASS"),
-        (["serve", "--run", "no/such/run", "--port", "7861"], "error: no/such/run: not a qtune run directory"),
-        (["export", "--run", "no/such/run", "--merged", "out"], "error: no/such/run: not a qtune run directory"),
+        (["serve", "--run", "no/such/run", "--port", "7861"], NO_RUN),
+        (["export", "--run", "no/such/run", "--merged", "out"], NO_RUN),
         (["export", "--run", "no/such/run"], "error: nothing to export: pass --merged OUT and/or --gguf OUT.gguf"),
         (["chat", "--run", "x", "--temperature", "-1"], "error: temperature must be in [0, 5], got -1.0"),
     ],
@@ -682,8 +690,7 @@ def test_chat_cli_keeps_the_conversation(tiny_run):
 def test_serving_cli_bad_input_is_one_line_and_exit_2(args, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [message] or result.output.startswith(message)
-    assert len(result.output.strip().splitlines()) == 1
+    assert result.output == message + "\n"
 
 
 def test_chat_cli_run_without_adapter(tmp_path):
@@ -714,6 +721,7 @@ def test_loftq_run_is_not_merged_into_a_16_bit_base(tiny_run, tmp_path):
         Engine(str(run), quant="fp16")
 
 
+@pytest.mark.slow
 def test_merged_export_matches_base_plus_adapter(tiny_run, tiny_model_dir, tmp_path):
     from peft import PeftModel
     from safetensors import safe_open
@@ -766,7 +774,7 @@ def test_smollm2_batched_equals_single_and_a_two_turn_session(smol_dir, tmp_path
     prompts = ["Write a Python function that returns the sum of a list.", "Print hello world in C."]
     singles = [smol.answer(p, settings=settings) for p in prompts]
     assert smol.generate_batch(prompts, settings) == singles
-    assert "def " in singles[0] and "#include" in singles[1]
+    assert singles == ["```python\ndef sum_list(lst):\n    return", "```c\n#include <stdio.h\n#"]  # 12 greedy tokens
 
     session = ChatSession(smol)
     first = session.ask(prompts[0], settings).text()
@@ -776,6 +784,7 @@ def test_smollm2_batched_equals_single_and_a_two_turn_session(smol_dir, tmp_path
     assert second.text() and session.turns[1].assistant
 
 
+@pytest.mark.slow
 def test_gguf_export_reads_back_with_every_tensor_and_the_same_logits(tiny_run, tmp_path):
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer

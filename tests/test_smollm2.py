@@ -45,4 +45,4 @@ def test_five_nf4_steps_on_real_codealpaca(smol_dir, tmp_path):
     answer = engine.answer(
         "Write a Python function that returns the sum of a list.", settings=GenerationSettings(max_new_tokens=48)
     )
-    assert "def " in answer or "sum" in answer
+    assert answer == "```python\ndef sum_list(lst):\n    return sum(lst)\n```\n\n"  # greedy: the same every run

@@ -30,6 +30,7 @@ def test_dumps_writes_null_for_non_finite_numbers():
         strict_json(json.dumps({"a": math.nan}))  # what Python's own writer would have written
 
 
+@pytest.mark.slow
 def test_summary_eval_json_and_printed_json_are_strict_with_a_nan_loss(tiny_model_dir, tmp_path, monkeypatch):
     import qtune.evaluate.perplexity as perplexity
     import qtune.train.validation as validation

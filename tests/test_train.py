@@ -56,6 +56,7 @@ def nf4_run(tiny_model_dir, tmp_path_factory):
     return summary, probe, RunDir(out)
 
 
+@pytest.mark.slow
 def test_nf4_lora_loss_falls(nf4_run):
     summary, _, rd = nf4_run
     records = [json.loads(line) for line in rd.metrics.read_text().splitlines()]
@@ -65,6 +66,7 @@ def test_nf4_lora_loss_falls(nf4_run):
     assert summary["val_loss"] is not None and summary["val_loss"] < losses[0]
 
 
+@pytest.mark.slow
 def test_every_lora_tensor_gets_a_gradient_and_the_base_stays_frozen(nf4_run):
     _, probe, _ = nf4_run
     assert probe.lora_names and probe.nonzero_grad == probe.lora_names
@@ -76,6 +78,7 @@ def test_every_lora_tensor_gets_a_gradient_and_the_base_stays_frozen(nf4_run):
     assert any(t.dtype == torch.uint8 for t in probe.before.values())
 
 
+@pytest.mark.slow
 def test_metrics_record_every_step(nf4_run):
     _, _, rd = nf4_run
     steps = [json.loads(line) for line in rd.metrics.read_text().splitlines()]
@@ -87,6 +90,7 @@ def test_metrics_record_every_step(nf4_run):
     assert max(lrs) == pytest.approx(1e-2) and lrs[-1] < 0.05 * 1e-2  # warmup to the peak, cosine to near 0
 
 
+@pytest.mark.slow
 def test_saved_adapter_holds_every_target_module(nf4_run):
     _, _, rd = nf4_run
     tensors = load_file(rd.adapter / "adapter_model.safetensors")
@@ -113,6 +117,7 @@ def fp32_run(tiny_model_dir, tmp_path_factory):
     return RunDir(out)
 
 
+@pytest.mark.slow
 def test_adapter_loads_with_plain_peft_and_matches_qtune(fp32_run, tiny_model_dir):
     rd = fp32_run
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -136,6 +141,7 @@ def test_adapter_loads_with_plain_peft_and_matches_qtune(fp32_run, tiny_model_di
     assert (plain_logits - base_logits).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_eval_compares_base_and_adapter(fp32_run, tiny_model_dir):
     result = evaluate_run(str(fp32_run.root), ("val",))
     assert result["adapter"]["val"]["loss"] < result["base"]["val"]["loss"]
@@ -177,6 +183,7 @@ class LayerCalls(TrainerCallback):
         self.training.append(model.training)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpointing, calls", [(True, 2), (False, 1)])
 def test_gradient_checkpointing_recomputes_in_train_mode(tiny_model_dir, tmp_path, checkpointing, calls):
     probe = LayerCalls()
@@ -190,6 +197,7 @@ def test_gradient_checkpointing_recomputes_in_train_mode(tiny_model_dir, tmp_pat
     assert probe.training == [True]
 
 
+@pytest.mark.slow
 def test_run_dir_is_not_overwritten(nf4_run, tiny_model_dir):
     _, _, rd = nf4_run
     with pytest.raises(QtuneError, match="run directory exists"):
@@ -199,6 +207,7 @@ def test_run_dir_is_not_overwritten(nf4_run, tiny_model_dir):
 STOCK = {"packing": False, "response_logits_only": False, "upcast_frozen": True, "liger": "off"}
 
 
+@pytest.mark.slow
 def test_fast_path_matches_the_stock_recipe(tiny_model_dir, tmp_path):
     """Packing + response-only logits change the cost, not the math: same losses, same LoRA weights."""
     runs = {}
@@ -253,6 +262,7 @@ def load_splits_for_test(tokenizer):
     return [encode_example(format_prompt(q), a, tokenizer, 128) for q, a in pairs]
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_every_training_step_and_the_validation_loss(nf4_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -267,6 +277,7 @@ def test_tensorboard_holds_every_training_step_and_the_validation_loss(nf4_run):
     assert [e.step for e in events.Scalars("eval/loss")] == [20]
 
 
+@pytest.mark.slow
 def test_report_to_none_writes_no_tensorboard(tiny_model_dir, tmp_path):
     cfg = tiny_run_config(
         tiny_model_dir,

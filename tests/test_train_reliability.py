@@ -26,9 +26,17 @@ from qtune.rundir import RunDir
 from qtune.train.trainer import train
 from qtune.units import GIB
 
-from conftest import tiny_run_config
+from conftest import CODEALPACA, CrashAt, tiny_run_config, write_rows
 
 FAST = {"gradient_checkpointing": False, "eval_at_end": False, "warmup_steps": 0}
+
+
+def _train_cli(model: str, out, *settings: str):
+    """``qtune train`` of ``model`` on CodeAlpaca into ``out``, with ``--set`` for each of ``settings``, in process."""
+    args = ["train"]
+    for setting in (f"model.name={model}", f"data.path={CODEALPACA}", f"train.output_dir={out}", *settings):
+        args += ["--set", setting]
+    return CliRunner().invoke(app, args)
 
 
 class Grads(TrainerCallback):
@@ -56,9 +64,7 @@ def _two_rows(tmp_path):
             "that it can answer directly; then the partial answers are combined on the way back up. " * 2,
         },
     ]
-    path = tmp_path / "two.json"
-    path.write_text(json.dumps(rows))
-    return path
+    return write_rows(tmp_path / "two.json", rows)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +92,7 @@ def accumulation_runs(tiny_model_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_accumulation_gives_the_gradients_of_one_big_batch(accumulation_runs):
     (small, _), (big, _) = accumulation_runs[(1, 2)], accumulation_runs[(2, 1)]
     assert small.micro == 2 and big.micro == 1  # two micro-batches vs one, one optimizer step each
@@ -101,6 +108,7 @@ def test_accumulation_gives_the_gradients_of_one_big_batch(accumulation_runs):
         torch.testing.assert_close(g_small[k], g_big[k], rtol=1e-4, atol=1e-6 * flat_big.abs().max().item())
 
 
+@pytest.mark.slow
 def test_logged_loss_is_the_token_weighted_mean(accumulation_runs, tiny_model_dir):
     _, rd = accumulation_runs[(1, 2)]
     ds = load_splits(rd.data)["train"].remove_columns("row")
@@ -116,6 +124,7 @@ def test_logged_loss_is_the_token_weighted_mean(accumulation_runs, tiny_model_di
         assert rec["loss"] == pytest.approx(weighted, rel=1e-5), key
 
 
+@pytest.mark.slow
 def test_cosine_schedule_counts_warmup_in_optimizer_steps(tiny_model_dir, tmp_path):
     peak, warmup, steps, accum = 1e-2, 4, 12, 3
     probe = Grads()
@@ -162,6 +171,7 @@ class PoisonAfter(TrainerCallback):
                 next(p for n, p in model.named_parameters() if "lora_A" in n).view(-1)[0] = float("nan")
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, capsys):
     cfg = tiny_run_config(
         tiny_model_dir, tmp_path / "run", quant={"quant": "none"}, train={**FAST, "max_steps": 10, "save_steps": 2}
@@ -201,6 +211,7 @@ def _finite_count(path):
     return sum(bool(torch.isfinite(t).all()) for t in saved.values()), len(saved)
 
 
+@pytest.mark.slow
 def test_nan_guard_names_only_a_checkpoint_with_finite_weights(tiny_model_dir, tmp_path):
     """Checkpoint every step: the one of step 5 holds the poisoned weight, so step 4's is the last good one."""
     cfg = tiny_run_config(
@@ -230,6 +241,7 @@ def test_nan_guard_names_only_a_checkpoint_with_finite_weights(tiny_model_dir, t
     assert records[-1]["loss"] is None and all(math.isfinite(r["loss"]) for r in records[:-1])
 
 
+@pytest.mark.slow
 def test_diverged_run_names_no_checkpoint_then_resumes_at_a_lower_rate(tiny_model_dir, tmp_path):
     """A huge learning rate: step 1's update leaves finite but enormous weights in checkpoint-1, which give a NaN
     loss at step 2; so checkpoint-1 is not good, and the resume with a sane rate starts over from step 0."""
@@ -286,15 +298,7 @@ def test_diverged_run_names_no_checkpoint_then_resumes_at_a_lower_rate(tiny_mode
     strict_json(rd.summary.read_text())
 
 
-class CrashAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
-
-
+@pytest.mark.slow
 def test_resume_with_a_new_learning_rate_runs_the_rest_of_the_schedule_at_it(tiny_model_dir, tmp_path):
     """The checkpoint's optimizer and scheduler state carry the old rate; the resumed steps use the new one."""
     from qtune.config import load_config
@@ -375,23 +379,8 @@ def test_out_of_memory_is_explained(tiny_model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "train", oom)
     monkeypatch.setattr("qtune.train.guards.gpu_total_bytes", lambda: float(GIB))
-    result = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "--set",
-            f"model.name={tiny_model_dir}",
-            "--set",
-            f"data.path={tiny_run_config(tiny_model_dir, tmp_path).data.path}",
-            "--set",
-            "data.max_rows=40",
-            "--set",
-            "data.max_length=128",
-            "--set",
-            f"train.output_dir={tmp_path / 'run'}",
-            "--set",
-            "train.batch_size=64",
-        ],
+    result = _train_cli(
+        tiny_model_dir, tmp_path / "run", "data.max_rows=40", "data.max_length=128", "train.batch_size=64"
     )
     assert result.exit_code == 2, result.output
     lines = [x for x in result.output.splitlines() if x.startswith("error: ")]
@@ -454,8 +443,7 @@ def test_fp16_warning_reaches_the_user(tiny_model_dir, tmp_path):
 
 
 def test_remote_code_needs_the_flag(tiny_model_dir, tmp_path):
-    base = ["--set", f"model.name={tiny_model_dir}", "--set", f"train.output_dir={tmp_path / 'run'}"]
-    result = CliRunner().invoke(app, ["train", *base, "--set", "model.trust_remote_code=true"])
+    result = _train_cli(tiny_model_dir, tmp_path / "run", "model.trust_remote_code=true")
     assert result.exit_code == 2
     assert (
         result.output
@@ -476,9 +464,7 @@ def test_pickled_weights_are_refused(tiny_model_dir, tmp_path):
     torch.save(model.state_dict(), pickled / "pytorch_model.bin")
     load_tokenizer(tiny_model_dir, ModelConfig()).save_pretrained(pickled)
     assert not list(pickled.glob("*.safetensors")) and list(pickled.glob("*.bin"))
-    result = CliRunner().invoke(
-        app, ["train", "--set", f"model.name={pickled}", "--set", f"train.output_dir={tmp_path / 'run'}"]
-    )
+    result = _train_cli(str(pickled), tmp_path / "run")
     assert result.exit_code == 2
     assert result.output.startswith(
         f"error: {pickled}: no .safetensors weights; qtune loads weights from safetensors only"
@@ -500,23 +486,7 @@ def test_only_out_of_memory_errors_are_rewritten(tiny_model_dir):
 
 
 def test_target_modules_naming_nothing_is_one_line(tiny_model_dir, tmp_path):
-    cfg = tiny_run_config(tiny_model_dir, tmp_path)
-    result = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "--set",
-            f"model.name={tiny_model_dir}",
-            "--set",
-            f"data.path={cfg.data.path}",
-            "--set",
-            "data.max_rows=50",
-            "--set",
-            f"train.output_dir={tmp_path / 'run'}",
-            "--set",
-            "lora.target_modules=[no_such_proj]",
-        ],
-    )
+    result = _train_cli(tiny_model_dir, tmp_path / "run", "data.max_rows=50", "lora.target_modules=[no_such_proj]")
     assert result.exit_code == 2
     errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: lora.target_modules=['no_such_proj']: Target modules")

@@ -18,6 +18,8 @@ from qtune.train.trainer import train
 
 from conftest import tiny_run_config
 
+pytestmark = pytest.mark.slow  # every test trains the tiny model
+
 
 @pytest.fixture(scope="module")
 def run(tiny_model_dir, tmp_path_factory):
