@@ -83,3 +83,17 @@ def test_anything_but_a_packed_row_goes_to_sdpa_unchanged(batch):
     ours, _ = packed_sdpa(module, q, k, v, None, scaling=0.25, position_ids=pos)
     theirs, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.25, position_ids=pos)
     assert torch.equal(ours, theirs)
+
+
+def test_bf16_inputs_are_attended_in_float32_and_returned_in_bf16():
+    torch.manual_seed(3)
+    module = torch.nn.Module()
+    q, k, v = (torch.randn(1, 4, 10, 16) for _ in range(3))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    exact, _ = packed_sdpa(module, q, k, v, None, scaling=0.25, position_ids=pos)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half, _ = packed_sdpa(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), None, scaling=0.25, position_ids=pos)
+    assert half.dtype == torch.bfloat16
+    ref = exact.bfloat16().float()  # fp32 attention of bf16-rounded inputs is within bf16 rounding of it
+    assert (half.float() - ref).abs().max() < 0.05
+    assert exact.shape == (1, 10, 4, 16)

@@ -8,7 +8,10 @@ CodeAlpaca samples that is about 4x the attention work; a profile of one bf16 de
 (mostly its backward) at a third of the step (``bench/profile_step.py``, bench/RESULTS.md).
 
 :func:`packed_sdpa` splits the row at the restarts and runs ``scaled_dot_product_attention(is_causal=True)`` per
-sample, which is exactly the block-diagonal causal attention (the same softmax over the same keys). Anything else —
+sample, which is exactly the block-diagonal causal attention (the same softmax over the same keys). On CPU it runs
+in float32 whatever the compute dtype: PyTorch's CPU flash-attention backward in bf16 took 0.63 s of a bf16 demo
+step against 0.18 s in fp32 (``bench/profile_step.py``, step 4), so the bf16 path casts q, k, v up and the
+output back (the matmuls around attention stay bf16). Anything else —
 a batch of several rows, a KV cache (generation), a single sample — goes to transformers' own SDPA function
 unchanged. On CUDA qtune leaves attention to SDPA (or FlashAttention's varlen kernels, which already do this).
 """
@@ -62,22 +65,27 @@ def packed_sdpa(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     gqa = key.shape[1] != query.shape[1]
-    out = torch.cat(
-        [
-            torch.nn.functional.scaled_dot_product_attention(
-                query[:, :, s:e],
-                key[:, :, s:e],
-                value[:, :, s:e],
-                dropout_p=dropout,
-                scale=scaling,
-                is_causal=True,
-                enable_gqa=gqa,
-            )
-            for s, e in spans
-        ],
-        dim=2,
-    )  # [1, H, T, D]
-    return out.transpose(1, 2).contiguous(), None
+    # under autocast q and k leave the rotary embedding in fp32 while v is 16-bit: the output takes the 16-bit one
+    dtype = next((t.dtype for t in (value, key, query) if t.dtype != torch.float32), torch.float32)
+    if query.device.type == "cpu":  # CPU's 16-bit attention backward is the slower: attend in fp32
+        query, key, value = query.float(), key.float(), value.float()
+    with torch.autocast(query.device.type, enabled=False):  # autocast would cast SDPA's inputs back to 16-bit
+        out = torch.cat(
+            [
+                torch.nn.functional.scaled_dot_product_attention(
+                    query[:, :, s:e],
+                    key[:, :, s:e],
+                    value[:, :, s:e],
+                    dropout_p=dropout,
+                    scale=scaling,
+                    is_causal=True,
+                    enable_gqa=gqa,
+                )
+                for s, e in spans
+            ],
+            dim=2,
+        )  # [1, H, T, D]
+    return out.to(dtype).transpose(1, 2).contiguous(), None
 
 
 def use_packed_attention(model) -> None:
