@@ -73,7 +73,7 @@ class QuantConfig(_Strict):
         "auto",
         description="dtype of the matmuls (training runs under autocast to it; LoRA weights and optimizer "
         "states stay float32) and of a quantized base's non-quantized weights. auto: bfloat16 on a GPU that "
-        "supports it and on a CPU with native bf16 matmuls (AMX-BF16, AVX512-BF16, ARM BF16), else float32.",
+        "supports it, else float32 (on a CPU bfloat16 is a switch: measured no faster, bench/RESULTS.md).",
     )
 
 

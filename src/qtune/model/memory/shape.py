@@ -39,8 +39,7 @@ class TrainShape:
     Attributes:
         quant: none (fp32), fp16, bf16, int8, nf4 or fp4 (``quant.quant``).
         double_quant: 4-bit only; quantize the quantization constants too (``quant.double_quant``).
-        compute_dtype: auto (bfloat16 on cuda and on a CPU with native bf16 matmuls, else float32, as
-            :func:`qtune.model.quantize.compute_dtype`),
+        compute_dtype: auto (bfloat16 on cuda, float32 on cpu, as :func:`qtune.model.quantize.compute_dtype`),
             float32, float16 or bfloat16 (``quant.compute_dtype``).
         r: LoRA rank (``lora.r``); 0 means full fine-tuning (every parameter trainable; needs a 16/32-bit base),
             which a run config cannot ask for.
@@ -139,9 +138,7 @@ class TrainShape:
             return 2
         if self.compute_dtype != "auto":
             return DTYPE_BYTES[self.compute_dtype]
-        from qtune.model.quantize import cpu_bf16_fast
-
-        return 2 if self.device == "cuda" or cpu_bf16_fast() else 4  # auto on a CPU: bf16 where it is native
+        return 2 if self.device == "cuda" else 4
 
     def load_bytes(self) -> int:
         """Bytes per element of the non-quantized weights as loaded (fp32 for quant none)."""
