@@ -534,7 +534,10 @@ def test_requests_waiting_for_the_engine_leave_threads_for_everything_else(serve
             assert engine.busy
             bad = {"messages": body["messages"], "stop": [f"s{i}" for i in range(10_000)]}
             r, took, slowest = while_polling_models(server, lambda: httpx.post(url, json=bad, timeout=60))
-            assert r.status_code == 400 and took < 2 and slowest < 1, (took, slowest)
+            # Blocked behind the engine, the answer would wait for 45 answers of 120 tokens at 0.03 s each
+            # (162 s). 2-core CI machines answered in 1.7-5.6 s with every waiting thread alive (2026-12-01,
+            # the code before and after the serve/api split alike), so the bound is 15 s, not the 2 s it was.
+            assert r.status_code == 400 and took < 15 and slowest < 10, (took, slowest)
         finally:
             finish.set()
             for c in clients:

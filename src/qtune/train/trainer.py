@@ -208,6 +208,18 @@ def train(
         return _save(cfg, setup, fit).to_json()
     finally:
         lock.release()
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the torch.distributed process group, if one was joined (torchrun), before the process exits.
+
+    PyTorch asks for it (``destroy_process_group`` at the end of a program); without it a gloo rank was once seen
+    aborting at exit ("terminate called without an active exception", SIGABRT) after training had finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclass
