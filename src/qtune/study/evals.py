@@ -102,12 +102,8 @@ def val_halves(run_dir: str | Path) -> list[dict]:
     val = splits["val"].remove_columns([c for c in splits["val"].column_names if c == "row"])
     model, tokenizer, cfg = load_trained(rd.root)
     collate = padding_collator(tokenizer)
-    cut = (len(val) + 1) // 2
     with compute_autocast(cfg.quant, device()):
-        return [
-            split_loss(model, val.select(range(cut)), collate),
-            split_loss(model, val.select(range(cut, len(val))), collate),
-        ]
+        return split_loss(model, val, collate, halves=True)["halves"]
 
 
 def write_val_halves(run_dir: str | Path) -> Path:
@@ -141,19 +137,22 @@ def result_run_dir(res: dict) -> RunDir:
 
 def add_evaluations(res: dict, spec: SweepSpec, earlier: list[dict], log: Path, echo: Echo = print) -> None:
     """Add to a finished run's record the validation loss of its base alone (``base_val_loss`` over
-    ``base_val_tokens`` supervised tokens, from ``qtune eval`` or reused from an earlier run with the same base)
-    and perplexity (``base_val_perplexity``); with ``spec.val_halves`` the run's validation loss on each half of
-    the val split (``val_halves``: two :func:`qtune.train.validation.split_loss` records; ``val_loss_half1``,
-    ``val_loss_half2``); with ``spec.humaneval_limit``, greedy HumanEval pass@1 of the run and of its base unless
-    ``spec.humaneval_base`` is off (``humaneval_pass@1``, ``base_humaneval_pass@1``). A failed evaluation is
-    recorded in ``eval_error``; the run stays finished. The children's output is appended to ``log``."""
+        ``base_val_tokens`` supervised tokens, from ``qtune eval`` or reused from an earlier run with the same base)
+        and perplexity (``base_val_perplexity``); with ``spec.val_halves`` the run's validation loss on each half of
+        the val split (``val_halves``: two :func:`qtune.train.validation.split_loss` records, from training's final
+    evaluation when ``train_summary.json`` holds them, else from one more pass; ``val_loss_half1``,
+        ``val_loss_half2``); with ``spec.humaneval_limit``, greedy HumanEval pass@1 of the run and of its base unless
+        ``spec.humaneval_base`` is off (``humaneval_pass@1``, ``base_humaneval_pass@1``). A failed evaluation is
+        recorded in ``eval_error``; the run stays finished. The children's output is appended to ``log``."""
     rd = result_run_dir(res)
     same = [r for r in earlier if r.get("status") == "ok" and base_key(r) == base_key(res) and r["run"] != res["run"]]
     try:
         _add_base_val_loss(res, rd, same, log, spec.timeout_s)
         if spec.val_halves:
-            echo("    validation loss of each half of the val split ...")
-            halves = run_val_halves(rd, log, spec.timeout_s)
+            halves = (read_json(rd.summary) or {}).get("val_halves")  # training's final pass, when it made one
+            if not halves:
+                echo("    validation loss of each half of the val split ...")
+                halves = run_val_halves(rd, log, spec.timeout_s)
             res["val_halves"] = halves
             res["val_loss_half1"], res["val_loss_half2"] = halves[0]["loss"], halves[1]["loss"]
         if spec.humaneval_limit:

@@ -16,9 +16,9 @@ from typing import Any
 
 from qtune.errors import QtuneError
 
-_ONLY_WHEN_SET = ("peak_allocated_gib", "peak_reserved_gib", "resumed_from_step", "compute_dtype")
+_ONLY_WHEN_SET = ("peak_allocated_gib", "peak_reserved_gib", "resumed_from_step", "compute_dtype", "val_halves")
 """Fields left out of the JSON when they are None (a CPU run, a run not resumed, a summary written before
-compute_dtype was recorded)."""
+compute_dtype or val_halves was recorded)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class TrainSummary:
         resumed_from_step: the checkpoint's step a resumed run continued from (None: not resumed).
         compute_dtype: the dtype the matmuls ran in ("float32", "bfloat16", "float16"): ``quant.compute_dtype``
             resolved on the machine that trained (``auto`` depends on it, :func:`qtune.model.quantize.compute_dtype`).
+        val_halves: the final validation loss of each half of the val split (rows ``[0, ceil(n/2))`` and the
+            rest), from the same pass as ``val_loss``: two {"loss", "perplexity", "tokens"} (None without it).
     """
 
     run_dir: str
@@ -64,6 +66,7 @@ class TrainSummary:
     peak_reserved_gib: float | None = None
     resumed_from_step: int | None = None
     compute_dtype: str | None = None
+    val_halves: list[dict] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of ``train_summary.json``: every field in order, but those of ``_ONLY_WHEN_SET`` only

@@ -362,6 +362,7 @@ def _save(cfg: RunConfig, s: _Setup, f: _Fit) -> TrainSummary:
         total_params=f.total_params,
         **memory,
         compute_dtype=str(compute_dtype(cfg.quant)).removeprefix("torch."),
+        val_halves=f.val.get("eval_halves"),
     )
     if s.checkpoint:  # tokens/s of this session only; the checkpoint brought the earlier tokens along
         summary = replace(summary, **resumed_summary(s.resumed_state, tokens, f.wall_s))

@@ -28,7 +28,7 @@ from qtune.data.tokenize import IGNORE_INDEX
 
 
 @torch.no_grad()
-def split_loss(model, dataset, collate, batch_size: int | None = None, progress=None) -> dict[str, float]:
+def split_loss(model, dataset, collate, batch_size: int | None = None, progress=None, halves: bool = False) -> dict:
     """Token-weighted mean cross-entropy over the supervised tokens of ``dataset``.
 
     Args:
@@ -40,15 +40,19 @@ def split_loss(model, dataset, collate, batch_size: int | None = None, progress=
         batch_size: ignored (accepted for older callers): every sample is its own forward pass, so the loss
             cannot depend on a batch size.
         progress: called with the number of samples done after each one (a progress bar's ``update``-like hook).
+        halves: also return the loss of each half of ``dataset`` (rows ``[0, ceil(n/2))`` and ``[ceil(n/2), n)``
+            in dataset order), from the same forward passes: each half is what ``split_loss`` gives for that
+            half alone, without a second pass.
 
     Returns:
         {"loss": nats per supervised token, "perplexity": exp(loss) (exponent capped at 50),
-        "tokens": supervised tokens counted}. An empty split gives loss 0.0 over 0 tokens.
+        "tokens": supervised tokens counted}, with ``halves`` also "halves": [first half, second half], each a
+        {"loss", "perplexity", "tokens"}. An empty split gives loss 0.0 over 0 tokens.
     """
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
-    losses: list[float] = []  # every supervised token's cross-entropy, float32 values
+    per_row: dict[int, list[float]] = {}  # row -> every supervised token's cross-entropy, float32 values
     # Longest first, so an out-of-memory shows at once; the exact sum makes the order irrelevant to the result.
     order = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))
     try:
@@ -63,11 +67,22 @@ def split_loss(model, dataset, collate, batch_size: int | None = None, progress=
                     continue
                 batch = {k: v.to(dev) for k, v in batch.items()}
                 logits = model(**batch, logits_to_keep=keep.to(dev), use_cache=False).logits[0]  # [K, V]
-                losses += torch.nn.functional.cross_entropy(
+                per_row[i] = torch.nn.functional.cross_entropy(
                     logits.float(), next_labels[keep].to(dev), reduction="none"
                 ).tolist()
     finally:
         model.train(was_training)
+    result: dict = _token_mean([x for row in per_row.values() for x in row])
+    if halves:
+        cut = (len(dataset) + 1) // 2
+        first = [x for i, row in per_row.items() if i < cut for x in row]
+        result["halves"] = [_token_mean(first), _token_mean([x for i, row in per_row.items() if i >= cut for x in row])]
+    return result
+
+
+def _token_mean(losses: list[float]) -> dict[str, float]:
+    """{"loss": the exact mean of per-token losses (0.0 for none), "perplexity": exp(loss), exponent capped at
+    50, "tokens": how many}."""
     count = len(losses)
     loss = math.fsum(losses) / count if count else 0.0
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
@@ -140,8 +155,9 @@ class ValidationTrainer(Trainer):
         Every process computes it on the whole split (no collective), so all ranks get the same figure.
 
         Returns:
-            {prefix_loss, prefix_perplexity, prefix_tokens (supervised tokens), prefix_runtime (s)}; also logged
-            (callbacks' ``on_log``) and passed to ``on_evaluate``.
+            {prefix_loss, prefix_perplexity, prefix_tokens (supervised tokens), prefix_runtime (s)}, also logged
+            (callbacks' ``on_log``) and passed to ``on_evaluate``, and prefix_halves (the loss of each half of
+            the split, :func:`split_loss` with ``halves``; not logged).
         """
         # one split (a datasets.Dataset): qtune never gives the Trainer a dict of evaluation sets
         dataset = cast(Sized, self.eval_dataset if eval_dataset is None else eval_dataset)
@@ -164,6 +180,7 @@ class ValidationTrainer(Trainer):
                     dataset,
                     self.eval_collate,
                     progress=(lambda done: bar.update(done - bar.n)) if bar else None,
+                    halves=True,
                 )
         finally:
             if bar is not None:
@@ -177,4 +194,4 @@ class ValidationTrainer(Trainer):
         }
         self.log(dict(metrics))  # log() adds epoch and token counts to the dict it gets
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+        return metrics | {f"{p}_halves": result["halves"]}  # not logged: a list, for train_summary.json
