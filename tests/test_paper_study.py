@@ -71,7 +71,7 @@ def test_paper_llama_config_is_the_papers_run():
 def test_paper_smollm2_budget_settings():
     spec, base = load_sweep(SMOL)
     cfg = expand(spec, base)[0][0].config
-    assert (cfg.train.max_steps, cfg.data.max_length, cfg.train.batch_size) == (40, 256, 4)
+    assert (cfg.train.max_steps, cfg.data.max_length, cfg.train.batch_size) == (30, 256, 4)
     assert cfg.data.split == (0.93, 0.04, 0.03) and spec.humaneval_limit == 20
     assert cfg.train.require_cuda is False and cfg.data.path == str(CODEALPACA)
 
