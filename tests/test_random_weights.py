@@ -46,7 +46,11 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 def test_builds_once_with_the_shape_and_a_tokenizer_cut_to_the_vocabulary(tmp_path, cache, tiny_model_dir):
     shape = _shape_dir(tmp_path / "shape", tiny_model_dir)
-    assert resolve_model(ModelConfig(name=str(shape)), require_weights=False) == str(shape)  # estimate: config only
+    # the estimate and data preparation: the config and the cut tokenizer, no weights built
+    light = Path(resolve_model(ModelConfig(name=str(shape)), require_weights=False))
+    assert light.parent == cache / "random" and not list(light.glob("*.safetensors"))
+    assert json.loads((light / "config.json").read_text())["hidden_size"] == 64
+    assert len(AutoTokenizer.from_pretrained(str(light))) == 32000
     with pytest.warns(QtuneWarning, match="random weights of this shape"):
         built = Path(resolve_model(ModelConfig(name=str(shape))))
     assert built.parent == cache / "random"
@@ -128,4 +132,5 @@ def test_the_7b_shape_is_marked_and_keeps_llama2_vocabulary():
     shape = REPO / "configs" / "models" / "llama-2-7b"
     assert random_weights_spec(shape) == {"seed": 0, "tokenizer": "smollm2-135m-instruct", "dtype": "float16"}
     assert json.loads((shape / "config.json").read_text())["vocab_size"] == 32000
-    assert resolve_model(ModelConfig(name=str(shape)), require_weights=False) == str(shape)
+    light = Path(resolve_model(ModelConfig(name=str(shape)), require_weights=False))  # config + tokenizer, no 7B
+    assert not list(light.glob("*.safetensors")) and len(AutoTokenizer.from_pretrained(str(light))) == 32000

@@ -69,7 +69,7 @@ def data_prepare(
         from qtune.data.prepare import prepare_dataset
         from qtune.model.load import check_max_length, load_tokenizer, resolve_model
 
-        path = resolve_model(cfg.model)
+        path = resolve_model(cfg.model, require_weights=False)  # the config and tokenizer are all it reads
         check_max_length(path, cfg.model, cfg.data.max_length)
         _, card = prepare_dataset(cfg.data, load_tokenizer(path, cfg.model), out)
     except QtuneError as e:

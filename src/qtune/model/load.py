@@ -115,7 +115,8 @@ def resolve_model(cfg: ModelConfig, require_weights: bool = True) -> str:
 
     ``require_weights=False`` accepts a local directory holding only ``config.json`` (the memory estimate
     reads the architecture alone). A directory with ``config.json`` and the marker ``qtune_random_weights.json``
-    resolves (with weights required) to random weights of its shape, built once (:mod:`qtune.model.random_weights`).
+    resolves to random weights of its shape, built once (:mod:`qtune.model.random_weights`); without weights
+    required, to its config and tokenizer alone.
 
     Raises:
         QtuneError: a local path that does not exist or is not a model directory.
@@ -135,7 +136,9 @@ def resolve_model(cfg: ModelConfig, require_weights: bool = True) -> str:
         if not (path / "config.json").is_file():
             raise QtuneError(f"{name}: not a model directory (no config.json)")
         random = random_weights_spec(path)
-        if random is not None and require_weights:
+        if random is not None and not require_weights:
+            return str(materialize(path, random, weights=False))
+        if random is not None:
             warnings.warn(
                 f"{name}: random weights of this shape (seed {random['seed']}, {MARKER}); losses and scores "
                 "mean nothing, memory and time are the architecture's",

@@ -98,22 +98,25 @@ def cache_dir(path: Path) -> Path:
     return cache_root() / "random" / f"{path.resolve().name}-{digest.hexdigest()[:12]}"
 
 
-def materialize(path: Path, spec: dict[str, Any]) -> Path:
+def materialize(path: Path, spec: dict[str, Any], weights: bool = True) -> Path:
     """Build and save random weights of ``path``'s architecture with a tokenizer (once); returns the directory.
 
-    Written under a temporary name and renamed, so an interrupted build is never picked up. Needs the weights'
-    size in free memory (LLaMA-2-7B in float16: 12.6 GiB) and on disk.
+    ``weights=False`` builds the config and tokenizer alone (for the memory estimate and data preparation, which
+    read nothing else), in a directory of its own. Written under a temporary name and renamed, so an
+    interrupted build is never picked up. The weights need their size in free memory (LLaMA-2-7B in float16:
+    12.6 GiB) and on disk.
 
     Raises:
         QtuneError: the config cannot be read, or the tokenizer cannot be loaded or cut to the vocabulary.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from qtune.config import ModelConfig
     from qtune.model.load import resolve_model
 
     target = cache_dir(path)
+    if not weights:
+        target = target.with_name(target.name + "-config")
     if (target / "config.json").is_file():
         return target
     try:
@@ -125,11 +128,10 @@ def materialize(path: Path, spec: dict[str, Any]) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
         _write_tokenizer(tok_dir, tmp, conf.vocab_size)
-        dtype = getattr(torch, spec["dtype"] or str(getattr(conf, "torch_dtype", None) or "float32").split(".")[-1])
-        torch.manual_seed(spec["seed"])
-        model = AutoModelForCausalLM.from_config(conf, dtype=dtype)
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
-        del model
+        if weights:
+            _write_weights(conf, spec, tmp)
+        else:
+            conf.save_pretrained(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first
@@ -138,6 +140,18 @@ def materialize(path: Path, spec: dict[str, Any]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _write_weights(conf: Any, spec: dict[str, Any], out: Path) -> None:
+    """Initialise the model of ``conf`` as transformers does (``from_config``, seeded) and save it to ``out``
+    (config.json and safetensors shards of at most 2 GB)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, spec["dtype"] or str(getattr(conf, "torch_dtype", None) or "float32").split(".")[-1])
+    torch.manual_seed(spec["seed"])
+    model = AutoModelForCausalLM.from_config(conf, dtype=dtype)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
 
 
 def _write_tokenizer(src: Path, dst: Path, vocab_size: int) -> None:
