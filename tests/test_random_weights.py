@@ -106,6 +106,8 @@ def test_truncate_bpe_keeps_the_first_ids_and_refuses_what_it_cannot_cut():
     special["added_tokens"].append({"id": 5, "content": "<pad>"})
     with pytest.raises(QtuneError, match=r"special tokens \['<pad>'\]"):
         truncate_bpe(special, 5)
+    with pytest.raises(QtuneError, match="below its 3 base tokens"):
+        truncate_bpe(tj, 2)
     with pytest.raises(QtuneError, match="only a BPE"):
         truncate_bpe({"model": {"type": "Unigram", "vocab": [], "merges": []}}, 5)
 

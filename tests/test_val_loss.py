@@ -56,6 +56,25 @@ def test_val_loss_is_the_same_for_every_batch_size_and_equals_qtune_eval(run):
     assert summary["val_tokens"] == supervised
 
 
+def test_halves_from_one_pass_equal_each_half_evaluated_alone(run):
+    summary, rd = run
+    val = _val(rd)
+    model, tokenizer, cfg = load_trained(rd.root)
+    collate = padding_collator(tokenizer)
+    rows = [dict(r) for r in val.select(range(7))]  # an odd count: the first half takes the middle row
+    rows[1]["labels"] = [-100] * len(rows[1]["labels"])  # a row without a supervised token
+    cut = (len(val) + 1) // 2
+    with compute_autocast(cfg.quant, "cpu"):
+        got = split_loss(model, rows, collate, halves=True)
+        alone = [split_loss(model, rows[:4], collate), split_loss(model, rows[4:], collate)]
+        whole = split_loss(model, rows, collate)
+        halves = [val.select(range(cut)), val.select(range(cut, len(val)))]
+        trained = [split_loss(model, half, collate) for half in halves]
+    assert got["halves"] == alone and {k: got[k] for k in whole} == whole
+    assert alone[0]["tokens"] + alone[1]["tokens"] == whole["tokens"]
+    assert summary["val_halves"] == trained  # training's final pass, to the bit
+
+
 def test_metrics_eval_records_are_the_same_figure(run):
     summary, rd = run
     evals = [r for r in map(json.loads, rd.metrics.read_text().splitlines()) if "eval_loss" in r]

@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -68,7 +70,8 @@ def truncate_bpe(tokenizer_json: dict, vocab_size: int) -> dict:
     tokenizer gives).
 
     Raises:
-        QtuneError: not a BPE model, merges not in id order, or an added (special) token at an id >= vocab_size.
+        QtuneError: not a BPE model, merges not in id order, ``vocab_size`` below the base alphabet, or an added
+            (special) token at an id >= vocab_size.
     """
     out = json.loads(json.dumps(tokenizer_json))  # a deep copy
     model = out.get("model") or {}
@@ -81,55 +84,91 @@ def truncate_bpe(tokenizer_json: dict, vocab_size: int) -> dict:
     first = len(vocab) - len(merges)
     if made != list(range(first, first + len(merges))):
         raise QtuneError("tokenizer: merges are not in the order of the ids they make; cannot cut the vocabulary")
+    if vocab_size < first:
+        raise QtuneError(f"tokenizer: vocab_size {vocab_size} is below its {first} base tokens; cannot cut it")
     high = [t["content"] for t in out.get("added_tokens", []) if t["id"] >= vocab_size]
     if high:
         raise QtuneError(f"tokenizer: special tokens {high[:3]} have ids >= vocab_size {vocab_size}")
     model["vocab"] = {tok: i for tok, i in vocab.items() if i < vocab_size}
-    model["merges"] = merges[: max(0, vocab_size - first)]
+    model["merges"] = merges[: vocab_size - first]
     return out
 
 
-def cache_dir(path: Path) -> Path:
+def cache_dir(path: Path, tokenizer_dir: Path) -> Path:
     """Where :func:`materialize` keeps the weights for model directory ``path``: keyed by a SHA-1 of its
-    ``config.json`` and marker, so editing either builds anew."""
+    ``config.json``, its marker and the source tokenizer's ``tokenizer.json``, so changing any of them builds
+    anew."""
     from qtune.model.load import cache_root
 
-    digest = hashlib.sha1((path / "config.json").read_bytes() + b"\0" + (path / MARKER).read_bytes())
+    digest = hashlib.sha1()
+    for f in (path / "config.json", path / MARKER, tokenizer_dir / "tokenizer.json"):
+        digest.update(f.read_bytes() + b"\0")
     return cache_root() / "random" / f"{path.resolve().name}-{digest.hexdigest()[:12]}"
+
+
+def source_tokenizer(path: Path, spec: dict[str, Any]) -> Path:
+    """A local directory holding the tokenizer the marker of ``path`` names: the SmolLM2 alias, a directory
+    (relative to the marker's directory, else to the working directory), or a hub id (its tokenizer files are
+    fetched and cached under ``$QTUNE_CACHE_DIR/random/tokenizers``).
+
+    Raises:
+        QtuneError: the tokenizer cannot be found or loaded (offline with a hub id), or has no tokenizer.json.
+    """
+    from transformers import AutoTokenizer
+
+    from qtune.config import ModelConfig, is_local_path
+    from qtune.model.load import cache_root, resolve_model
+
+    name = spec["tokenizer"]
+    if is_local_path(name) and not name.endswith(".gguf") and (path / name).is_dir():
+        name = str(path / name)
+    local = Path(resolve_model(ModelConfig(name=name), require_weights=False))
+    if not local.is_dir():  # a hub id
+        local = cache_root() / "random" / "tokenizers" / name.replace("/", "--")
+        if not (local / "tokenizer.json").is_file():
+            try:
+                AutoTokenizer.from_pretrained(name).save_pretrained(str(local))
+            except (OSError, ValueError) as e:
+                raise QtuneError(
+                    f"{path / MARKER}: tokenizer {name!r} cannot be loaded ({str(e).splitlines()[0]})"
+                ) from None
+    if not (local / "tokenizer.json").is_file():
+        raise QtuneError(f"{path / MARKER}: tokenizer {name!r} has no tokenizer.json (a fast tokenizer is needed)")
+    return local
 
 
 def materialize(path: Path, spec: dict[str, Any], weights: bool = True) -> Path:
     """Build and save random weights of ``path``'s architecture with a tokenizer (once); returns the directory.
 
     ``weights=False`` builds the config and tokenizer alone (for the memory estimate and data preparation, which
-    read nothing else), in a directory of its own. Written under a temporary name and renamed, so an
-    interrupted build is never picked up. The weights need their size in free memory (LLaMA-2-7B in float16:
+    read nothing else), in a directory of its own. The weights are built in a child process, so the caller's
+    peak memory (a training run's peak RSS) does not count them. Written under a temporary name and renamed, so
+    an interrupted build is never picked up. The weights need their size in free memory (LLaMA-2-7B in float16:
     12.6 GiB) and on disk.
 
     Raises:
-        QtuneError: the config cannot be read, or the tokenizer cannot be loaded or cut to the vocabulary.
+        QtuneError: the config cannot be read, the tokenizer cannot be loaded or cut to the vocabulary, or the
+            weights cannot be built or written (one line: the child's last error, or the OS error).
     """
     from transformers import AutoConfig
 
-    from qtune.config import ModelConfig
-    from qtune.model.load import resolve_model
-
-    target = cache_dir(path)
-    if not weights:
-        target = target.with_name(target.name + "-config")
-    if (target / "config.json").is_file():
-        return target
     try:
         conf = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise QtuneError(f"{path}: cannot read the model config ({str(e).splitlines()[0]})") from None
-    tok_dir = Path(resolve_model(ModelConfig(name=spec["tokenizer"])))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    tok_dir = source_tokenizer(path, spec)
+    target = cache_dir(path, tok_dir)
+    if not weights:
+        target = target.with_name(target.name + "-config")
+    if (target / "config.json").is_file():
+        return target
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         _write_tokenizer(tok_dir, tmp, conf.vocab_size)
         if weights:
-            _write_weights(conf, spec, tmp)
+            _build_weights_in_child(path, spec, tmp)
         else:
             conf.save_pretrained(tmp)
         try:
@@ -137,28 +176,48 @@ def materialize(path: Path, spec: dict[str, Any], weights: bool = True) -> Path:
         except OSError:  # another process finished first
             if not (target / "config.json").is_file():
                 raise
+    except OSError as e:
+        raise QtuneError(f"{path}: cannot write random weights to {target.parent} ({e.strerror or e})") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _write_weights(conf: Any, spec: dict[str, Any], out: Path) -> None:
-    """Initialise the model of ``conf`` as transformers does (``from_config``, seeded) and save it to ``out``
+def _build_weights_in_child(path: Path, spec: dict[str, Any], out: Path) -> None:
+    """Run :func:`write_weights` in a fresh Python process (its memory is freed with it).
+
+    Raises:
+        QtuneError: the child failed (its last output line).
+    """
+    code = "import sys, json; from qtune.model.random_weights import write_weights; "
+    code += "write_weights(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])"
+    child = subprocess.run(
+        [sys.executable, "-c", code, str(path), json.dumps(spec), str(out)], capture_output=True, text=True
+    )
+    if child.returncode != 0:
+        lines = (child.stderr or child.stdout or "").strip().splitlines() or [f"exit status {child.returncode}"]
+        raise QtuneError(f"{path}: building random weights failed ({lines[-1]})")
+
+
+def write_weights(path: str | Path, spec: dict[str, Any], out: str | Path) -> None:
+    """Initialise the model of ``path``'s config as transformers does (``from_config``, seeded with
+    ``spec["seed"]``) in ``spec["dtype"]`` (default the config's dtype, else float32) and save it to ``out``
     (config.json and safetensors shards of at most 2 GB)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = getattr(torch, spec["dtype"] or str(getattr(conf, "torch_dtype", None) or "float32").split(".")[-1])
+    conf = AutoConfig.from_pretrained(str(path))
+    name = spec["dtype"] or str(getattr(conf, "dtype", None) or "float32").removeprefix("torch.")
+    dtype = getattr(torch, name if name in DTYPES else "float32")
     torch.manual_seed(spec["seed"])
     model = AutoModelForCausalLM.from_config(conf, dtype=dtype)
-    model.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size="2GB")
 
 
 def _write_tokenizer(src: Path, dst: Path, vocab_size: int) -> None:
     """Copy the tokenizer files of ``src`` to ``dst``, ``tokenizer.json`` cut to ``vocab_size`` tokens."""
     tok_file = src / "tokenizer.json"
-    if not tok_file.is_file():
-        raise QtuneError(f"{src}: no tokenizer.json to give the random-weights model")
     for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)

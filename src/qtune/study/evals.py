@@ -137,20 +137,20 @@ def result_run_dir(res: dict) -> RunDir:
 
 def add_evaluations(res: dict, spec: SweepSpec, earlier: list[dict], log: Path, echo: Echo = print) -> None:
     """Add to a finished run's record the validation loss of its base alone (``base_val_loss`` over
-        ``base_val_tokens`` supervised tokens, from ``qtune eval`` or reused from an earlier run with the same base)
-        and perplexity (``base_val_perplexity``); with ``spec.val_halves`` the run's validation loss on each half of
-        the val split (``val_halves``: two :func:`qtune.train.validation.split_loss` records, from training's final
+    ``base_val_tokens`` supervised tokens, from ``qtune eval`` or reused from an earlier run with the same base)
+    and perplexity (``base_val_perplexity``); with ``spec.val_halves`` the run's validation loss on each half of
+    the val split (``val_halves``: two :func:`qtune.train.validation.split_loss` records, from training's final
     evaluation when ``train_summary.json`` holds them, else from one more pass; ``val_loss_half1``,
-        ``val_loss_half2``); with ``spec.humaneval_limit``, greedy HumanEval pass@1 of the run and of its base unless
-        ``spec.humaneval_base`` is off (``humaneval_pass@1``, ``base_humaneval_pass@1``). A failed evaluation is
-        recorded in ``eval_error``; the run stays finished. The children's output is appended to ``log``."""
+    ``val_loss_half2``); with ``spec.humaneval_limit``, greedy HumanEval pass@1 of the run and of its base unless
+    ``spec.humaneval_base`` is off (``humaneval_pass@1``, ``base_humaneval_pass@1``). A failed evaluation is
+    recorded in ``eval_error``; the run stays finished. The children's output is appended to ``log``."""
     rd = result_run_dir(res)
     same = [r for r in earlier if r.get("status") == "ok" and base_key(r) == base_key(res) and r["run"] != res["run"]]
     try:
         _add_base_val_loss(res, rd, same, log, spec.timeout_s)
         if spec.val_halves:
             halves = (read_json(rd.summary) or {}).get("val_halves")  # training's final pass, when it made one
-            if not halves:
+            if not halves or not all(h.get("tokens") for h in halves):  # none, or a half without tokens
                 echo("    validation loss of each half of the val split ...")
                 halves = run_val_halves(rd, log, spec.timeout_s)
             res["val_halves"] = halves

@@ -19,7 +19,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator, Sized
-from typing import cast
+from typing import Any, cast
 
 import torch
 from transformers import Trainer
@@ -149,7 +149,7 @@ class ValidationTrainer(Trainer):
         self.eval_collate = eval_collate
         self.loaded_dtypes = list(loaded_dtypes)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, Any]:
         """Token-weighted loss of the model on ``eval_dataset`` (default: the Trainer's).
 
         Every process computes it on the whole split (no collective), so all ranks get the same figure.
