@@ -571,11 +571,14 @@ def test_estimate_flags_are_checked_by_the_config_types(args, message):
 
 
 def test_estimate_needs_the_data_of_a_config_or_both_flags(tmp_path):
+    shape = tmp_path / "llama-2-7b"  # a config.json alone (no random-weights marker): no tokenizer for the data
+    shape.mkdir()
+    (shape / "config.json").write_bytes((LLAMA2_7B / "config.json").read_bytes())
     config = tmp_path / "run.yaml"
-    config.write_text(f"model: {{name: {LLAMA2_7B}}}\n")  # a config.json alone: no tokenizer to prepare the data
+    config.write_text(f"model: {{name: {shape}}}\n")
     res = CliRunner().invoke(app, ["estimate", "--config", str(config)])
     assert res.exit_code == 2 and len(res.output.splitlines()) == 1
-    assert res.output.startswith(f"error: {LLAMA2_7B}: cannot load tokenizer")
+    assert res.output.startswith(f"error: {shape}: cannot load tokenizer")
     assert res.output.endswith("give --seq-len and --logit-fraction to estimate without it)\n")
 
 

@@ -136,3 +136,18 @@ def test_the_7b_shape_is_marked_and_keeps_llama2_vocabulary():
     assert json.loads((shape / "config.json").read_text())["vocab_size"] == 32000
     light = Path(resolve_model(ModelConfig(name=str(shape)), require_weights=False))  # config + tokenizer, no 7B
     assert not list(light.glob("*.safetensors")) and len(AutoTokenizer.from_pretrained(str(light))) == 32000
+
+
+def test_a_marker_naming_itself_as_tokenizer_is_refused_not_recursed(tmp_path, cache):
+    shape = _shape_dir(tmp_path / "shape", ".")
+    with pytest.raises(QtuneError, match="is itself a random-weights shape"):
+        resolve_model(ModelConfig(name=str(shape)), require_weights=False)
+
+
+def test_a_config_transformers_rejects_is_one_line(tmp_path, cache, tiny_model_dir):
+    shape = _shape_dir(tmp_path / "shape", tiny_model_dir)
+    conf = json.loads((shape / "config.json").read_text())
+    (shape / "config.json").write_text(json.dumps(conf | {"num_attention_heads": 5}))  # 64 is not a multiple of 5
+    with pytest.raises(QtuneError, match="cannot read the model config") as e:
+        resolve_model(ModelConfig(name=str(shape)), require_weights=False)
+    assert "\n" not in str(e.value)

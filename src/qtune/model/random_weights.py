@@ -122,6 +122,8 @@ def source_tokenizer(path: Path, spec: dict[str, Any]) -> Path:
     name = spec["tokenizer"]
     if is_local_path(name) and not name.endswith(".gguf") and (path / name).is_dir():
         name = str(path / name)
+    if is_local_path(name) and (Path(name).expanduser() / MARKER).is_file():
+        raise QtuneError(f"{path / MARKER}: tokenizer {name!r} is itself a random-weights shape; name a real tokenizer")
     local = Path(resolve_model(ModelConfig(name=name), require_weights=False))
     if not local.is_dir():  # a hub id
         local = cache_root() / "random" / "tokenizers" / name.replace("/", "--")
@@ -154,8 +156,9 @@ def materialize(path: Path, spec: dict[str, Any], weights: bool = True) -> Path:
 
     try:
         conf = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise QtuneError(f"{path}: cannot read the model config ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError and transformers' config validation errors alike
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise QtuneError(f"{path}: cannot read the model config ({type(e).__name__}: {first})") from None
     tok_dir = source_tokenizer(path, spec)
     target = cache_dir(path, tok_dir)
     if not weights:

@@ -194,4 +194,5 @@ class ValidationTrainer(Trainer):
         }
         self.log(dict(metrics))  # log() adds epoch and token counts to the dict it gets
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics | {f"{p}_halves": result["halves"]}  # not logged: a list, for train_summary.json
+        halves = {f"{p}_halves": result["halves"]} if "halves" in result else {}
+        return metrics | halves  # the halves not logged: a list, for train_summary.json
