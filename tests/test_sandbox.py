@@ -428,3 +428,16 @@ def test_an_unprivileged_evaluator_gets_the_user_namespace_sandbox():
         assert list(outside.iterdir()) == []
     finally:
         shutil.rmtree(outside)
+
+
+def test_a_programs_sigint_is_keyboard_interrupt_even_when_qtune_runs_with_sigint_ignored():
+    import signal
+
+    body = "def check(candidate):\n    assert candidate() == 1\n\ndef answer():\n    return 2\n"
+    tail = "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n"
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job: children inherit the ignore
+    try:
+        r = run_program(body + tail, SMALL, check="check(answer)")
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert (r.status, r.error) == ("error", f"{ENDED} (KeyboardInterrupt)"), r

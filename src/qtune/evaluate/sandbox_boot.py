@@ -11,7 +11,9 @@ then the check expression, and reports over the private pipe; the parent reads t
 # report over the pipe (argv[1] is a JSON config). Everything stays in _boot's locals, not in module globals.
 BOOT = r"""
 def _boot():
-    import ctypes, json, os, re, resource, sys, traceback, types
+    import ctypes, json, os, re, resource, signal, sys, traceback, types
+    # Ctrl-C is KeyboardInterrupt in the program even when qtune runs with SIGINT ignored (a background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cfg = json.loads(sys.argv[1])
     sys.argv = ["program.py"]
     read, write, exit_now = os.read, os.write, os._exit
