@@ -59,6 +59,13 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
 
 
+def _failure(stderr: str) -> str:
+    """What a failed launch printed: its C++ and Python error lines first (a rank's own message scrolls out of
+    the tail behind torchrun's report), then the tail."""
+    marks = ("terminate called", "Error", "error:", "what():")
+    return "\n".join([x for x in stderr.splitlines() if any(m in x for m in marks)][:20] + [stderr[-2000:]])
+
+
 def _losses(run: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
@@ -68,7 +75,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
     one = _run(_train([sys.executable], _config(tmp_path, tiny_model_dir, 10, 4), single))
     assert one.returncode == 0, one.stderr[-2000:]
     two = _run(_train(TORCHRUN, _config(tmp_path, tiny_model_dir, 10, 2), ddp))
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, _failure(two.stderr)
     assert "global batch 4" in two.stdout and two.stdout.count("run directory:") == 1
     a, b = _losses(single), _losses(ddp)
     assert len(a) == len(b) == 10

@@ -204,11 +204,23 @@ def train(
         setup = _setup(cfg, overwrite, resume, protect, lock)
         fit = _fit(cfg, setup, callbacks)
         if not fit.trainer.is_world_process_zero():
+            _wait_for_all_processes()  # while the main process saves
             return {"run_dir": str(setup.rd.root), "process_index": setup.args.process_index}
-        return _save(cfg, setup, fit).to_json()
+        summary = _save(cfg, setup, fit).to_json()
+        _wait_for_all_processes()
+        return summary
     finally:
         lock.release()
         _leave_process_group()
+
+
+def _wait_for_all_processes() -> None:
+    """On a distributed run, a barrier: every rank reaches the end of a successful run before any leaves the
+    process group, so none tears its connections down while another still holds them open."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _leave_process_group() -> None:
