@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from qtune.cli import app
 from qtune.config import REQUIRE_CUDA_MESSAGE, load_config
-from qtune.errors import QtuneError
+from qtune.errors import QtuneError, QtuneWarning
 from qtune.rundir import RunDir, read_metrics
 from qtune.study import figures, pareto, plotting, report
 from qtune.study import runner as sweep_runner
@@ -354,6 +354,15 @@ def test_killed_sweep_reruns_only_the_missing_runs(tiny_model_dir, tmp_path, mon
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| fp32-base | ok | no fine-tuning | none |" in table and "val loss, 2nd half" in table
     assert len(load_results(tmp_path / "out")) == 3
+    # a record cut short (written in place by an older qtune, or by hand) is named, left out, and redone
+    (results / "r4.json").write_text('{"run": "r4", "sta', encoding="utf-8")
+    with pytest.warns(QtuneWarning, match=r"r4\.json: not a result record"):
+        assert [r["run"] for r in load_results(tmp_path / "out")] == ["r2", "r8-dropout"]
+    lines.clear()
+    run_sweep(path, echo=lines.append)
+    assert [ln for ln in lines if "training" in ln] == ["[2/3] r4: training ..."]
+    assert json.loads((results / "r4.json").read_text())["status"] == "ok"
+    assert not list(results.glob(".tmp-*"))  # records are written whole, through a temporary file
 
 
 # --- the report at 16 runs --------------------------------------------------------------------------------------

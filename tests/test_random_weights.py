@@ -82,6 +82,10 @@ def test_a_random_weights_shape_trains_like_a_checkpoint(tmp_path, cache, tiny_m
         summary = train(cfg)
     assert summary["steps"] == 3 and summary["trainable_params"] > 0
     assert summary["val_loss"] == pytest.approx(10.37, abs=0.2)  # ln(32000) = 10.37: a random model's loss
+    adapter = Path(summary["run_dir"]) / "adapter"
+    card = (adapter / "README.md").read_text(encoding="utf-8")
+    assert f"| base | `{shape}` (RANDOM weights of this shape (seed 0," in card  # never passed off as a model
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(shape)
 
 
 def test_truncate_bpe_keeps_the_first_ids_and_refuses_what_it_cannot_cut():

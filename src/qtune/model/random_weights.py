@@ -21,11 +21,11 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from qtune.errors import QtuneError
+from qtune.rundir import build_dir_once
 
 MARKER = "qtune_random_weights.json"
 """The file that marks a config-only model directory as "random weights of this shape"."""
@@ -163,28 +163,18 @@ def materialize(path: Path, spec: dict[str, Any], weights: bool = True) -> Path:
     target = cache_dir(path, tok_dir)
     if not weights:
         target = target.with_name(target.name + "-config")
-    if (target / "config.json").is_file():
-        return target
-    tmp = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+
+    def build(tmp: Path) -> None:
         _write_tokenizer(tok_dir, tmp, conf.vocab_size)
         if weights:
             _build_weights_in_child(path, spec, tmp)
         else:
             conf.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
+
+    try:
+        return build_dir_once(target, build)
     except OSError as e:
         raise QtuneError(f"{path}: cannot write random weights to {target.parent} ({e.strerror or e})") from None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _build_weights_in_child(path: Path, spec: dict[str, Any], out: Path) -> None:

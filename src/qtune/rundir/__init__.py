@@ -13,7 +13,7 @@ The package, by concern: :mod:`~qtune.rundir.run` (:class:`RunDir`, the paths of
 
 from __future__ import annotations
 
-from qtune.rundir.files import TMP_PREFIX, read_metrics, refuse_user_places, write_atomic
+from qtune.rundir.files import TMP_PREFIX, build_dir_once, read_metrics, refuse_user_places, write_atomic
 from qtune.rundir.lock import RunLock
 from qtune.rundir.run import ADAPTER_CONFIG, ADAPTER_WEIGHTS, WRITTEN_INSIDE, RunDir
 from qtune.rundir.sweep import SweepDir
@@ -26,6 +26,7 @@ __all__ = [
     "RunDir",
     "RunLock",
     "SweepDir",
+    "build_dir_once",
     "read_metrics",
     "refuse_user_places",
     "write_atomic",

@@ -1,10 +1,13 @@
-"""File operations on a run's files: reading ``metrics.jsonl``, atomic writes, and refusing to delete the places
-a user works in."""
+"""File operations on a run's files: reading ``metrics.jsonl``, atomic writes and cache builds, and refusing to
+delete the places a user works in."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from qtune.errors import QtuneError
@@ -46,6 +49,31 @@ def refuse_user_places(path: Path, refused: str, option: str) -> None:
             raise QtuneError(f"{refused} it is {what}; choose another {option}")
         if place.is_relative_to(root):
             raise QtuneError(f"{refused} it holds {what} ({place}); choose another {option}")
+
+
+def build_dir_once(target: Path, build: Callable[[Path], None], complete: str = "config.json") -> Path:
+    """``target``, built by ``build(tmp)`` into a temporary directory beside it and renamed into place, unless it
+    is already complete (holds the file ``complete``): a cache a killed build never leaves half-written, and
+    that two processes building at once both end up reading (the second one's rename loses, its copy is removed).
+
+    Raises:
+        OSError: the directory cannot be created or renamed; whatever ``build`` raises (the temporary directory
+            is removed either way).
+    """
+    if (target / complete).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=TMP_PREFIX))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / complete).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from qtune.rundir.files import TMP_PREFIX
 from qtune.rundir.run import RunDir
 
 
@@ -29,8 +30,8 @@ class SweepDir:
         return self.results / f"{name}.json"
 
     def result_files(self) -> list[Path]:
-        """Every result record, sorted by file name."""
-        return sorted(self.results.glob("*.json"))
+        """Every result record, sorted by file name (not a half-written one's temporary file)."""
+        return sorted(f for f in self.results.glob("*.json") if not f.name.startswith(TMP_PREFIX))
 
     def run(self, name: str) -> RunDir:
         """The run directory run ``name`` trains into."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from qtune.config import load_config
-from qtune.errors import QtuneError
+from qtune.errors import QtuneError, QtuneWarning
 from qtune.rundir import RunDir, SweepDir
 from qtune.study.process import last_error
 from qtune.study.spec import Run
@@ -171,6 +172,9 @@ def read_results(sweep: SweepDir) -> list[dict]:
 def load_results(sweep_dir: str | Path) -> list[dict]:
     """Every ``results/<run>.json`` of a sweep directory, sorted by run name.
 
+    A file that is not a result record (not JSON, cut short, no ``run`` and ``status``) is left out with a
+    :class:`qtune.errors.QtuneWarning` naming it, never silently: rerunning the sweep redoes that run.
+
     Raises:
         QtuneError: the directory holds no results.
     """
@@ -178,7 +182,19 @@ def load_results(sweep_dir: str | Path) -> list[dict]:
     files = sweep.result_files()
     if not files:
         raise QtuneError(f"{sweep_dir}: no sweep results (expected {sweep.results}/<run>.json)")
-    return [r for r in (read_json(f) for f in files) if r is not None]
+    results = []
+    for f in files:
+        r = read_json(f)
+        if isinstance(r, dict) and isinstance(r.get("run"), str) and "status" in r:
+            results.append(r)
+        else:
+            warnings.warn(
+                f"{f}: not a result record (expected a JSON object with run and status); left out, "
+                "rerun the sweep to redo that run",
+                QtuneWarning,
+                stacklevel=2,
+            )
+    return results
 
 
 def best_run(results: list[dict]) -> dict | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from qtune.errors import QtuneError
 from qtune.jsonio import dumps
-from qtune.rundir import SweepDir
+from qtune.rundir import SweepDir, write_atomic
 from qtune.study.evals import Echo, add_evaluations, qtune_eval, remeasure_val_loss
 from qtune.study.process import child_env, qtune_command, run_logged
 from qtune.study.results import best_run, collect_result, load_results, read_json, read_results
@@ -104,10 +104,11 @@ def _run_or_skip(sweep: SweepDir, spec: SweepSpec, base: Path | None, run: Run, 
     ``head``: the ``[i/n] name`` the progress lines start with."""
     out = sweep.result(run.name)
     prev = read_json(out)
+    prev = prev if isinstance(prev, dict) else None  # not a record: the run is redone
     if prev and prev.get("status") == "ok" and prev.get("val_loss") is not None and prev.get("val_tokens") is None:
         echo(f"{head}: val loss recorded by an older qtune, measuring it again ...")
         remeasure_val_loss(prev, sweep.log(run.name), spec.timeout_s, echo)
-        out.write_text(json.dumps(prev, indent=2), encoding="utf-8")
+        write_atomic(out, json.dumps(prev, indent=2))
     if prev and (prev.get("status") == "ok" or not spec.retry_failed):
         echo(f"{head}: {prev.get('status')} earlier, skipped")
         return
@@ -115,7 +116,7 @@ def _run_or_skip(sweep: SweepDir, spec: SweepSpec, base: Path | None, run: Run, 
     res = run_one(run, sweep.root, base, spec.timeout_s)
     if res["status"] == "ok":
         add_evaluations(res, spec, read_results(sweep), sweep.log(run.name), echo)
-    out.write_text(dumps(res, indent=2), encoding="utf-8")
+    write_atomic(out, dumps(res, indent=2))  # a kill leaves the whole record or none
     if res["status"] != "ok":
         echo(f"{head}: FAILED: {res['error']}")
         return
@@ -141,5 +142,5 @@ def run_final(sweep_dir: Path, run: Run, base: Path | None, timeout_s: float | N
                 echo(f"final: test loss {t['loss']:.4f} (perplexity {t['perplexity']:.3f}); base {base_loss:.4f}")
         except QtuneError as e:
             res["status"], res["error"] = "failed", str(e)
-    sweep.final.write_text(dumps(res, indent=2), encoding="utf-8")
+    write_atomic(sweep.final, dumps(res, indent=2))
     return res
