@@ -62,7 +62,7 @@ def train(
         )
     except QtuneError as e:
         fail(str(e))
-    if "process_index" not in summary:  # a non-main rank of a distributed run: the main process reports
+    if "process_index" not in summary:  # the main process reports; the other ranks of a distributed run do not
         typer.echo(dumps(summary, indent=2))
         typer.echo(f"run directory: {summary['run_dir']}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
